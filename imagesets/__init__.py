@@ -1,0 +1,58 @@
+"""Labelled image sets for training and calibration (torch-free).
+
+One entry point, :func:`load_images`, reads any supported source from a spec:
+
+- ``glyphs`` (the embedded default; ``glyphs-tiny`` for tests and smoke runs),
+- a folder ``root/<label>/<image>`` or ``root/<tenant>/<label>/<image>``,
+- ``cub:PATH``, ``cars:PATH``, ``sop:PATH``, ``inshop:PATH`` (benchmark layouts),
+
+and :func:`load_embeddings` reads precomputed ``.npz`` embeddings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from imagesets.base import EmbeddingSet, ImageSet, LabelledSet
+from imagesets.benchmarks import LOADERS
+from imagesets.folders import load_folder
+from imagesets.npz import load_npz
+
+TINY_LIMIT = 6  # classes per (split, tenant) in glyphs-tiny
+
+
+def glyph_config(spec: str):
+    """The glyph configuration a spec names: ``glyphs`` or ``glyphs-tiny``."""
+    from imagesets.glyphs import GlyphConfig
+
+    if spec == "glyphs":
+        return GlyphConfig()
+    if spec == "glyphs-tiny":
+        return GlyphConfig(limit=TINY_LIMIT)
+    raise ValueError(f"unknown glyph set {spec!r}: use 'glyphs' or 'glyphs-tiny'")
+
+
+def load_images(spec: str, split: str = "test") -> ImageSet:
+    """Load an image set from a spec string (see module docstring)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if spec in ("glyphs", "glyphs-tiny"):
+        from imagesets import glyphs
+
+        return glyphs.load(glyph_config(spec)).split(split)
+    kind, sep, path = spec.partition(":")
+    if sep and kind in LOADERS:
+        return LOADERS[kind](path, split)
+    if Path(spec).is_dir():
+        return load_folder(spec)
+    raise ValueError(
+        f"cannot read dataset {spec!r}: expected 'glyphs', 'glyphs-tiny', an image folder, "
+        f"or one of {', '.join(k + ':PATH' for k in LOADERS)}"
+    )
+
+
+def load_embeddings(path: str | Path) -> EmbeddingSet:
+    return load_npz(path)
+
+
+__all__ = ["EmbeddingSet", "ImageSet", "LabelledSet", "load_embeddings", "load_images"]

@@ -1,0 +1,128 @@
+"""Labelled image and embedding sets: the one shape every loader returns.
+
+Images stay where they are (an in-memory array for the rendered glyphs, files for
+folders and benchmarks) and are read by index, so a million-image folder costs only
+its paths until something embeds it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class LabelledSet:
+    """Labels and tenants shared by image and embedding sets.
+
+    ``labels[i]`` indexes ``class_names``; ``tenants[i]`` indexes ``tenant_names``.
+    A tenant (dataset) groups classes for per-dataset calibration and serving.
+    """
+
+    name: str
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+    tenants: np.ndarray
+    tenant_names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        n = len(self.labels)
+        if len(self.tenants) != n:
+            raise ValueError(f"{self.name}: {n} labels but {len(self.tenants)} tenant entries")
+        if n and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
+            raise ValueError(f"{self.name}: labels must index class_names")
+        if n and (self.tenants.min() < 0 or self.tenants.max() >= len(self.tenant_names)):
+            raise ValueError(f"{self.name}: tenants must index tenant_names")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def tenant_indices(self, tenant: str) -> np.ndarray:
+        """Row indices of one tenant; raises with the known names if it does not exist."""
+        if tenant not in self.tenant_names:
+            raise KeyError(f"{self.name}: no tenant {tenant!r}; have {list(self.tenant_names)}")
+        return np.flatnonzero(self.tenants == self.tenant_names.index(tenant))
+
+
+@dataclass(frozen=True)
+class ImageSet(LabelledSet):
+    """Images read by index: ``pixels`` (N,H,W) or (N,H,W,3) uint8, or ``paths``."""
+
+    pixels: np.ndarray | None = None
+    paths: tuple[str, ...] | None = None
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.pixels is None) == (self.paths is None):
+            raise ValueError(f"{self.name}: give exactly one of pixels or paths")
+        stored = self.pixels if self.pixels is not None else self.paths
+        if len(stored) != len(self.labels):
+            raise ValueError(f"{self.name}: {len(stored)} images but {len(self.labels)} labels")
+
+    def image(self, i: int) -> np.ndarray:
+        """One image as uint8, (H,W) grayscale or (H,W,3) RGB."""
+        if self.pixels is not None:
+            return self.pixels[i]
+        with Image.open(self.paths[i]) as img:
+            return np.asarray(img if img.mode in ("L", "RGB") else img.convert("RGB"))
+
+    def subset(self, indices: Sequence[int] | np.ndarray, name: str | None = None) -> ImageSet:
+        """A view on some rows; class and tenant names are kept so labels stay comparable."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return replace(
+            self,
+            name=name or self.name,
+            labels=self.labels[idx],
+            tenants=self.tenants[idx],
+            pixels=None if self.pixels is None else self.pixels[idx],
+            paths=None if self.paths is None else tuple(self.paths[i] for i in idx),
+            extra={k: v[idx] for k, v in self.extra.items()},
+        )
+
+
+@dataclass(frozen=True)
+class EmbeddingSet(LabelledSet):
+    """Precomputed embeddings, (N, D) float32, one row per sample."""
+
+    embeddings: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.embeddings.ndim != 2 or len(self.embeddings) != len(self.labels):
+            raise ValueError(
+                f"{self.name}: embeddings must be (N, D) with N = {len(self.labels)} labels, "
+                f"got shape {self.embeddings.shape}"
+            )
+
+    def subset(self, indices: Sequence[int] | np.ndarray, name: str | None = None) -> EmbeddingSet:
+        idx = np.asarray(indices, dtype=np.int64)
+        return replace(
+            self,
+            name=name or self.name,
+            labels=self.labels[idx],
+            tenants=self.tenants[idx],
+            embeddings=self.embeddings[idx],
+        )
+
+
+def encode(values: Sequence[str]) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Map strings to dense int64 codes; names are sorted so codes do not depend on order."""
+    names, codes = np.unique(np.asarray(values, dtype=object).astype(str), return_inverse=True)
+    return codes.astype(np.int64), tuple(str(n) for n in names)
+
+
+def single_tenant(n: int, name: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    return np.zeros(n, dtype=np.int64), (name,)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def is_image_file(path: str | os.PathLike[str]) -> bool:
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES

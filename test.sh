@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Command 2: set up and run the whole test suite (lint, unit, integration, end-to-end).
+# Extra arguments go to pytest, e.g. ./test.sh -k calibrate -x
+set -euo pipefail
+cd "$(dirname "$0")"
+
+scripts/bootstrap.sh train,dev
+venv=${TCM_VENV:-.venv}
+scripts/install_prometheus.sh
+export TCM_TEST_CACHE_DIR=${TCM_TEST_CACHE_DIR:-$PWD/.cache/test-glyphs}
+
+"$venv/bin/ruff" check .
+# pytest exits 5 when it collected no test: set -e turns that into a failure too.
+"$venv/bin/python" -m pytest "$@"
