@@ -1,0 +1,1 @@
+"""Calibration: one global threshold per target FAR, per-dataset drift and OPIS."""
