@@ -1,0 +1,1 @@
+"""The main job end to end: calibrate, serve, enrol tenants, query, monitor (``python -m demo``)."""
