@@ -1,0 +1,1 @@
+"""Benchmarks: each script runs a named baseline and the project's engine side by side."""
