@@ -1,0 +1,332 @@
+"""LiveMonitor: per-tenant FAR (feedback and label-free), spread, OPIS and drift gauges.
+
+The server calls ``record_decision`` for every Match answer and ``record_feedback`` when
+a client says whether a past decision was the same identity. Everything exported is
+computed from sliding windows at scrape time (a custom collector), so a scrape sees the
+window as it is then, and the request path only appends to a deque.
+
+Metric names are the contract of docs/METRICS.md, section "Live FAR and consistency".
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from calibrate.consistency import opis, opis_terms, utility
+from server.monitoring.drift import ReferenceHistogram, load_references
+from server.monitoring.estimators import NAN, rate, spread_ratio, wilson_interval
+from server.monitoring.labels import TenantLabels
+from server.monitoring.window import SlidingWindow, validate_window
+
+
+@dataclass(frozen=True)
+class _Decision:
+    top1: float
+    matched: bool
+    impostor_accepted: int
+    impostor_total: int
+
+
+@dataclass
+class _Feedback:
+    decision_id: str
+    matched: bool
+    is_same: bool
+
+
+class _TenantWindows:
+    """The two windows of one tenant label, plus the feedback index by decision id."""
+
+    def __init__(self, max_items: int | None, max_age: float | None, clock: Callable[[], float]):
+        self.decisions: SlidingWindow[_Decision] = SlidingWindow(max_items, max_age, clock)
+        self.feedback: SlidingWindow[_Feedback] = SlidingWindow(max_items, max_age, clock)
+        self.by_id: dict[str, _Feedback] = {}
+
+    def add_feedback(self, entry: _Feedback) -> None:
+        """Adds a verdict; a repeated verdict for a decision in the window replaces it."""
+        self._forget(self.feedback.expire())
+        known = self.by_id.get(entry.decision_id)
+        if known is not None:
+            known.matched, known.is_same = entry.matched, entry.is_same
+            return
+        dropped = self.feedback.append(entry)
+        self._forget([dropped] if dropped is not None else [])
+        self.by_id[entry.decision_id] = entry
+
+    def expire(self) -> None:
+        self.decisions.expire()
+        self._forget(self.feedback.expire())
+
+    def _forget(self, gone: list[_Feedback]) -> None:
+        for entry in gone:
+            if self.by_id.get(entry.decision_id) is entry:
+                del self.by_id[entry.decision_id]
+
+
+class LiveMonitor:
+    """Implements server.observer.DecisionObserver and exports the live gauges.
+
+    ``target_far`` is the FAR the served threshold was calibrated for; the ``*_ratio``
+    gauges divide by it. Windows hold the last ``window_decisions`` decisions (and, as a
+    separate window, feedback verdicts) per tenant label, and/or those younger than
+    ``window_seconds``. ``reference_top1`` is the calibration document's
+    ``reference.top1_similarity``; without it the drift gauges are NaN.
+    ``min_feedback`` / ``min_label_free_pairs``: evidence a tenant needs to enter the
+    cross-tenant spread and OPIS; ``min_drift_samples``: decisions before drift is
+    reported (PSI of a handful of scores is noise).
+    """
+
+    def __init__(
+        self,
+        target_far: float,
+        *,
+        registry: CollectorRegistry,
+        window_decisions: int | None = 1000,
+        window_seconds: float | None = None,
+        max_tenant_labels: int = 20,
+        reference_top1: Mapping[str, Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        min_feedback: int = 10,
+        min_label_free_pairs: int = 100,
+        min_drift_samples: int = 100,
+        psi_bins: int = 10,
+    ) -> None:
+        if not (isinstance(target_far, int | float) and 0 < target_far < 1):
+            raise ValueError(f"target_far must lie in (0, 1), got {target_far!r}")
+        validate_window(window_decisions, window_seconds)
+        self.target_far = float(target_far)
+        self.labels = TenantLabels(max_tenant_labels)
+        self._window = (window_decisions, window_seconds)
+        self._references = load_references(reference_top1, psi_bins)
+        self._clock = clock
+        self._min_feedback = min_feedback
+        self._min_pairs = min_label_free_pairs
+        self._min_drift = min_drift_samples
+        self._tenants: dict[str, _TenantWindows] = {}
+        self._feedback_calls: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+        registry.register(_Collector(self))
+
+    # -- DecisionObserver -------------------------------------------------------------
+
+    def record_decision(
+        self,
+        tenant: str,
+        decision_id: str,
+        top1_similarity: float,
+        matched: bool,
+        threshold: float,
+        impostor_accepted: int,
+        impostor_total: int,
+    ) -> None:
+        """Adds one Match answer. The impostor counts are the label-free pair counts."""
+        if not 0 <= impostor_accepted <= impostor_total:
+            raise ValueError(
+                f"need 0 <= impostor_accepted <= impostor_total, "
+                f"got {impostor_accepted} of {impostor_total}"
+            )
+        if not math.isfinite(top1_similarity):
+            raise ValueError(f"top1_similarity must be finite, got {top1_similarity}")
+        entry = _Decision(float(top1_similarity), bool(matched), impostor_accepted, impostor_total)
+        with self._lock:
+            self._windows(tenant).decisions.append(entry)
+
+    def record_feedback(self, tenant: str, decision_id: str, matched: bool, is_same: bool) -> None:
+        """Adds a ground-truth verdict on a past decision (is_same: query and match agree)."""
+        if not decision_id:
+            raise ValueError("decision_id must be a non-empty string")
+        with self._lock:
+            windows = self._windows(tenant)
+            key = (self.labels.label(tenant), "same" if is_same else "different")
+            self._feedback_calls[key] = self._feedback_calls.get(key, 0) + 1
+            windows.add_feedback(_Feedback(decision_id, bool(matched), bool(is_same)))
+
+    def tenant_stats(self, tenant: str) -> dict[str, float]:
+        """The window statistics of ``tenant``'s label (overflow tenants share ``other``)."""
+        label = self.labels.label(tenant)
+        return self.snapshot().get(label, _empty_stats(self.target_far))
+
+    def tenant_label(self, tenant: str) -> str:
+        """The bounded label the server should use for ``tenant`` in its own metrics."""
+        return self.labels.label(tenant)
+
+    # -- computing the gauges --------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        """Per-label statistics of the current windows."""
+        with self._lock:
+            for windows in self._tenants.values():
+                windows.expire()
+            return {label: self._stats(label, w) for label, w in self._tenants.items()}
+
+    def cross_tenant(self, stats: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+        """Spread ratios and cross-tenant OPIS over the per-label statistics."""
+        fb = [(int(s["impostor_accepted"]), int(s["impostor_decisions"])) for s in stats.values()]
+        lf = [(int(s["label_free_accepted"]), int(s["label_free_pairs"])) for s in stats.values()]
+        return {
+            "spread_feedback": spread_ratio(fb, self._min_feedback),
+            "spread_label_free": spread_ratio(lf, self._min_pairs),
+            "opis_feedback": self._opis_feedback(stats)[0],
+        }
+
+    def _opis_feedback(self, stats: Mapping[str, Mapping[str, float]]) -> tuple[float, dict]:
+        """Cross-tenant OPIS at the served threshold, from feedback TAR and FAR.
+
+        Live data has one threshold, so each tenant's utility curve has one point (G = 1).
+        Tenants need ``min_feedback`` genuine and impostor verdicts. NaN below two tenants.
+        """
+        members = [
+            (label, s["tar_feedback"], s["far_feedback"])
+            for label, s in stats.items()
+            if s["genuine_decisions"] >= self._min_feedback
+            and s["impostor_decisions"] >= self._min_feedback
+        ]
+        if len(members) < 2:
+            return NAN, {}
+        u = utility(np.array([m[1] for m in members]), np.array([m[2] for m in members]))
+        curves = u.reshape(-1, 1)
+        terms = opis_terms(curves)
+        return opis(curves), {m[0]: float(t) for m, t in zip(members, terms, strict=True)}
+
+    def _windows(self, tenant: str) -> _TenantWindows:
+        label = self.labels.label(tenant)
+        found = self._tenants.get(label)
+        if found is None:
+            found = self._tenants[label] = _TenantWindows(*self._window, self._clock)
+        return found
+
+    def _stats(self, label: str, w: _TenantWindows) -> dict[str, float]:
+        decisions = list(w.decisions)
+        verdicts = list(w.feedback)
+        impostors = [f for f in verdicts if not f.is_same]
+        genuines = [f for f in verdicts if f.is_same]
+        imp_acc = sum(f.matched for f in impostors)
+        lf_acc = sum(d.impostor_accepted for d in decisions)
+        lf_pairs = sum(d.impostor_total for d in decisions)
+        far_fb = rate(imp_acc, len(impostors))
+        far_lf = rate(lf_acc, lf_pairs)
+        lo, hi = wilson_interval(imp_acc, len(impostors))
+        psi, ks = self._drift(label, [d.top1 for d in decisions])
+        return {
+            "decisions": float(len(decisions)),
+            "match_rate": rate(sum(d.matched for d in decisions), len(decisions)),
+            "impostor_decisions": float(len(impostors)),
+            "impostor_accepted": float(imp_acc),
+            "genuine_decisions": float(len(genuines)),
+            "tar_feedback": rate(sum(f.matched for f in genuines), len(genuines)),
+            "far_feedback": far_fb,
+            "far_feedback_ci_lower": lo,
+            "far_feedback_ci_upper": hi,
+            "far_feedback_ratio": far_fb / self.target_far,
+            "far_label_free": far_lf,
+            "label_free_accepted": float(lf_acc),
+            "label_free_pairs": float(lf_pairs),
+            "far_label_free_ratio": far_lf / self.target_far,
+            "score_drift_psi": psi,
+            "score_drift_ks": ks,
+        }
+
+    def _drift(self, label: str, scores: list[float]) -> tuple[float, float]:
+        ref: ReferenceHistogram | None = self._references.get(label, self._references.get(""))
+        if ref is None or len(scores) < max(self._min_drift, 1):
+            return NAN, NAN
+        return ref.psi(scores), ref.ks(scores)
+
+
+def _empty_stats(target_far: float) -> dict[str, float]:
+    keys = ("decisions", "impostor_decisions", "impostor_accepted", "genuine_decisions")
+    stats = dict.fromkeys(keys, 0.0)
+    stats.update({"label_free_accepted": 0.0, "label_free_pairs": 0.0})
+    for key in (
+        "match_rate",
+        "tar_feedback",
+        "far_feedback",
+        "far_feedback_ci_lower",
+        "far_feedback_ci_upper",
+        "far_feedback_ratio",
+        "far_label_free",
+        "far_label_free_ratio",
+        "score_drift_psi",
+        "score_drift_ks",
+    ):
+        stats[key] = NAN
+    return stats
+
+
+# Gauge name -> (key in the per-tenant stats, help text).
+_TENANT_GAUGES = {
+    "tcm_far_feedback": ("far_feedback", "Accepted impostor decisions / impostor decisions"),
+    "tcm_far_feedback_ci_lower": ("far_feedback_ci_lower", "Lower end of the 95% Wilson interval"),
+    "tcm_far_feedback_ci_upper": ("far_feedback_ci_upper", "Upper end of the 95% Wilson interval"),
+    "tcm_far_feedback_impostor_decisions": (
+        "impostor_decisions",
+        "Impostor decisions with feedback in the window",
+    ),
+    "tcm_far_feedback_ratio": ("far_feedback_ratio", "tcm_far_feedback / target FAR"),
+    "tcm_far_label_free": (
+        "far_label_free",
+        "Pairs with a label other than the top-1's at or above threshold / all such pairs",
+    ),
+    "tcm_far_label_free_pairs": ("label_free_pairs", "Pairs behind tcm_far_label_free"),
+    "tcm_far_label_free_ratio": ("far_label_free_ratio", "tcm_far_label_free / target FAR"),
+    "tcm_score_drift_psi": ("score_drift_psi", "PSI of top-1 similarity vs calibration"),
+    "tcm_score_drift_ks": ("score_drift_ks", "Binned KS statistic of top-1 similarity"),
+}
+
+
+class _Collector(Collector):
+    """Computes every live gauge from the monitor's windows when Prometheus scrapes."""
+
+    def __init__(self, monitor: LiveMonitor) -> None:
+        self._monitor = monitor
+
+    def describe(self) -> Iterator[Any]:
+        # Names only, so registering never computes (or locks) anything.
+        yield CounterMetricFamily("tcm_feedback", "Feedback calls", labels=["tenant", "verdict"])
+        for name, (_, doc) in _TENANT_GAUGES.items():
+            yield GaugeMetricFamily(name, doc, labels=["tenant"])
+        yield GaugeMetricFamily("tcm_far_spread_ratio", "", labels=["estimate"])
+        yield GaugeMetricFamily("tcm_tenant_opis", "", labels=["estimate"])
+
+    def collect(self) -> Iterator[Any]:
+        m = self._monitor
+        stats = m.snapshot()
+        with m._lock:
+            calls = dict(m._feedback_calls)
+        counter = CounterMetricFamily(
+            "tcm_feedback", "Feedback calls by verdict", labels=["tenant", "verdict"]
+        )
+        for (label, verdict), n in sorted(calls.items()):
+            counter.add_metric([label, verdict], n)
+        yield counter
+        for name, (key, doc) in _TENANT_GAUGES.items():
+            family = GaugeMetricFamily(name, doc, labels=["tenant"])
+            for label in sorted(stats):
+                family.add_metric([label], stats[label][key])
+            yield family
+        cross = m.cross_tenant(stats)
+        spread = GaugeMetricFamily(
+            "tcm_far_spread_ratio",
+            "max / min per-tenant FAR across tenants (a zero counts as half an accept)",
+            labels=["estimate"],
+        )
+        spread.add_metric(["feedback"], cross["spread_feedback"])
+        spread.add_metric(["label_free"], cross["spread_label_free"])
+        yield spread
+        opis_family = GaugeMetricFamily(
+            "tcm_tenant_opis",
+            "Cross-tenant OPIS at the served threshold from feedback TAR/FAR",
+            labels=["estimate"],
+        )
+        opis_family.add_metric(["feedback"], cross["opis_feedback"])
+        yield opis_family
