@@ -33,11 +33,13 @@ class ProcessGroup:
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: dict[str, Path] = {}
 
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{name}.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen(  # noqa: S603 - argv is built by the demo itself
+            proc = subprocess.Popen(
                 argv,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -59,7 +61,9 @@ class ProcessGroup:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
                 return
             time.sleep(0.2)
-        raise TimeoutError(f"{name} did not listen on port {port} in {timeout_s:.0f} s:\n{self.tail(name)}")
+        raise TimeoutError(
+            f"{name} did not listen on port {port} in {timeout_s:.0f} s:\n{self.tail(name)}"
+        )
 
     def tail(self, name: str, lines: int = 20) -> str:
         text = self.logs[name].read_text(errors="replace") if name in self.logs else ""

@@ -1,0 +1,56 @@
+"""``--compare``: a baseline and a TCM model trained on the same budget, side by side.
+
+Both runs go through ``python -m train`` with the same config and seed, differing only
+in ``--no-tcm``/``--tcm``, and the table reads the metrics each run wrote, so the
+comparison is exactly the one a user would make by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from demo.pipeline import DemoConfig
+
+COLUMNS = (
+    ("Recall@1", "recall_at_1", "{:.3f}"),
+    ("OPIS", "opis", "{:.2e}"),
+    ("eps-OPIS", "eps_opis", "{:.2e}"),
+    ("FAR spread (max/min)", "far_spread", "{:.1f}"),
+)
+
+
+def train_argv(out: Path, tcm: bool, config: DemoConfig) -> list[str]:
+    argv = [sys.executable, "-m", "train", "--out", str(out), "--seed", str(config.seed)]
+    argv += ["--device", config.device, "--tcm" if tcm else "--no-tcm"]
+    return [*argv, "--tiny"] if config.tiny else argv
+
+
+def compare_models(config: DemoConfig, run_step: Callable[[str, list[str]], None]) -> str:
+    root = config.out / "compare"
+    runs = {"baseline": False, "baseline + TCM": True}
+    metrics = {}
+    for name, tcm in runs.items():
+        out = root / ("tcm" if tcm else "baseline")
+        run_step(f"train {name}", train_argv(out, tcm, config))
+        metrics[name] = json.loads((out / "metrics.json").read_text())
+    text = comparison_table(metrics)
+    (root / "comparison.txt").write_text(text + "\n")
+    print("\n" + text, flush=True)
+    return text
+
+
+def comparison_table(metrics: dict[str, dict[str, float]]) -> str:
+    head = f"{'model':<16}" + "".join(f"{title:>22}" for title, _, _ in COLUMNS)
+    rows = [head, "-" * len(head)]
+    for name, values in metrics.items():
+        cells = "".join(
+            f"{fmt.format(values[key]) if key in values else '-':>22}" for _, key, fmt in COLUMNS
+        )
+        rows.append(f"{name:<16}{cells}")
+    rows.append("lower OPIS / eps-OPIS / spread = one threshold means the same FAR everywhere")
+    return "\n".join(rows)
