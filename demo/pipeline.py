@@ -84,6 +84,8 @@ def run(config: DemoConfig) -> int:
         print_where(config, endpoints, prometheus, time.monotonic() - started)
         if config.serve:
             wait_for_interrupt()
+        stopped = processes.stop_all()
+    print("stopped: " + ", ".join(f"{name} (exit code {code})" for name, code in stopped.items()))
     return 0
 
 

@@ -23,6 +23,10 @@ QUERIES = (
     ("label-free FAR", "tcm_far_label_free"),
     ("feedback FAR", "tcm_far_feedback"),
 )
+PASTE = (
+    "tcm_far_label_free / on() group_left tcm_target_far  # per-tenant FAR in units of the target",
+    'tcm_far_spread_ratio{estimate="label_free"}  # max/min FAR across tenants: 1 is consistent',
+)
 
 
 def prometheus_binary() -> str:
@@ -106,5 +110,6 @@ class Prometheus:
             for labels, _ in self.series('ALERTS{alertstate="firing"}')
         )
         rows.append(f"{'alerts firing':<16} {', '.join(firing) or 'none'}")
-        rows.append(f"open {self.url}/graph to look further")
+        rows.append(f"open {self.url}/graph and paste, for example:")
+        rows += [f"  {expr}" for expr in PASTE]
         return "\n".join(rows)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
+from contracts import load_calibration
 from demo.__main__ import parse_args
 from demo.compare import comparison_table
 from demo.processes import ProcessGroup, free_port
@@ -171,5 +172,13 @@ def test_demo_end_to_end_tiny(tmp_path):
     for tenant in ("latin", "greek", "cyrillic", "math"):
         assert tenant in report
     assert "tcm_far_label_free" in report  # the Prometheus part answered
-    assert (tmp_path / "demo" / "calibrate" / "calibration.json").exists()
+    doc = load_calibration(tmp_path / "demo" / "calibrate" / "calibration.json")
+    assert doc.target(1e-3).threshold > -1
+    table_rows = [line.split() for line in report.splitlines()]
+    decided = {row[0]: row for row in table_rows if row and row[0] in doc.dataset_names}
+    assert set(decided) >= {"latin", "greek", "cyrillic", "math"}
+    for row in decided.values():  # genuine and impostor queries were answered: "(a/b)" with b > 0
+        totals = [int(cell.strip("()").split("/")[1]) for cell in row if cell.startswith("(")]
+        assert totals and all(total > 0 for total in totals), row
+    assert "server (exit code 0)" in out.stdout  # drained and stopped cleanly
     assert "demo finished" in out.stdout
