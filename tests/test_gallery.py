@@ -1,0 +1,174 @@
+"""Gallery: search semantics, label-free counts, durability across restart and SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.gallery import Gallery, GalleryError, Item, StaleModelError
+
+ROOT = Path(__file__).resolve().parents[1]
+SHA = "a" * 64
+DIM = 8
+
+
+def unit(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
+    x = rng.normal(size=(n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def items(n: int, labels: list[str] | None = None) -> list[Item]:
+    return [Item(f"id{i}", (labels or [""] * n)[i], f"img{i}".encode()) for i in range(n)]
+
+
+def test_search_matches_brute_force_and_counts(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    vectors = unit(rng, 50)
+    labels = [f"L{i % 10}" for i in range(50)]
+    gallery = Gallery.open(tmp_path, DIM, SHA)
+    assert gallery.add(items(50, labels), vectors, SHA) == [None] * 50
+    queries = unit(rng, 5)
+    threshold = 0.3
+    results = gallery.search(queries, 3, threshold, SHA)
+    sims = queries @ vectors.T
+    for q, result in enumerate(results):
+        order = np.argsort(-sims[q])[:3]
+        assert [h.item_id for h in result.neighbors] == [f"id{i}" for i in order]
+        top_label = labels[order[0]]
+        others = [i for i in range(50) if labels[i] != top_label]
+        assert result.impostor_total == len(others) == 45
+        assert result.impostor_accepted == sum(sims[q, i] >= threshold for i in others)
+    gallery.close()
+
+
+def test_unlabelled_items_are_their_own_identity(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    gallery = Gallery.open(tmp_path, DIM, SHA)
+    vectors = unit(rng, 4)
+    gallery.add(items(4), vectors, SHA)
+    (result,) = gallery.search(vectors[:1], 1, -1.0, SHA)
+    assert result.top1.item_id == "id0"
+    assert (result.impostor_accepted, result.impostor_total) == (3, 3)
+
+
+def test_duplicates_replace_and_remove(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    gallery = Gallery.open(tmp_path, DIM, SHA)
+    v = unit(rng, 3)
+    assert gallery.add(items(2), v[:2], SHA) == [None, None]
+    assert gallery.add([Item("id0", "x", b"new")], v[2:], SHA) == ["ALREADY_EXISTS"]
+    dup = [Item("z", "", b""), Item("z", "", b"")]
+    assert gallery.add(dup, v[:2], SHA) == [None, "INVALID_ARGUMENT"]
+    assert gallery.add([Item("id0", "x", b"new")], v[2:], SHA, replace=True) == [None]
+    assert gallery.get("id0").label == "x"
+    assert gallery.size == 3
+    (result,) = gallery.search(v[2:], 1, 0.5, SHA)
+    assert result.top1.item_id == "id0"
+    assert gallery.remove(["id1", "nope"]) == (["id1"], ["nope"])
+    assert gallery.size == 2
+    gallery.close()
+    reopened = Gallery.open(tmp_path, DIM, SHA)
+    assert sorted(i.item_id for i in reopened.items()) == ["id0", "z"]
+    assert reopened.get("id0").image == b"new"
+
+
+def test_empty_gallery_and_stale_model(tmp_path: Path) -> None:
+    gallery = Gallery.open(tmp_path, DIM, SHA)
+    q = unit(np.random.default_rng(3), 2)
+    assert [r.neighbors for r in gallery.search(q, 5, 0.5, SHA)] == [[], []]
+    with pytest.raises(StaleModelError):
+        gallery.search(q, 1, 0.5, "b" * 64)
+    with pytest.raises(StaleModelError):
+        gallery.add(items(2), q, "b" * 64)
+    assert gallery.size == 0
+
+
+def test_restart_replays_log_and_snapshots(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    v = unit(rng, 30)
+    gallery = Gallery.open(tmp_path, DIM, SHA, snapshot_every=10)
+    for n in range(0, 30, 3):
+        gallery.add(items(30)[n : n + 3], v[n : n + 3], SHA)
+    gallery.remove(["id4"])
+    # no close(): the last records live only in the log
+    again = Gallery.open(tmp_path, DIM, SHA, snapshot_every=10)
+    assert again.size == 29
+    assert again.get("id4") is None
+    (result,) = again.search(v[7:8], 1, 0.9, SHA)
+    assert result.top1.item_id == "id7"
+    assert result.top1.similarity == pytest.approx(1.0, abs=1e-5)
+
+
+def test_model_change_reembeds_or_refuses(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    gallery = Gallery.open(tmp_path, DIM, SHA)
+    gallery.add(items(3), unit(rng, 3), SHA)
+    gallery.close()
+    with pytest.raises(GalleryError, match="another model"):
+        Gallery.open(tmp_path, 4, "b" * 64)
+    seen = []
+
+    def embed(images: list[bytes]) -> np.ndarray:
+        seen.extend(images)
+        return unit(rng, len(images), 4)
+
+    new = Gallery.open(tmp_path, 4, "b" * 64, embed=embed)
+    assert sorted(seen) == [b"img0", b"img1", b"img2"]
+    assert new.model_sha256 == "b" * 64
+    assert new.size == 3
+    new.close()
+    assert Gallery.open(tmp_path, 4, "b" * 64).size == 3  # the re-embedding was persisted
+
+
+WRITER = """
+import sys, numpy as np
+from pathlib import Path
+from server.gallery import Gallery, Item
+g = Gallery.open(Path(sys.argv[1]), 8, "a" * 64, snapshot_every=7)
+rng = np.random.default_rng(0)
+for n in range(100000):
+    v = rng.normal(size=(1, 8)).astype(np.float32)
+    v /= np.linalg.norm(v)
+    g.add([Item(f"k{n}", "", bytes(50))], v, "a" * 64)
+    if n % 5 == 4:
+        print(f"?k{n - 2}", flush=True)
+        g.remove([f"k{n - 2}"])
+        print(f"-k{n - 2}", flush=True)
+    print(f"+k{n}", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.4, 0.9])
+def test_sigkill_loses_nothing_acknowledged(tmp_path: Path, delay: float) -> None:
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'protos'}")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, env=env, text=True
+    )
+    time.sleep(delay + 1.0)  # interpreter + faiss import, then some writes
+    proc.send_signal(signal.SIGKILL)
+    out, _ = proc.communicate()
+    acked: set[str] = set()
+    removing: set[str] = set()  # a removal in flight may or may not have happened
+    for line in out.split():
+        kind, key = line[0], line[1:]
+        if kind == "+":
+            acked.add(key)
+        elif kind == "?":
+            removing.add(key)
+        else:
+            acked.discard(key)
+            removing.discard(key)
+    assert len(acked) > 10, "the writer did not get going; raise the delay"
+    gallery = Gallery.open(tmp_path, DIM, SHA)
+    present = {i.item_id for i in gallery.items()}
+    # every acknowledged add is there; at most the one unacknowledged in-flight write extra
+    assert acked - removing <= present
+    assert len(present - acked) <= 2
