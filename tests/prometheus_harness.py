@@ -29,7 +29,7 @@ INSTALL_HINT = (
     "(Debian's prometheus package, which ships prometheus and promtool)"
 )
 
-_ROW = re.compile(r"^\|\s*`(?P<name>[a-z_:]+)`[^|]*\|\s*(?P<type>[a-z() ]+?)\s*\|", re.M)
+_ROW = re.compile(r"^\|\s*`(?P<name>[a-z0-9_:]+)`[^|]*\|\s*(?P<type>[a-z() ]+?)\s*\|", re.M)
 _NAME = re.compile(r"(?<![\w:\"'{=~.$])(tcm[a-zA-Z0-9_:]*)")
 
 

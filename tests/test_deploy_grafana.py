@@ -1,0 +1,87 @@
+"""deploy/grafana: the dashboard reads only contract metrics and is wired to its provisioning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from tests.prometheus_harness import DEPLOY, contract_names, promql_names, recording_names
+
+GRAFANA = DEPLOY / "grafana"
+DASHBOARD = GRAFANA / "dashboards" / "tcm-retrieval.json"
+
+
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def dashboard_exprs() -> list[str]:
+    """Every PromQL expression of the dashboard's panels (rows included)."""
+    found = []
+    stack = list(dashboard()["panels"])
+    while stack:
+        panel = stack.pop()
+        stack += panel.get("panels", [])
+        found += [t["expr"] for t in panel.get("targets", [])]
+    return found
+
+
+def test_every_expr_reads_only_contract_metrics_or_recording_rules():
+    known = contract_names() | recording_names()
+    exprs = dashboard_exprs()
+    assert len(exprs) >= 25
+    for expr in exprs:
+        unknown = promql_names(expr) - known
+        assert not unknown, f"{expr}: {unknown} is neither in docs/METRICS.md nor a rule"
+
+
+def test_dashboard_shows_what_the_issue_asks_for():
+    names = set().union(*(promql_names(e) for e in dashboard_exprs()))
+    assert names >= {
+        "tcm_far_label_free",
+        "tcm_far_feedback",
+        "tcm_far_feedback_ci_lower",
+        "tcm_far_feedback_ci_upper",
+        "tcm_target_far",
+        "tcm_threshold_similarity",
+        "tcm_far_spread_ratio",
+        "tcm_tenant_opis",
+        "tcm_score_drift_psi",
+        "tcm_score_drift_ks",
+        "tcm_gallery_items",
+        "tcm:decisions:match_ratio_rate5m",
+        "tcm:request_duration_seconds:p99_5m",
+        "tcm:request_errors:ratio_rate5m",
+    }
+
+
+def test_tenant_variable_is_used_by_per_tenant_panels():
+    variables = {v["name"]: v for v in dashboard()["templating"]["list"]}
+    assert variables["tenant"]["multi"] and variables["tenant"]["includeAll"]
+    per_tenant = [e for e in dashboard_exprs() if "tcm_far_label_free{" in e]
+    assert per_tenant
+    assert all('tenant=~"$tenant"' in e for e in per_tenant)
+
+
+def test_datasource_uid_matches_provisioning():
+    provisioned = yaml.safe_load(
+        (GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text()
+    )
+    uids = {d["uid"] for d in provisioned["datasources"]}
+    used = {p["datasource"]["uid"] for p in dashboard()["panels"] if "datasource" in p}
+    assert used == uids == {"tcm-prometheus"}
+
+
+def test_dashboard_provider_points_at_a_folder():
+    provider = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "tcm.yml").read_text())
+    paths = [p["options"]["path"] for p in provider["providers"]]
+    assert paths == ["/var/lib/grafana/dashboards"]
+    assert Path(DASHBOARD).is_file()
+
+
+def test_panel_ids_and_positions_do_not_collide():
+    grid = [(p["gridPos"]["x"], p["gridPos"]["y"]) for p in dashboard()["panels"]]
+    assert len(grid) == len(set(grid))
+    assert all(p["gridPos"]["x"] + p["gridPos"]["w"] <= 24 for p in dashboard()["panels"])
