@@ -290,3 +290,12 @@ def test_wilson_interval_edges():
     assert lo == 0.0
     assert hi == pytest.approx(1.959963984540054**2 / (100 + 1.959963984540054**2))
     assert all(math.isnan(x) for x in wilson_interval(0, 0))
+
+
+def test_a_shared_label_mapping_is_used_as_given():
+    shared = TenantLabels(1)
+    shared.label("first")
+    mon, reg = make(labels=shared)
+    mon.record_decision("second", "d", 0.9, True, 0.6, 1, 10)
+    assert mon.labels is shared
+    assert value(reg, "tcm_far_label_free_pairs", tenant="other") == 10

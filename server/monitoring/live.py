@@ -83,7 +83,8 @@ class LiveMonitor:
     ``reference.top1_similarity``; without it the drift gauges are NaN.
     ``min_feedback`` / ``min_label_free_pairs``: evidence a tenant needs to enter the
     cross-tenant spread and OPIS; ``min_drift_samples``: decisions before drift is
-    reported (PSI of a handful of scores is noise).
+    reported (PSI of a handful of scores is noise). ``labels``: a shared tenant-label
+    mapping (the server's), so both sets of series bound tenants the same way.
     """
 
     def __init__(
@@ -100,12 +101,15 @@ class LiveMonitor:
         min_label_free_pairs: int = 100,
         min_drift_samples: int = 100,
         psi_bins: int = 10,
+        labels: TenantLabels | None = None,
     ) -> None:
         if not (isinstance(target_far, int | float) and 0 < target_far < 1):
             raise ValueError(f"target_far must lie in (0, 1), got {target_far!r}")
         validate_window(window_decisions, window_seconds)
         self.target_far = float(target_far)
-        self.labels = TenantLabels(max_tenant_labels)
+        # Pass the server's TenantLabels so serving and monitoring series agree on which
+        # tenants keep their name; max_tenant_labels only applies to a new mapping.
+        self.labels = labels if labels is not None else TenantLabels(max_tenant_labels)
         self._window = (window_decisions, window_seconds)
         self._references = load_references(reference_top1, psi_bins)
         self._clock = clock
