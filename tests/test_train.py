@@ -1,0 +1,142 @@
+"""python -m train end to end on glyphs-tiny: run directory, ONNX export, metrics, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("pytorch_metric_learning")
+pytest.importorskip("onnxscript")
+
+from train.cli import build_parser, main, resolve_config  # noqa: E402
+from train.config import TrainConfig, load_config  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+METRIC_KEYS = {"recall_at_1", "map_at_r", "opis", "eps_opis", "far_spread", "far_min", "far_max"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    assert main(["--tiny", "--quiet", "--threads", "1", "--device", "cuda", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_run_directory_has_everything(tiny_run: Path) -> None:
+    for name in ("config.json", "checkpoint.pt", "epochs.json", "metrics.json", "curves.png"):
+        assert (tiny_run / name).is_file(), name
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    assert set(metrics) >= METRIC_KEYS
+    assert 0.0 <= metrics["recall_at_1"] <= 1.0
+    assert metrics["export_max_abs_diff"] <= 1e-4
+    assert json.loads((tiny_run / "config.json").read_text())["dataset"] == "glyphs-tiny"
+
+
+@pytest.mark.slow
+def test_exported_model_serves_like_torch(tiny_run: Path, tiny_glyphs) -> None:
+    from contracts import read_embedder_meta
+    from embedding import OnnxEmbedder
+    from train.models import build_model
+
+    meta = read_embedder_meta(tiny_run / "model.onnx")
+    assert meta.embedding_dim == 16 and meta.l2_normalized
+    assert meta.recipe["tcm"] is True and meta.recipe["margin_plus"] == 0.9
+    state = torch.load(tiny_run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    model = build_model("glyphnet", 16, width=8)
+    model.load_state_dict(state["model"])
+    images = np.stack([tiny_glyphs.image(i) for i in range(5)])
+    got = OnnxEmbedder(tiny_run / "model.onnx", device="cpu").embed(images)
+    from embedding.preprocess import preprocess
+
+    with torch.no_grad():
+        want = model.eval()(torch.from_numpy(preprocess(images, meta))).numpy()
+    assert np.abs(got - want).max() <= 1e-4
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_export_subcommand_and_resume(tiny_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "again.onnx"
+    assert main(["export", str(tiny_run), "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
+    # resuming a finished run re-evaluates and re-exports without training more
+    assert main(["--resume", str(tiny_run), "--quiet"]) == 0
+    assert json.loads((tiny_run / "metrics.json").read_text())["epochs"] == 1
+
+
+def test_flags_override_the_config_file(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text(
+        '[loss]\nloss = "proxy_anchor"\nmargin_plus = 0.7\n[loss_params]\nalpha = 16.0\n'
+    )
+    args = build_parser().parse_args(
+        [
+            "--config",
+            str(cfg_file),
+            "--margin-plus",
+            "0.8",
+            "--no-tcm",
+            "--loss-param",
+            "margin=0.2",
+        ]
+    )
+    cfg = resolve_config(args)
+    assert (cfg.loss, cfg.margin_plus, cfg.tcm) == ("proxy_anchor", 0.8, False)
+    assert cfg.loss_params == {"alpha": 16.0, "margin": 0.2}
+
+
+def test_bad_config_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("lossy = 1\n")
+    with pytest.raises(ValueError, match="unknown config keys"):
+        load_config(bad)
+    assert main(["--config", str(bad)]) == 2
+    assert "lossy" in capsys.readouterr().err
+
+
+def test_default_config_parses() -> None:
+    from train.cli import DEFAULT_CONFIG
+
+    cfg = load_config(DEFAULT_CONFIG)
+    assert cfg.dataset == "glyphs" and cfg.tcm
+    assert isinstance(cfg, TrainConfig)
+
+
+@pytest.mark.parametrize(
+    "loss",
+    ["multi_similarity", "proxy_anchor", "smooth_ap", "arcface", "contrastive", "triplet_margin"],
+)
+def test_every_base_loss_trains_a_step(loss: str) -> None:
+    from train.base_losses import build_losses
+
+    losses = build_losses(loss, num_classes=4, dim=8, tcm={"margin_plus": 0.9})
+    emb = torch.randn(16, 8, requires_grad=True)
+    labels = torch.arange(4).repeat_interleave(4)
+    total = sum(fn(emb, labels) for fn in losses.values())
+    total.backward()
+    assert torch.isfinite(total) and emb.grad is not None and emb.grad.abs().sum() > 0
+
+
+def test_unknown_loss_and_backbone_are_clear_errors() -> None:
+    from train.base_losses import build_losses
+    from train.models import build_model
+
+    with pytest.raises(ValueError, match="unknown base loss"):
+        build_losses("nope", 2, 4)
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_model("resnet9000", 8)
+
+
+def test_cuda_request_degrades_to_cpu(capsys) -> None:
+    from train.trainer import resolve_device
+
+    device = resolve_device("cuda")
+    if not torch.cuda.is_available():
+        assert device.type == "cpu"
+        assert "CPU instead" in capsys.readouterr().out

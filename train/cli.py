@@ -1,0 +1,198 @@
+"""``python -m train``: train a (TCM-regularised) embedder; ``python -m train export``.
+
+Settings come from a TOML config (default: train/configs/default.toml); every config
+key is also a flag (``--margin-plus 0.8``, ``--no-tcm``) that overrides the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import shutil
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from train.config import TrainConfig, load_config
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.toml"
+TINY = {
+    "dataset": "glyphs-tiny",
+    "epochs": 1,
+    "steps_per_epoch": 3,
+    "batch_size": 32,
+    "width": 8,
+    "embedding_dim": 16,
+    "eval_limit": 0,
+}
+HELP = {
+    "dataset": "glyphs (default), glyphs-tiny, an image folder, or cub:/cars:/sop:/inshop:PATH",
+    "m_per_class": "images per class in a batch (PML MPerClassSampler)",
+    "workers": "data-loader worker processes",
+    "backbone": "glyphnet (small CNN), timm:NAME or torchvision:NAME",
+    "weights": "local state-dict file for timm/torchvision backbones (never downloaded)",
+    "width": "glyphnet channel width",
+    "loss": "base loss: multi_similarity, proxy_anchor, smooth_ap, arcface, contrastive, "
+    "triplet_margin or none (TCM alone)",
+    "tcm": "add the TCM regulariser to the base loss",
+    "steps_per_epoch": "0 = one pass over the train split",
+    "proxy_lr": "learning rate of loss parameters (proxies, class centres)",
+    "schedule": "cosine or constant",
+    "amp": "float16 autocast (CUDA only)",
+    "device": "auto, cpu or cuda (cuda without a GPU falls back to cpu with a message)",
+    "threads": "torch CPU threads",
+    "eval_limit": "evaluate on whole test classes up to this many images (0 = all)",
+    "target_far": "global FAR whose threshold the per-tenant FARs are reported at",
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m train",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Export an existing run: python -m train export RUN_DIR --out model.onnx",
+    )
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="TOML config file")
+    parser.add_argument("--out", type=Path, help="run directory (default out/train/<run name>)")
+    parser.add_argument("--resume", type=Path, help="continue the run in this directory")
+    parser.add_argument(
+        "--export-default",
+        action="store_true",
+        help="also copy the final model.onnx to embedding/assets/glyphnet.onnx",
+    )
+    parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run on glyphs-tiny")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    opts = parser.add_argument_group("config overrides (defaults shown are the built-in ones)")
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        default = getattr(defaults, f.name)
+        text = HELP.get(f.name, f.name.replace("_", " "))
+        if f.name == "loss_params":
+            opts.add_argument(
+                "--loss-param",
+                dest="loss_params",
+                action="append",
+                metavar="KEY=VALUE",
+                default=argparse.SUPPRESS,
+                help="base loss parameter, repeatable (e.g. --loss-param margin=0.2)",
+            )
+        elif isinstance(default, bool):
+            opts.add_argument(
+                _flag(f.name),
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=f"{text} (built-in: {default})",
+            )
+        else:
+            opts.add_argument(
+                _flag(f.name),
+                dest=f.name,
+                type=type(default),
+                default=argparse.SUPPRESS,
+                help=f"{text} (built-in: {default})",
+            )
+    return parser
+
+
+def _loss_params(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--loss-param expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """File, then --tiny, then explicit flags: later wins."""
+    base = args.resume / "config.json" if args.resume else args.config
+    cfg = load_config(base)
+    if args.tiny:
+        cfg = cfg.replace(**TINY)
+    overrides = {
+        f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)
+    }
+    if "loss_params" in overrides:
+        overrides["loss_params"] = {**cfg.loss_params, **_loss_params(overrides["loss_params"])}
+    return cfg.replace(**overrides)
+
+
+def run_name(cfg: TrainConfig) -> str:
+    tcm = "-tcm" if cfg.tcm else ""
+    return f"{cfg.loss}{tcm}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def train_main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = resolve_config(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from train.trainer import Trainer
+
+    run_dir = args.resume or args.out or Path("out/train") / run_name(cfg)
+    trainer = Trainer(cfg, run_dir, quiet=args.quiet)
+    if args.resume:
+        ckpt = args.resume / "checkpoint.pt"
+        if not ckpt.is_file():
+            print(f"error: {ckpt} does not exist; nothing to resume", file=sys.stderr)
+            return 2
+        trainer.load_checkpoint(ckpt)
+    metrics = trainer.run()
+    if args.export_default and trainer.rank == 0:
+        from embedding.defaults import DEFAULT_MODEL
+
+        shutil.copyfile(run_dir / "model.onnx", DEFAULT_MODEL)
+        print(f"default embedder updated: {DEFAULT_MODEL}")
+    if metrics:
+        keys = ("recall_at_1", "map_at_r", "opis", "eps_opis", "far_min", "far_max", "far_spread")
+        print(" ".join(f"{k}={metrics[k]:.4g}" for k in keys if metrics.get(k) is not None))
+    return 0
+
+
+def export_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m train export",
+        description="Export a run's last checkpoint to ONNX (parity-checked, with metadata).",
+    )
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--out", type=Path, help="default RUN_DIR/model.onnx")
+    args = parser.parse_args(argv)
+    ckpt = args.run_dir / "checkpoint.pt"
+    if not ckpt.is_file():
+        print(f"error: {ckpt} not found: train first (python -m train --out DIR)", file=sys.stderr)
+        return 2
+    import torch
+
+    from train.export import export_model
+    from train.models import build_model
+    from train.trainer import recipe_of
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    cfg = TrainConfig(**state["config"])
+    model = build_model(cfg.backbone, cfg.embedding_dim, cfg.width)
+    model.load_state_dict(state["model"])
+    out = args.out or args.run_dir / "model.onnx"
+    export_model(model, out, recipe_of(cfg))
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        return export_main(argv[1:])
+    return train_main(argv)
