@@ -146,6 +146,10 @@ def test_k8s_manifests_reference_each_other():
     assert ("Secret", volumes["keys"]["secret"]["secretName"]) in docs
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert mounts["data"] == flag_value(container["args"], "--data-dir")
+    assert flag_value(container["args"], "--api-keys").startswith(mounts["keys"] + "/")
+    key_file = Path(flag_value(container["args"], "--api-keys")).name
+    assert key_file in docs[("Secret", volumes["keys"]["secret"]["secretName"])]["stringData"]
+    assert "--no-auth" not in container["args"]
 
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT}
