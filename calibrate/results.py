@@ -49,12 +49,12 @@ class DatasetAtTarget:
     k: int
     impostor_pairs: int
     genuine_pairs: int
-    far: float  # at the global threshold
-    frr: float  # at the global threshold
+    far: float | None  # at the global threshold (None when no global threshold)
+    frr: float | None
     far_ratio: float | None  # far / target
     threshold: float | None  # its own t*_k(a), similarity
     threshold_drift: float | None  # t*_k(a) - t*(a)
-    accepted_impostors: int  # at the global threshold
+    accepted_impostors: int | None  # at the global threshold
 
     def to_json(self) -> dict[str, Any]:
         return {

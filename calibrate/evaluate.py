@@ -1,0 +1,214 @@
+"""``evaluate``: global thresholds, per-dataset drift and OPIS in three blocked passes.
+
+Pass 1 bins the tail of the impostor scores per dataset (and finds every row's best
+impostor for Recall@1 and collects the genuine pairs); pass 2 resolves the few bins
+holding the needed order statistics; pass 3 counts, per class, pairs above the
+thresholds of the calibration grids. Memory is O(N D + counts): scores exist one
+block at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from fractions import Fraction
+
+import numpy as np
+
+from calibrate.assemble import Measured, assemble
+from calibrate.bootstrap import class_bootstrap
+from calibrate.consistency import threshold_grid
+from calibrate.device import score_function
+from calibrate.grids import GridCounts
+from calibrate.passes import SENTINEL_FLOOR, Engine, genuine_grid_counts
+from calibrate.prepare import Prepared, prepare
+from calibrate.progress import Ticker
+from calibrate.results import Evaluation
+from calibrate.sweep import DEFAULT_BLOCK, n_blocks
+from calibrate.tail import Tail, TailTooShortError, pooled
+from imagesets import EmbeddingSet
+
+BOOT_GRID = 512  # thresholds at which the bootstrap counts pairs
+
+
+def evaluate(
+    embeddings: EmbeddingSet | Sequence[EmbeddingSet],
+    target_fars: Sequence[float] = (1e-3,),
+    *,
+    far_range: tuple[float, float] = (1e-4, 1e-2),
+    grid_size: int = 101,
+    beta: float = 1.0,
+    eps: float = 0.05,
+    bootstrap: int = 0,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = False,
+    block: int = DEFAULT_BLOCK,
+) -> Evaluation:
+    """Calibrate one global threshold per target FAR and measure its consistency.
+
+    Datasets are the tenants of one EmbeddingSet, or the sets when several are given;
+    pairs never cross datasets. Thresholds are exact order statistics of the impostor
+    scores (docs/DESIGN.md); ``bootstrap`` > 0 adds class-bootstrap intervals.
+    """
+    targets = _check_settings(target_fars, far_range, grid_size, beta, eps, bootstrap, block)
+    prep = prepare(embeddings)
+    score_fn, device_used = score_function(device)
+    ranks = _Ranks(prep, targets, far_range, bootstrap > 0)
+    ticker = Ticker(3 * n_blocks(prep, block), progress)
+    engine = Engine(prep, score_fn, block, ticker)
+    try:
+        measured = _measure(engine, ranks, grid_size, seed, bootstrap > 0)
+    finally:
+        ticker.close()
+    if bootstrap > 0:
+        measured = class_bootstrap(measured, bootstrap, seed)
+    settings = {
+        "far_range": [float(far_range[0]), float(far_range[1])],
+        "grid_size": int(grid_size),
+        "beta": float(beta),
+        "eps": float(eps),
+        "bootstrap": int(bootstrap),
+        "device": device_used,
+    }
+    return assemble(measured, beta=beta, eps=eps, settings=settings)
+
+
+def _measure(engine: Engine, ranks: _Ranks, grid_size: int, seed: int, boot: bool) -> Measured:
+    prep = engine.prep
+    cutoff = engine.cutoff(ranks.deepest_fraction(), seed)
+    first = engine.tail_pass(cutoff)
+    try:
+        bins = _bins(first.tails, ranks)
+    except TailTooShortError:  # the sampled cutoff was too high: bin everything
+        cutoff = SENTINEL_FLOOR
+        first = engine.tail_pass(cutoff)
+        bins = _bins(first.tails, ranks)
+    engine.resolve_pass(first.tails, bins, cutoff)
+    pool = pooled(first.tails)
+    pool_t = _thresholds(pool, ranks.pool_k)
+    ds_t = [_thresholds(t, ks) for t, ks in zip(first.tails, ranks.ds_k, strict=True)]
+    pool_range = _range(pool_t)
+    pooled_grid = None if pool_range is None else threshold_grid(*pool_range, grid_size)
+    own_grids = [
+        None if _range(ts) is None else threshold_grid(*_range(ts), grid_size) for ts in ds_t
+    ]
+    global_t = [pool_t[f"target{j}"] for j in range(len(ranks.targets))]
+    target_grid = np.unique([t for t in global_t if t is not None]).astype(np.float64)
+    boot_grid = None
+    if boot and pool_t["boot"] is not None:
+        boot_grid = np.linspace(pool_t["boot"], pool_t["top"], BOOT_GRID)
+    n = prep.n_datasets
+    grids = {
+        "pooled": GridCounts([pooled_grid] * n, prep.class_ds),
+        "own": GridCounts(own_grids, prep.class_ds),
+        "targets": GridCounts([target_grid if len(target_grid) else None] * n, prep.class_ds),
+        "boot": GridCounts([boot_grid] * n, prep.class_ds),
+    }
+    engine.grid_pass(list(grids.values()))
+    genuine = {name: genuine_grid_counts(prep, first.genuine, g) for name, g in grids.items()}
+    return Measured(
+        prep=prep,
+        ranks=ranks,
+        tails=first.tails,
+        pool=pool,
+        pool_t=pool_t,
+        ds_t=ds_t,
+        global_t=global_t,
+        pool_range=pool_range,
+        own_ranges=[_range(ts) for ts in ds_t],
+        best_impostor=first.best_impostor,
+        genuine=first.genuine,
+        impostor_counts=grids,
+        genuine_counts=genuine,
+    )
+
+
+def _bins(tails: list[Tail], ranks: _Ranks) -> set[int]:
+    bins = _needed_bins(pooled(tails), ranks.pool_k)
+    for tail, ks in zip(tails, ranks.ds_k, strict=True):
+        bins |= _needed_bins(tail, ks)
+    return bins
+
+
+def _check_settings(target_fars, far_range, grid_size, beta, eps, bootstrap, block) -> list[float]:
+    targets = [float(a) for a in ([target_fars] if np.isscalar(target_fars) else target_fars)]
+    if not targets:
+        raise ValueError("give at least one target FAR, e.g. 0.001")
+    for a in targets:
+        if not (0.0 < a < 1.0) or math.isnan(a):
+            raise ValueError(f"target FAR must lie in (0, 1), got {a:g}; e.g. 0.001 for 1 in 1000")
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"target FARs repeat: {targets}")
+    lo, hi = (float(v) for v in far_range)
+    if not (0.0 < lo < hi < 1.0):
+        raise ValueError(f"far_range must be 0 < low < high < 1, got ({lo:g}, {hi:g})")
+    if int(grid_size) < 2:
+        raise ValueError(f"grid_size must be >= 2, got {grid_size}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 < eps <= 0.5:
+        raise ValueError(f"eps must lie in (0, 0.5], got {eps}")
+    if int(bootstrap) < 0:
+        raise ValueError(f"bootstrap must be >= 0 resamples, got {bootstrap}")
+    if int(block) < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    return targets
+
+
+def allowed_errors(far: float, pairs: int) -> int:
+    """k = floor(a M), with a read as the decimal it prints as (0.29 * 100 is 29, not 28)."""
+    return math.floor(Fraction(repr(float(far))) * pairs)
+
+
+class _Ranks:
+    """The order statistics needed, by name: each target, the range ends, the bootstrap span.
+
+    Names map to a FAR; ``top`` (no impostor accepted) is only used to end the
+    bootstrap grid. A rank with k < 1 is not measurable on that data.
+    """
+
+    def __init__(self, prep: Prepared, targets, far_range, boot: bool) -> None:
+        self.m_ds = [prep.impostor_pairs(k) for k in range(prep.n_datasets)]
+        self.m = sum(self.m_ds)
+        self.targets = list(targets)
+        self.fars: dict[str, float] = {f"target{j}": a for j, a in enumerate(targets)}
+        self.fars["far_lo"], self.fars["far_hi"] = far_range
+        self.boot = boot
+        if boot:
+            self.fars["boot"] = min(0.5, 4 * max(*targets, far_range[1]))
+        self.pool_k = self._ks(self.m, boot)
+        self.ds_k = [self._ks(m, False) for m in self.m_ds]
+
+    def _ks(self, m: int, top: bool) -> dict[str, int]:
+        ks = {name: allowed_errors(a, m) for name, a in self.fars.items()}
+        if top:
+            ks["top"] = 0
+        return ks
+
+    def deepest_fraction(self) -> float:
+        """The largest fraction of any dataset's impostors that a needed rank reaches."""
+        fr = [(k + 1) / m for m, ks in zip(self.m_ds, self.ds_k, strict=True) for k in ks.values()]
+        fr += [(k + 1) / self.m for k in self.pool_k.values()]
+        return max(fr)
+
+
+def _needed_bins(tail: Tail, ks: dict[str, int]) -> set[int]:
+    bins: set[int] = set()
+    for name, k in ks.items():
+        if k >= 1 or name == "top":
+            bins.update(tail.bins_for_rank(k))
+    return bins
+
+
+def _thresholds(tail: Tail, ks: dict[str, int]) -> dict[str, float | None]:
+    return {
+        name: tail.threshold(k)[0] if (k >= 1 or name == "top") else None for name, k in ks.items()
+    }
+
+
+def _range(ts: dict[str, float | None]) -> tuple[float, float] | None:
+    """(t_lo, t_hi): similarities where the FAR reaches far_hi and far_lo."""
+    if ts["far_lo"] is None or ts["far_hi"] is None:
+        return None
+    return ts["far_hi"], ts["far_lo"]
