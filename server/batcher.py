@@ -1,0 +1,166 @@
+"""Dynamic micro-batching: concurrent requests share one onnxruntime call.
+
+In the style of Triton's dynamic batcher: requests queue their preprocessed images;
+one worker takes whatever is waiting, waits at most ``max_delay`` seconds for more
+(up to ``max_batch`` images), runs the model once in a worker thread (so the event
+loop keeps accepting calls) and hands each request its rows. While a batch runs the
+next one forms. The queue is bounded in images: beyond ``max_queue`` a request is
+refused at once (:class:`QueueFullError` -> RESOURCE_EXHAUSTED) instead of growing
+memory. Requests whose caller gave up (deadline, cancel) are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """The embedder's queue is full; the client should back off and retry."""
+
+
+@dataclass
+class _Pending:
+    inputs: np.ndarray
+    future: asyncio.Future
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+class MicroBatcher:
+    """Batches ``run(inputs (n, C, H, W)) -> (n, D)`` across concurrent callers."""
+
+    def __init__(
+        self,
+        run: Callable[[np.ndarray], np.ndarray],
+        executor: Executor,
+        max_batch: int = 64,
+        max_delay: float = 0.002,
+        max_queue: int = 2048,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
+        if max_batch < 1 or max_queue < 1 or max_delay < 0:
+            raise ValueError("need max_batch >= 1, max_queue >= 1, max_delay >= 0")
+        self.run = run
+        self.executor = executor
+        self.max_batch = max_batch
+        self.max_delay = max_delay
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self._queue: deque[_Pending] = deque()
+        self._queued = 0
+        self._wakeup = asyncio.Event()
+        self._worker: asyncio.Task | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        self._worker = asyncio.get_running_loop().create_task(self._loop(), name="micro-batcher")
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    async def embed(self, inputs: np.ndarray) -> np.ndarray:
+        """Embeddings of ``inputs``; waits for a batch slot, never for an unbounded queue."""
+        if self._closing:
+            raise QueueFullError("server is shutting down")
+        n = len(inputs)
+        if n == 0:
+            return np.empty((0, 0), np.float32)
+        if self._queued + n > self.max_queue:
+            raise QueueFullError(
+                f"embedding queue full ({self._queued} of {self.max_queue} images waiting); "
+                "retry with backoff"
+            )
+        pending = _Pending(inputs, asyncio.get_running_loop().create_future())
+        self._queue.append(pending)
+        self._set_queued(self._queued + n)
+        self._wakeup.set()
+        return await pending.future
+
+    async def close(self) -> None:
+        """Finish everything queued, then stop the worker."""
+        self._closing = True
+        self._wakeup.set()
+        if self._worker is not None:
+            await self._worker
+
+    # ------------------------------------------------------------------ worker
+    async def _loop(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if self._queued < self.max_batch and self.max_delay > 0 and not self._closing:
+                await asyncio.sleep(self.max_delay)  # let concurrent callers join
+            batch = self._take()
+            if batch:
+                await self._run(batch)
+
+    def _take(self) -> list[_Pending]:
+        """Whole requests, up to max_batch images (a larger single request goes alone)."""
+        batch: list[_Pending] = []
+        rows = 0
+        while self._queue:
+            head = self._queue[0]
+            if batch and rows + len(head.inputs) > self.max_batch:
+                break
+            self._queue.popleft()
+            self._set_queued(self._queued - len(head.inputs))
+            if head.future.done():  # the caller gave up (deadline or cancel)
+                continue
+            batch.append(head)
+            rows += len(head.inputs)
+        return batch
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        inputs = np.concatenate([p.inputs for p in batch]) if len(batch) > 1 else batch[0].inputs
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        try:
+            out = await loop.run_in_executor(self.executor, self._run_chunks, inputs)
+        except Exception as err:  # the model failed: every caller of this batch learns why
+            log.exception("embedding batch of %d failed", len(inputs))
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(err)
+            return
+        elapsed = time.perf_counter() - started
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(len(inputs))
+            for p in batch:
+                for _ in range(len(p.inputs)):
+                    self.metrics.stage_seconds.labels("queue").observe(started - p.queued_at)
+                    self.metrics.stage_seconds.labels("embed").observe(elapsed)
+        row = 0
+        for p in batch:
+            n = len(p.inputs)
+            if not p.future.done():
+                p.future.set_result(out[row : row + n])
+            row += n
+
+    def _run_chunks(self, inputs: np.ndarray) -> np.ndarray:
+        if len(inputs) <= self.max_batch:
+            return self.run(inputs)
+        parts = [
+            self.run(inputs[s : s + self.max_batch]) for s in range(0, len(inputs), self.max_batch)
+        ]
+        return np.concatenate(parts)
+
+    def _set_queued(self, value: int) -> None:
+        self._queued = value
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(value)

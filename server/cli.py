@@ -1,0 +1,173 @@
+"""``python -m server``: serve retrieval.v1 over gRPC with Prometheus metrics.
+
+Prints one line when ready::
+
+    serving retrieval.v1 on HOST:PORT, metrics on http://HOST:MPORT/metrics
+
+SIGTERM/SIGINT drain in-flight calls, then flush and close the galleries; SIGHUP
+reloads model + calibration from the paths given at start.
+Exit status 2 = refused to start (bad flag, config, model, calibration or key file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+from embedding.defaults import DEFAULT_CALIBRATION, DEFAULT_MODEL
+from server.auth import KeyRing
+from server.imaging import ImageLimits
+from server.metrics import ServerMetrics
+from server.model import ServingModel
+from server.observer import DecisionObserver, NullObserver
+from server.service import RetrievalService, ServiceConfig
+
+log = logging.getLogger("server")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m server", description=__doc__.splitlines()[0])
+    p.add_argument("--config", type=Path, help="TOML file of these options (flags win)")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="embedder .onnx")
+    p.add_argument("--calibration", type=Path, default=DEFAULT_CALIBRATION, help="its calibration")
+    p.add_argument("--target-far", type=float, default=1e-3, help="default target FAR")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port; 0 = pick a free one")
+    p.add_argument("--metrics-port", type=int, default=9464, help="0 = pick a free one")
+    p.add_argument("--data-dir", type=Path, default=Path("out/server"), help="galleries, logs")
+    auth = p.add_mutually_exclusive_group()
+    auth.add_argument("--no-auth", action="store_true", help="no API keys (local use only)")
+    auth.add_argument("--api-keys", type=Path, help="JSON key file (see server/auth.py)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--max-batch", type=int, default=64, help="images per onnxruntime call")
+    p.add_argument("--max-delay-ms", type=float, default=2.0, help="wait for a batch to fill")
+    p.add_argument("--max-queue", type=int, default=2048, help="queued images before refusing")
+    p.add_argument("--max-image-bytes", type=int, default=8 << 20)
+    p.add_argument("--max-image-pixels", type=int, default=16_000_000)
+    p.add_argument("--grace", type=float, default=10.0, help="seconds to drain on shutdown")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Flags over config-file values over defaults; a bad config is a usage error."""
+    p = parser()
+    args = p.parse_args(argv)
+    if args.config is None:
+        return args
+    try:
+        import tomllib  # Python >= 3.11
+    except ModuleNotFoundError:  # pragma: no cover
+        p.error("--config needs Python 3.11 or later (tomllib)")
+    try:
+        values = tomllib.loads(args.config.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        p.error(f"--config {args.config}: {err}")
+    known = {a.dest: a for a in p._actions if a.dest not in ("help", "config")}
+    defaults = {}
+    for key, value in values.items():
+        dest = key.replace("-", "_")
+        if dest not in known:
+            p.error(f"--config {args.config}: unknown option {key!r}")
+        kind = known[dest].type
+        defaults[dest] = kind(value) if kind and not isinstance(value, bool) else value
+    p.set_defaults(**defaults)
+    return p.parse_args(argv)
+
+
+def make_observer(target_far: float, registry: CollectorRegistry, model: ServingModel):
+    """LiveMonitor when server.monitoring provides it, else NullObserver."""
+    try:
+        from server.monitoring import LiveMonitor
+    except ImportError:
+        log.warning("server.monitoring.LiveMonitor unavailable: live FAR gauges are off")
+        return NullObserver()
+    reference = (model.calibration.raw.get("reference") or {}).get("top1_similarity")
+    return LiveMonitor(target_far, registry=registry, reference_top1=reference)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    if args.no_auth:
+        keys = KeyRing(enabled=False)
+        log.warning("authentication is OFF (--no-auth): any caller reaches every tenant")
+    else:
+        keys = KeyRing.from_file(args.api_keys)
+    model = ServingModel.load(args.model, args.calibration, args.device, args.target_far)
+    registry = CollectorRegistry()
+    observer: DecisionObserver = make_observer(args.target_far, registry, model)
+    metrics = ServerMetrics(registry, labels=getattr(observer, "labels", None))
+    config = ServiceConfig(
+        max_batch=args.max_batch,
+        max_delay=args.max_delay_ms / 1000,
+        max_queue=args.max_queue,
+        limits=ImageLimits(args.max_image_bytes, args.max_image_pixels),
+    )
+    service = RetrievalService(model, args.data_dir, keys, observer, metrics, config)
+    await service.start()
+
+    from server.app import build_server
+
+    server, health = build_server(service, args.device)
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    if port == 0:
+        raise OSError(f"cannot bind {args.host}:{args.port}")
+    http, _ = start_http_server(args.metrics_port, addr=args.host, registry=registry)
+    await server.start()
+    print(
+        f"serving retrieval.v1 on {args.host}:{port}, "
+        f"metrics on http://{args.host}:{http.server_port}/metrics",
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    reloading: set[asyncio.Task] = set()
+
+    def on_hup() -> None:
+        task = loop.create_task(_reload(service, args.device))
+        reloading.add(task)
+        task.add_done_callback(reloading.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    await stop.wait()
+    log.info("shutting down: draining in-flight calls (up to %.0f s)", args.grace)
+    health.enter_graceful_shutdown()
+    await server.stop(args.grace)
+    await service.close()
+    http.shutdown()
+    log.info("stopped cleanly")
+    return 0
+
+
+async def _reload(service: RetrievalService, device: str) -> None:
+    try:
+        done = await service.reload("", "", device)
+        log.info("reloaded on SIGHUP: %s", done)
+    except Exception as err:
+        log.error("reload on SIGHUP failed: %s", err)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if not args.no_auth and args.api_keys is None:
+        print(
+            "error: pass --api-keys FILE, or --no-auth to run without authentication "
+            "(local use only)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        return asyncio.run(serve(args))
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,296 @@
+"""A small Python client for retrieval.v1, and ``python -m server.client`` on top of it.
+
+    with RetrievalClient("127.0.0.1:50051", api_key=KEY) as client:
+        client.create_tenant("acme")                 # admin key (or --no-auth)
+        client.enroll("acme", "item-1", png_bytes, label="alice")
+        result = client.match("acme", query_bytes)   # MatchResult
+        client.feedback("acme", result.decision_id, is_same=True)
+
+CLI (exit 0 ok, 1 a call failed, 2 usage)::
+
+    python -m server.client --address HOST:PORT [--api-key KEY] create-tenant NAME
+    python -m server.client ... enroll TENANT PATH... [--label L]   # files or folders
+    python -m server.client ... match TENANT PATH... [--top-k K] [--target-far A]
+    python -m server.client ... feedback TENANT DECISION_ID same|different
+    python -m server.client ... remove TENANT ITEM_ID...
+    python -m server.client ... tenant TENANT                          # alias: stats
+
+Folders are read recursively; an enrolled file's item id is its path relative to the
+folder (or its file name) and its label the name of its parent folder unless --label.
+The API key may also come from the environment variable TCM_API_KEY.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from retrieval.v1 import retrieval_pb2 as pb
+from retrieval.v1 import retrieval_pb2_grpc as rpc
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+@dataclass(frozen=True)
+class Neighbor:
+    item_id: str
+    label: str
+    similarity: float
+
+
+@dataclass(frozen=True)
+class MatchResult:
+    decision_id: str
+    matched: bool
+    item_id: str
+    similarity: float
+    threshold: float
+    label: str = ""
+    distance: float = 0.0
+    target_far: float = 0.0
+    neighbors: list[Neighbor] = field(default_factory=list)
+
+    @classmethod
+    def from_proto(cls, r: pb.MatchResponse) -> MatchResult:
+        return cls(
+            r.decision_id,
+            r.matched,
+            r.item_id,
+            r.similarity,
+            r.threshold,
+            r.label,
+            r.distance,
+            r.target_far,
+            [Neighbor(n.item_id, n.label, n.similarity) for n in r.neighbors],
+        )
+
+
+class ItemRefusedError(RuntimeError):
+    """An enrolment item was refused (code = gRPC status name)."""
+
+    def __init__(self, item_id: str, code: str, message: str) -> None:
+        super().__init__(f"{item_id}: {code}: {message}")
+        self.item_id, self.code = item_id, code
+
+
+class RetrievalClient:
+    """Blocking client; errors are ``grpc.RpcError`` with the server's status and message."""
+
+    def __init__(self, address: str, api_key: str | None = None, timeout: float = 30.0) -> None:
+        self.channel = grpc.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_send_message_length", 64 << 20),
+                ("grpc.max_receive_message_length", 64 << 20),
+            ],
+        )
+        self.stub = rpc.RetrievalStub(self.channel)
+        self.admin = rpc.AdminStub(self.channel)
+        self.metadata = (("x-api-key", api_key),) if api_key else ()
+        self.timeout = timeout
+
+    def _call(self, method, request):
+        return method(request, metadata=self.metadata, timeout=self.timeout)
+
+    # ------------------------------------------------------------------ admin
+    def create_tenant(self, name: str) -> str:
+        """Create a tenant; returns its new API key ("" when the server runs --no-auth)."""
+        return self._call(self.admin.CreateTenant, pb.CreateTenantRequest(tenant=name)).api_key
+
+    def delete_tenant(self, name: str) -> int:
+        return self._call(
+            self.admin.DeleteTenant, pb.DeleteTenantRequest(tenant=name)
+        ).removed_items
+
+    def list_tenants(self) -> list[str]:
+        return list(self._call(self.admin.ListTenants, pb.ListTenantsRequest()).tenants)
+
+    def reload(self, model_path: str = "", calibration_path: str = "") -> pb.ReloadResponse:
+        request = pb.ReloadRequest(model_path=model_path, calibration_path=calibration_path)
+        return self._call(self.admin.Reload, request)
+
+    # ----------------------------------------------------------------- tenant
+    def enroll(
+        self, tenant: str, item_id: str, image_bytes: bytes, label: str = "", replace: bool = False
+    ) -> int:
+        """Enrol one item; returns the gallery size. Raises ItemRefusedError if refused."""
+        (result,), size = self.enroll_many(tenant, [(item_id, image_bytes, label)], replace)
+        if not result.ok:
+            raise ItemRefusedError(item_id, result.error.code, result.error.message)
+        return size
+
+    def enroll_many(
+        self, tenant: str, items: list[tuple[str, bytes, str]], replace: bool = False
+    ) -> tuple[list[pb.EnrollResult], int]:
+        """Enrol (item_id, image, label) items; per-item results and the gallery size."""
+        request = pb.EnrollRequest(
+            tenant=tenant,
+            items=[pb.EnrollItem(item_id=i, image=b, label=lab) for i, b, lab in items],
+            replace=replace,
+        )
+        response = self._call(self.stub.Enroll, request)
+        return list(response.results), response.gallery_size
+
+    def match(
+        self, tenant: str, image_bytes: bytes, top_k: int = 1, target_far: float = 0.0
+    ) -> MatchResult:
+        request = pb.MatchRequest(
+            tenant=tenant, image=image_bytes, top_k=top_k, target_far=target_far
+        )
+        return MatchResult.from_proto(self._call(self.stub.Match, request))
+
+    def match_batch(
+        self, tenant: str, images: list[bytes], top_k: int = 1, target_far: float = 0.0
+    ) -> list[MatchResult | ItemRefusedError]:
+        """One result per image; a refused image gives an ItemRefusedError in its slot."""
+        request = pb.MatchBatchRequest(
+            tenant=tenant, images=images, top_k=top_k, target_far=target_far
+        )
+        out: list[MatchResult | ItemRefusedError] = []
+        for n, r in enumerate(self._call(self.stub.MatchBatch, request).results):
+            if r.HasField("match"):
+                out.append(MatchResult.from_proto(r.match))
+            else:
+                out.append(ItemRefusedError(f"image {n}", r.error.code, r.error.message))
+        return out
+
+    def feedback(self, tenant: str, decision_id: str, is_same: bool) -> bool:
+        """Report ground truth for a decision; returns whether it had matched."""
+        request = pb.FeedbackRequest(tenant=tenant, decision_id=decision_id, is_same=is_same)
+        return self._call(self.stub.Feedback, request).matched
+
+    def get_tenant(self, tenant: str) -> dict:
+        info = self._call(self.stub.GetTenant, pb.GetTenantRequest(tenant=tenant))
+        return {
+            "tenant": info.tenant,
+            "gallery_size": info.gallery_size,
+            "target_far": info.target_far,
+            "threshold": info.threshold,
+            "stats": dict(info.stats),
+        }
+
+    def remove(self, tenant: str, item_ids: list[str] | str) -> pb.RemoveResponse:
+        ids = [item_ids] if isinstance(item_ids, str) else list(item_ids)
+        return self._call(self.stub.Remove, pb.RemoveRequest(tenant=tenant, item_ids=ids))
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> RetrievalClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------- CLI
+def image_files(paths: list[Path]) -> Iterator[tuple[str, Path, str]]:
+    """(item_id, file, folder label) for files and, recursively, images in folders."""
+    for path in paths:
+        if path.is_dir():
+            for file in sorted(path.rglob("*")):
+                if file.is_file() and file.suffix.lower() in IMAGE_SUFFIXES:
+                    yield str(file.relative_to(path)), file, file.parent.name
+        elif path.is_file():
+            yield path.name, path, ""
+        else:
+            raise FileNotFoundError(f"no such file or folder: {path}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m server.client", description="retrieval.v1 client")
+    p.add_argument("--address", default="127.0.0.1:50051")
+    p.add_argument("--api-key", default=os.environ.get("TCM_API_KEY"))
+    p.add_argument("--timeout", type=float, default=30.0)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("create-tenant", help="create a tenant (admin key); prints its key")
+    s.add_argument("tenant")
+    s = sub.add_parser("enroll", help="enrol image files or folders")
+    s.add_argument("tenant")
+    s.add_argument("paths", nargs="+", type=Path)
+    s.add_argument("--label", help="label of every item (default: parent folder name)")
+    s.add_argument("--replace", action="store_true", help="overwrite existing item ids")
+    s = sub.add_parser("match", help="match image files or folders")
+    s.add_argument("tenant")
+    s.add_argument("paths", nargs="+", type=Path)
+    s.add_argument("--top-k", type=int, default=1)
+    s.add_argument("--target-far", type=float, default=0.0)
+    s = sub.add_parser("feedback", help="ground truth for a decision")
+    s.add_argument("tenant")
+    s.add_argument("decision_id")
+    s.add_argument("verdict", choices=("same", "different"))
+    s = sub.add_parser("remove", help="remove items by id")
+    s.add_argument("tenant")
+    s.add_argument("item_ids", nargs="+")
+    for name in ("tenant", "stats"):
+        s = sub.add_parser(name, help="gallery size, threshold and live statistics")
+        s.add_argument("tenant")
+    return p
+
+
+def _run(args: argparse.Namespace, client: RetrievalClient) -> int:
+    status = 0
+    if args.command == "create-tenant":
+        key = client.create_tenant(args.tenant)
+        print(json.dumps({"tenant": args.tenant, "api_key": key}))
+    elif args.command == "enroll":
+        items = [
+            (item_id, file.read_bytes(), args.label if args.label is not None else label)
+            for item_id, file, label in image_files(args.paths)
+        ]
+        for start in range(0, len(items), 256):
+            results, size = client.enroll_many(
+                args.tenant, items[start : start + 256], args.replace
+            )
+            for r in results:
+                line = {"item_id": r.item_id, "ok": r.ok}
+                if not r.ok:
+                    line |= {"code": r.error.code, "error": r.error.message}
+                    status = 1
+                print(json.dumps(line))
+        print(json.dumps({"gallery_size": size}))
+    elif args.command == "match":
+        for _, file, _ in image_files(args.paths):
+            try:
+                r = client.match(args.tenant, file.read_bytes(), args.top_k, args.target_far)
+            except grpc.RpcError as err:
+                print(
+                    json.dumps({"file": str(file), "code": err.code().name, "error": err.details()})
+                )
+                status = 1
+                continue
+            line = {"file": str(file), **r.__dict__}
+            line["neighbors"] = [n.__dict__ for n in r.neighbors]
+            print(json.dumps(line))
+    elif args.command == "feedback":
+        matched = client.feedback(args.tenant, args.decision_id, args.verdict == "same")
+        print(json.dumps({"decision_id": args.decision_id, "matched": matched}))
+    elif args.command == "remove":
+        r = client.remove(args.tenant, args.item_ids)
+        print(json.dumps({"removed": r.removed, "not_found": list(r.not_found)}))
+    else:
+        print(json.dumps(client.get_tenant(args.tenant)))
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        with RetrievalClient(args.address, args.api_key, args.timeout) as client:
+            return _run(args, client)
+    except grpc.RpcError as err:
+        print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Untrusted image bytes -> model input, under limits, with a clear error for each refusal.
+
+Decoding is where hostile input bites: decompression bombs (a tiny file that inflates
+to gigapixels), truncated files, exotic modes. We check the byte size, then read only
+the header and check the pixel count *before* decoding pixels, accept a fixed set of
+formats, and convert every supported mode to the model's channels (alpha is
+composited onto the background of the training images, black by default).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from contracts.embedder import EmbedderMeta
+from embedding.preprocess import preprocess
+
+FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
+_ALPHA = {"LA", "La", "PA", "RGBA", "RGBa"}
+_COLOUR = {"RGB", "CMYK", "YCbCr", "LAB", "HSV", "P"}
+
+
+class ImageError(ValueError):
+    """The image is refused; the message says why and what to send instead."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 8 << 20
+    max_pixels: int = 16_000_000
+    alpha_background: int = 0
+
+
+def decode(data: bytes, channels: int, limits: ImageLimits) -> np.ndarray:
+    """Encoded image -> uint8 (H, W) for channels=1 or (H, W, 3) for channels=3."""
+    if not data:
+        raise ImageError("empty image: send the encoded bytes of a PNG/JPEG/... file")
+    if len(data) > limits.max_bytes:
+        raise ImageError(f"image has {len(data)} bytes, the limit is {limits.max_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+        width, height = image.size
+        if width < 1 or height < 1 or width * height > limits.max_pixels:
+            raise ImageError(
+                f"image is {width}x{height} pixels, the limit is {limits.max_pixels} pixels"
+            )
+        image.load()
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"image refused as a decompression bomb ({err})") from err
+    except UnidentifiedImageError as err:
+        raise ImageError(f"not an image in a supported format ({', '.join(FORMATS)})") from err
+    except (OSError, SyntaxError, ValueError) as err:  # truncated / corrupt streams
+        raise ImageError(f"corrupt or truncated image ({err})") from err
+    return _to_channels(image, channels, limits.alpha_background)
+
+
+def _to_channels(image: Image.Image, channels: int, background: int) -> np.ndarray:
+    mode = image.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit grey: keep the top 8 bits (the full 0..65535 range maps to 0..255).
+        wide = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        image = Image.fromarray((wide >> 8).astype(np.uint8), "L")
+    elif mode in ("1", "L"):
+        image = image.convert("L")
+    elif mode in _ALPHA or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        base = Image.new("RGBA", rgba.size, (background, background, background, 255))
+        image = Image.alpha_composite(base, rgba).convert("RGB")
+    elif mode in _COLOUR:
+        image = image.convert("RGB")
+    else:
+        raise ImageError(f"unsupported image mode {mode}: send 8-bit grey, RGB or RGBA")
+    if channels == 1 and image.mode != "L":
+        image = image.convert("L")
+    elif channels == 3 and image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image, dtype=np.uint8)
+
+
+def to_model_input(data: bytes, meta: EmbedderMeta, limits: ImageLimits) -> np.ndarray:
+    """Encoded image -> (C, H, W) float32, preprocessed exactly as the model expects."""
+    return preprocess([decode(data, meta.input_channels, limits)], meta)[0]

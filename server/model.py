@@ -1,0 +1,80 @@
+"""The model the server serves: an onnxruntime embedder bound to its calibration.
+
+Loading refuses a calibration measured on another model (naming both SHA-256s) and a
+default target FAR the calibration does not hold, so a server never starts with a
+threshold that means nothing for its model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from contracts import CalibrationDoc, load_calibration, sha256_file
+from contracts.calibration import Target
+from embedding import OnnxEmbedder
+from server.imaging import ImageLimits, to_model_input
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServingModel:
+    embedder: OnnxEmbedder
+    calibration: CalibrationDoc
+    model_path: Path
+    calibration_path: Path
+    calibration_sha256: str
+    default_far: float
+
+    @classmethod
+    def load(
+        cls, model_path: Path, calibration_path: Path, device: str, default_far: float
+    ) -> ServingModel:
+        """Load and cross-check; raises ValueError/CalibrationError with what to do."""
+        calibration = load_calibration(calibration_path)
+        embedder = OnnxEmbedder(model_path, device=device)
+        calibration.check_model(model_path, sha256=embedder.sha256)
+        calibration.target(default_far)  # raises naming the calibrated targets
+        log.info(
+            "model %s (sha256 %s) on %s, calibration %s",
+            model_path,
+            embedder.sha256[:12],
+            embedder.providers[0],
+            calibration_path,
+        )
+        return cls(
+            embedder,
+            calibration,
+            Path(model_path),
+            Path(calibration_path),
+            sha256_file(calibration_path),
+            default_far,
+        )
+
+    @property
+    def sha256(self) -> str:
+        return self.embedder.sha256
+
+    @property
+    def provider(self) -> str:
+        return self.embedder.providers[0]
+
+    def target(self, far: float) -> Target:
+        """The calibrated target for ``far`` (0 = the default); CalibrationError if absent."""
+        return self.calibration.target(far or self.default_far)
+
+    def thresholds(self) -> dict[float, float]:
+        return {t.target_far: t.threshold for t in self.calibration.targets()}
+
+    def embed_images(self, images: list[bytes], limits: ImageLimits) -> np.ndarray:
+        """Re-embed stored gallery images (reload, restart with a new model)."""
+        if not images:
+            return np.empty((0, self.embedder.dim), np.float32)
+        batch = np.stack([to_model_input(i, self.embedder.meta, limits) for i in images])
+        return np.concatenate(
+            [self.embedder.run(batch[s : s + 256]) for s in range(0, len(batch), 256)]
+        )

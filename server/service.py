@@ -1,0 +1,463 @@
+"""What the server does, independent of gRPC plumbing: decode, embed, search, decide.
+
+:class:`RetrievalService` owns the serving state (model + its micro-batcher), the
+tenants, the decision store and the observer. Errors are :class:`ServiceError` with
+the gRPC status code the caller should see; app.py only translates. Blocking work
+(decoding, onnxruntime, faiss, fsync) runs in thread pools so the event loop keeps
+serving.
+
+Reload safety: a request captures the current :class:`_State`; its embedding and
+search use that one model. A search that meets a gallery already switched to a new
+model (StaleModelError) is redone with the new state, so reloads drop nothing.
+Mutations (Enroll, Remove, tenant changes) and reloads exclude each other through
+``_mutations``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from contracts import CalibrationError
+from server.auth import KeyRing, Principal, hash_key, new_key
+from server.batcher import MicroBatcher, QueueFullError
+from server.decisions import DecisionStore
+from server.gallery import Item, SearchResult, StaleModelError
+from server.imaging import ImageError, ImageLimits, to_model_input
+from server.metrics import ServerMetrics
+from server.model import ServingModel
+from server.observer import DecisionObserver
+from server.tenants import TenantError, TenantRegistry, check_name
+
+log = logging.getLogger(__name__)
+
+ITEM_ID = re.compile(r"^[\x21-\x7e]{1,256}$")
+Code = grpc.StatusCode
+
+
+class ServiceError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    max_batch: int = 64
+    max_delay: float = 0.002
+    max_queue: int = 2048
+    max_images_per_call: int = 256
+    max_top_k: int = 100
+    decision_capacity: int = 100_000
+    snapshot_every: int = 1000
+    limits: ImageLimits = field(default_factory=ImageLimits)
+
+
+@dataclass
+class MatchOutcome:
+    decision_id: str
+    matched: bool
+    result: SearchResult
+    threshold: float
+    target_far: float
+    gallery_size: int
+
+
+@dataclass
+class _State:
+    model: ServingModel
+    batcher: MicroBatcher
+
+
+class RetrievalService:
+    def __init__(
+        self,
+        model: ServingModel,
+        data_dir: Path,
+        keys: KeyRing,
+        observer: DecisionObserver,
+        metrics: ServerMetrics,
+        config: ServiceConfig = ServiceConfig(),
+    ) -> None:
+        self.config = config
+        self.keys = keys
+        self.observer = observer
+        self.metrics = metrics
+        self.data_dir = data_dir
+        self.decisions = DecisionStore(config.decision_capacity)
+        self._embed_pool = ThreadPoolExecutor(1, thread_name_prefix="embed")
+        self._work_pool = ThreadPoolExecutor(2, thread_name_prefix="work")
+        self._first_model = model
+        self._state: _State | None = None
+        self._mutations: asyncio.Lock | None = None
+        self._background: set[asyncio.Task] = set()
+        self.tenants = TenantRegistry(
+            data_dir,
+            model.embedder.dim,
+            model.sha256,
+            embed=lambda images: model.embed_images(images, config.limits),
+            snapshot_every=config.snapshot_every,
+        )
+
+    # -------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        """Open the galleries (replay, re-embed if the model changed) and the batcher."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._work_pool, self.tenants.load_all)
+        for tenant in self.tenants.all():
+            for key_hash in tenant.key_hashes:
+                self.keys.add(key_hash, Principal(False, tenant.name))
+        self._mutations = asyncio.Lock()
+        self._state = self._new_state(self._first_model)
+        self._publish(self._first_model)
+        self.metrics.watch_galleries(self.tenants.sizes)
+
+    async def close(self) -> None:
+        """Drain the batcher and close the galleries (snapshot + close their logs)."""
+        if self._state is not None:
+            await self._state.batcher.close()
+        await asyncio.get_running_loop().run_in_executor(self._work_pool, self.tenants.close)
+        self._embed_pool.shutdown(wait=True)
+        self._work_pool.shutdown(wait=True)
+
+    @property
+    def model(self) -> ServingModel:
+        return self._current().model
+
+    def _current(self) -> _State:
+        if self._state is None:
+            raise ServiceError(Code.UNAVAILABLE, "server is starting")
+        return self._state
+
+    def _new_state(self, model: ServingModel) -> _State:
+        c = self.config
+        batcher = MicroBatcher(
+            model.embedder.run,
+            self._embed_pool,
+            c.max_batch,
+            c.max_delay,
+            c.max_queue,
+            self.metrics,
+        )
+        batcher.start()
+        return _State(model, batcher)
+
+    def _publish(self, model: ServingModel) -> None:
+        gallery = (
+            self.tenants.all()[0].gallery.index_kind
+            if self.tenants.all()
+            else "IndexIDMap2(IndexFlatIP)"
+        )
+        self.metrics.served(
+            model.thresholds(),
+            model.default_far,
+            {
+                "model_file": str(model.model_path),
+                "model_sha256": model.sha256,
+                "calibration_sha256": model.calibration_sha256,
+                "provider": model.provider,
+                "index": gallery,
+            },
+        )
+
+    # ---------------------------------------------------------------- helpers
+    def tenant(self, name: str):
+        try:
+            return self.tenants.get(name)
+        except TenantError as err:
+            raise ServiceError(Code.NOT_FOUND, str(err)) from err
+
+    async def _decode(self, images: list[bytes], model: ServingModel) -> list[np.ndarray | str]:
+        """Model inputs per image, or the refusal message of a bad one."""
+        loop = asyncio.get_running_loop()
+        meta, limits = model.embedder.meta, self.config.limits
+
+        def one(data: bytes) -> np.ndarray | str:
+            started = time.perf_counter()
+            try:
+                return to_model_input(data, meta, limits)
+            except ImageError as err:
+                return str(err)
+            finally:
+                self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - started)
+
+        return await asyncio.gather(
+            *(loop.run_in_executor(self._work_pool, one, i) for i in images)
+        )
+
+    async def _embed(self, state: _State, inputs: list[np.ndarray]) -> np.ndarray:
+        try:
+            return await state.batcher.embed(np.stack(inputs))
+        except QueueFullError as err:
+            raise ServiceError(Code.RESOURCE_EXHAUSTED, str(err)) from err
+
+    # ------------------------------------------------------------------ match
+    async def match(
+        self, tenant_name: str, images: list[bytes], top_k: int, target_far: float
+    ) -> list[MatchOutcome | ServiceError]:
+        """One outcome per image (a ServiceError for an image that was refused)."""
+        tenant = self.tenant(tenant_name)
+        if not images:
+            raise ServiceError(Code.INVALID_ARGUMENT, "no image in the request")
+        if len(images) > self.config.max_images_per_call:
+            raise ServiceError(
+                Code.INVALID_ARGUMENT,
+                f"{len(images)} images in one call; the limit is "
+                f"{self.config.max_images_per_call}, split the request",
+            )
+        if not (target_far == 0 or 0 < target_far < 1) or math.isnan(target_far):
+            raise ServiceError(Code.INVALID_ARGUMENT, f"target_far {target_far} not in (0, 1)")
+        k = min(max(top_k, 1), self.config.max_top_k)
+        for _attempt in range(3):
+            state = self._current()
+            try:
+                target = state.model.target(target_far)
+            except CalibrationError as err:
+                raise ServiceError(Code.INVALID_ARGUMENT, str(err)) from err
+            decoded = await self._decode(images, state.model)
+            good = [d for d in decoded if not isinstance(d, str)]
+            embeddings = await self._embed(state, good) if good else None
+            started = time.perf_counter()
+            try:
+                results = (
+                    await asyncio.get_running_loop().run_in_executor(
+                        self._work_pool,
+                        tenant.gallery.search,
+                        embeddings,
+                        k,
+                        target.threshold,
+                        state.model.sha256,
+                    )
+                    if good
+                    else []
+                )
+            except StaleModelError:
+                continue  # a reload switched the gallery meanwhile: redo with the new model
+            elapsed = (time.perf_counter() - started) / max(len(good), 1)
+            for _ in good:
+                self.metrics.stage_seconds.labels("search").observe(elapsed)
+            size = tenant.gallery.size
+            found = iter(results)
+            return [
+                ServiceError(Code.INVALID_ARGUMENT, d)
+                if isinstance(d, str)
+                else self._decide(
+                    tenant_name, next(found), target.threshold, target.target_far, size
+                )
+                for d in decoded
+            ]
+        raise ServiceError(Code.UNAVAILABLE, "model reloaded repeatedly during the call; retry")
+
+    def _decide(
+        self, tenant: str, result: SearchResult, threshold: float, far: float, size: int
+    ) -> MatchOutcome:
+        top = result.top1
+        matched = top is not None and top.similarity >= threshold
+        decision_id = self.decisions.add(tenant, matched)
+        if top is not None:
+            self.metrics.decision(tenant, matched, top.similarity)
+            try:
+                self.observer.record_decision(
+                    tenant,
+                    decision_id,
+                    top.similarity,
+                    matched,
+                    threshold,
+                    result.impostor_accepted,
+                    result.impostor_total,
+                )
+            except Exception:  # monitoring must never fail a Match
+                log.exception("observer.record_decision failed")
+        return MatchOutcome(decision_id, matched, result, threshold, far, size)
+
+    # ------------------------------------------------------------- mutations
+    async def enroll(
+        self, tenant_name: str, items: list[tuple[str, str, bytes]], replace: bool
+    ) -> tuple[list[ServiceError | None], int]:
+        """Per item None (enrolled) or its error; durable before it returns."""
+        tenant = self.tenant(tenant_name)
+        if not items:
+            raise ServiceError(Code.INVALID_ARGUMENT, "no items in the request")
+        if len(items) > self.config.max_images_per_call:
+            raise ServiceError(
+                Code.INVALID_ARGUMENT,
+                f"{len(items)} items in one call; the limit is {self.config.max_images_per_call}",
+            )
+        errors: list[ServiceError | None] = [None] * len(items)
+        for n, (item_id, label, _) in enumerate(items):
+            if not ITEM_ID.match(item_id):
+                errors[n] = ServiceError(
+                    Code.INVALID_ARGUMENT,
+                    f"item_id {item_id[:40]!r} must be 1-256 printable ASCII characters",
+                )
+            elif len(label) > 256:
+                errors[n] = ServiceError(Code.INVALID_ARGUMENT, "label longer than 256 characters")
+        assert self._mutations is not None
+        async with self._mutations:  # a reload cannot switch models under us
+            state = self._current()
+            todo = [n for n in range(len(items)) if errors[n] is None]
+            decoded = await self._decode([items[n][2] for n in todo], state.model)
+            for n, d in zip(todo, decoded, strict=True):
+                if isinstance(d, str):
+                    errors[n] = ServiceError(Code.INVALID_ARGUMENT, d)
+            todo = [n for n, d in zip(todo, decoded, strict=True) if not isinstance(d, str)]
+            if todo:
+                inputs = [d for d in decoded if not isinstance(d, str)]
+                vectors = await self._embed(state, inputs)
+                batch = [Item(*items[n]) for n in todo]
+                outcome = await asyncio.get_running_loop().run_in_executor(
+                    self._work_pool, tenant.gallery.add, batch, vectors, state.model.sha256, replace
+                )
+                for n, code in zip(todo, outcome, strict=True):
+                    if code == "ALREADY_EXISTS":
+                        errors[n] = ServiceError(
+                            Code.ALREADY_EXISTS,
+                            f"item {items[n][0]!r} exists; set replace to overwrite it",
+                        )
+                    elif code is not None:
+                        errors[n] = ServiceError(
+                            Code.INVALID_ARGUMENT, f"item {items[n][0]!r} repeats in the request"
+                        )
+        return errors, tenant.gallery.size
+
+    async def remove(
+        self, tenant_name: str, item_ids: list[str]
+    ) -> tuple[list[str], list[str], int]:
+        tenant = self.tenant(tenant_name)
+        if not item_ids:
+            raise ServiceError(Code.INVALID_ARGUMENT, "no item_ids in the request")
+        assert self._mutations is not None
+        async with self._mutations:
+            removed, missing = await asyncio.get_running_loop().run_in_executor(
+                self._work_pool, tenant.gallery.remove, item_ids
+            )
+        return removed, missing, tenant.gallery.size
+
+    async def feedback(self, tenant_name: str, decision_id: str, is_same: bool) -> bool:
+        self.tenant(tenant_name)
+        decision = self.decisions.get(decision_id)
+        if decision is None or decision.tenant != tenant_name:
+            raise ServiceError(
+                Code.NOT_FOUND,
+                f"no recent decision {decision_id[:40]!r} for tenant {tenant_name!r} "
+                f"(the server remembers the last {self.decisions.capacity})",
+            )
+        try:
+            self.observer.record_feedback(tenant_name, decision_id, decision.matched, is_same)
+        except ValueError as err:
+            raise ServiceError(Code.FAILED_PRECONDITION, str(err)) from err
+        return decision.matched
+
+    def tenant_info(self, tenant_name: str) -> dict:
+        tenant = self.tenant(tenant_name)
+        model = self.model
+        target = model.target(0)
+        stats = {}
+        try:
+            for key, value in self.observer.tenant_stats(tenant_name).items():
+                stats[key] = float(value)
+        except Exception:
+            log.exception("observer.tenant_stats failed")
+        return {
+            "tenant": tenant_name,
+            "gallery_size": tenant.gallery.size,
+            "target_far": target.target_far,
+            "threshold": target.threshold,
+            "stats": stats,
+        }
+
+    # ------------------------------------------------------------------ admin
+    async def create_tenant(self, name: str) -> str:
+        """Create ``name``; returns its new API key ("" with auth off)."""
+        try:
+            check_name(name)
+        except TenantError as err:
+            raise ServiceError(Code.INVALID_ARGUMENT, str(err)) from err
+        key = new_key() if self.keys.enabled else ""
+        key_hash = hash_key(key) if key else None
+        assert self._mutations is not None
+        async with self._mutations:
+            try:
+                await asyncio.get_running_loop().run_in_executor(
+                    self._work_pool, self.tenants.create, name, key_hash
+                )
+            except TenantError as err:
+                raise ServiceError(Code.ALREADY_EXISTS, str(err)) from err
+        if key_hash:
+            self.keys.add(key_hash, Principal(False, name))
+        return key
+
+    async def delete_tenant(self, name: str) -> int:
+        self.tenant(name)
+        assert self._mutations is not None
+        async with self._mutations:
+            try:
+                removed = await asyncio.get_running_loop().run_in_executor(
+                    self._work_pool, self.tenants.delete, name
+                )
+            except TenantError as err:
+                raise ServiceError(Code.NOT_FOUND, str(err)) from err
+        self.keys.forget_tenant(name)
+        return removed
+
+    async def reload(self, model_path: str, calibration_path: str, device: str) -> dict:
+        """Load model + calibration together; re-embed galleries first if the model changed.
+
+        In-flight and new Match calls keep running on the old model until the switch.
+        """
+        assert self._mutations is not None
+        loop = asyncio.get_running_loop()
+        old = self._current()
+        path = Path(model_path) if model_path else old.model.model_path
+        cal = Path(calibration_path) if calibration_path else old.model.calibration_path
+        async with self._mutations:
+            try:
+                new = await loop.run_in_executor(
+                    self._work_pool, ServingModel.load, path, cal, device, old.model.default_far
+                )
+            except (ValueError, FileNotFoundError, RuntimeError) as err:
+                self.metrics.reloads.labels("error").inc()
+                raise ServiceError(Code.FAILED_PRECONDITION, f"reload refused: {err}") from err
+            reembedded = 0
+            prepared = []
+            if new.sha256 != old.model.sha256:
+                for tenant in self.tenants.all():
+                    items = tenant.gallery.items()
+                    vectors = await loop.run_in_executor(
+                        self._embed_pool,
+                        new.embed_images,
+                        [i.image for i in items],
+                        self.config.limits,
+                    )
+                    prepared.append((tenant, [i.item_id for i in items], vectors))
+                    reembedded += len(items)
+                for tenant, ids, vectors in prepared:  # no await: switch all at once
+                    tenant.gallery.dim = new.embedder.dim
+                    tenant.gallery.rebuild(new.sha256, ids, vectors)
+                self.tenants.model_sha256 = new.sha256
+                self.tenants.dim = new.embedder.dim
+                self.tenants.embed = lambda images: new.embed_images(images, self.config.limits)
+            self._state = self._new_state(new)
+            for tenant, *_ in prepared:
+                await loop.run_in_executor(self._work_pool, tenant.gallery.snapshot)
+        closing = loop.create_task(old.batcher.close())  # drains what the old model queued
+        self._background.add(closing)
+        closing.add_done_callback(self._background.discard)
+        self._publish(new)
+        self.metrics.reloads.labels("ok").inc()
+        return {
+            "model_sha256": new.sha256,
+            "calibration_sha256": new.calibration_sha256,
+            "reembedded_items": reembedded,
+            "provider": new.provider,
+        }

@@ -1,0 +1,138 @@
+"""The tenants of a data dir: one directory, one gallery and hashed keys per tenant.
+
+Layout: ``<data-dir>/tenants/<name>/tenant.json`` (name, creation time, key hashes)
+next to the gallery's ``snapshot.npz`` and ``wal.log``. A tenant exists once its
+``tenant.json`` is written (atomically); deletion renames the directory away first,
+so a crash never leaves half a tenant visible.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from contracts.files import atomic_write_text, fsync_dir
+from server.gallery import Gallery
+
+log = logging.getLogger(__name__)
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+TENANT_FILE = "tenant.json"
+
+
+class TenantError(ValueError):
+    """Bad tenant name, or the tenant exists / does not exist."""
+
+
+def check_name(name: str) -> str:
+    if not NAME.match(name or ""):
+        raise TenantError(
+            f"invalid tenant name {name!r}: use 1-64 letters, digits, '_', '-', '.', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass
+class Tenant:
+    name: str
+    gallery: Gallery
+    key_hashes: list[str] = field(default_factory=list)
+
+
+class TenantRegistry:
+    """Thread-safe map of tenant name -> :class:`Tenant`, persisted under ``root``."""
+
+    def __init__(
+        self,
+        root: Path,
+        dim: int,
+        model_sha256: str,
+        embed: Callable[[list[bytes]], np.ndarray] | None = None,
+        snapshot_every: int = 1000,
+    ) -> None:
+        self.root = root / "tenants"
+        self.dim = dim
+        self.model_sha256 = model_sha256
+        self.embed = embed
+        self.snapshot_every = snapshot_every
+        self._tenants: dict[str, Tenant] = {}
+        self._lock = threading.Lock()
+
+    def load_all(self) -> None:
+        """Open every tenant found on disk (replaying logs, re-embedding if needed)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for directory in sorted(self.root.iterdir()):
+            meta = directory / TENANT_FILE
+            if not meta.is_file() or not NAME.match(directory.name):
+                continue
+            raw = json.loads(meta.read_text(encoding="utf-8"))
+            gallery = Gallery.open(
+                directory, self.dim, self.model_sha256, self.embed, self.snapshot_every
+            )
+            self._tenants[directory.name] = Tenant(directory.name, gallery, raw.get("keys", []))
+
+    def create(self, name: str, key_hash: str | None) -> Tenant:
+        check_name(name)
+        with self._lock:
+            if name in self._tenants:
+                raise TenantError(f"tenant {name!r} already exists")
+            directory = self.root / name
+            if directory.exists():  # leftovers of a crash before tenant.json was written
+                shutil.rmtree(directory)
+            directory.mkdir(parents=True)
+            gallery = Gallery.open(
+                directory, self.dim, self.model_sha256, self.embed, self.snapshot_every
+            )
+            keys = [key_hash] if key_hash else []
+            record = {"name": name, "created_at": time.time(), "keys": keys}
+            atomic_write_text(directory / TENANT_FILE, json.dumps(record) + "\n")
+            tenant = Tenant(name, gallery, keys)
+            self._tenants[name] = tenant
+            return tenant
+
+    def delete(self, name: str) -> int:
+        """Remove the tenant and its data; returns how many items it had."""
+        with self._lock:
+            tenant = self._tenants.pop(name, None)
+            if tenant is None:
+                raise TenantError(f"unknown tenant {name!r}")
+        items = tenant.gallery.size
+        tenant.gallery.close()
+        trash = self.root.parent / "trash" / f"{name}.{time.time_ns()}"
+        trash.parent.mkdir(parents=True, exist_ok=True)
+        (self.root / name).rename(trash)
+        fsync_dir(self.root)
+        shutil.rmtree(trash, ignore_errors=True)
+        return items
+
+    def get(self, name: str) -> Tenant:
+        with self._lock:
+            tenant = self._tenants.get(name)
+        if tenant is None:
+            raise TenantError(f"unknown tenant {name!r}; create it with the Admin service")
+        return tenant
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._tenants)
+
+    def all(self) -> list[Tenant]:
+        with self._lock:
+            return list(self._tenants.values())
+
+    def sizes(self) -> dict[str, int]:
+        return {t.name: t.gallery.size for t in self.all()}
+
+    def close(self) -> None:
+        for tenant in self.all():
+            tenant.gallery.close()
