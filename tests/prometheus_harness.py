@@ -83,7 +83,10 @@ def free_port() -> int:
 class PrometheusProcess:
     """A real Prometheus scraping ``targets`` every ``interval`` with the project's rules."""
 
-    def __init__(self, root: Path, targets: list[str], interval: str = "1s") -> None:
+    def __init__(
+        self, root: Path, targets: list[str], interval: str = "1s", hold: str | None = None
+    ) -> None:
+        """``hold`` replaces every alert's ``for:`` (the rule tests cover the real ones)."""
         found = binary("prometheus")
         if found is None:
             raise RuntimeError(f"prometheus is not installed: {INSTALL_HINT}")
@@ -92,7 +95,7 @@ class PrometheusProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = root / "prometheus.yml"
-        rules = "".join(f"  - {p}\n" for p in RULE_FILES)
+        rules = "".join(f"  - {p}\n" for p in self._rule_files(hold))
         target_list = ", ".join(f"'{t}'" for t in targets)
         self.config.write_text(
             f"global:\n  scrape_interval: {interval}\n  evaluation_interval: {interval}\n"
@@ -101,6 +104,17 @@ class PrometheusProcess:
             f"    static_configs:\n      - targets: [{target_list}]\n"
         )
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def _rule_files(self, hold: str | None) -> list[Path]:
+        if hold is None:
+            return RULE_FILES
+        copies = []
+        for path in RULE_FILES:
+            copy = self.root / "rules" / path.name
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            copy.write_text(re.sub(r"(?m)^(\s+)for: \S+", rf"\1for: {hold}", path.read_text()))
+            copies.append(copy)
+        return copies
 
     def __enter__(self) -> PrometheusProcess:
         self.log = (self.root / "prometheus.log").open("wb")
@@ -140,9 +154,29 @@ class PrometheusProcess:
             raise RuntimeError(f"query {expr!r} failed: {body}")
         return body["data"]["result"]
 
-    def alerts(self) -> list[dict[str, Any]]:
+    def alerts(self, state: str = "firing") -> list[dict[str, Any]]:
         body = self._get("/api/v1/alerts")
-        return [] if body is None else body["data"]["alerts"]
+        found = [] if body is None else body["data"]["alerts"]
+        return [a for a in found if a["state"] == state]
+
+    def firing(self, alertname: str) -> set[str]:
+        """Tenants (or instances) for which ``alertname`` fires now."""
+        return {
+            a["labels"].get("tenant", a["labels"].get("instance", ""))
+            for a in self.alerts()
+            if a["labels"]["alertname"] == alertname
+        }
+
+    def value(self, expr: str, **labels: str) -> float:
+        """The value of the one series of ``expr`` whose labels include ``labels``."""
+        hits = [
+            float(r["value"][1])
+            for r in self.query(expr)
+            if all(r["metric"].get(k) == v for k, v in labels.items())
+        ]
+        if len(hits) != 1:
+            raise LookupError(f"{expr} {labels}: {len(hits)} series")
+        return hits[0]
 
     def rules_health(self) -> list[tuple[str, str, str]]:
         """(rule name, health, last error) of every loaded rule."""
