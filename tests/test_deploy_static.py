@@ -20,7 +20,7 @@ from tests.prometheus_harness import DEPLOY, ROOT
 
 DOCKER = DEPLOY / "docker"
 K8S = DEPLOY / "k8s"
-GRPC_PORT, METRICS_PORT = 50051, 9400
+GRPC_PORT, METRICS_PORT = 50051, 9464
 
 
 def instructions(dockerfile: Path) -> list[tuple[str, str]]:

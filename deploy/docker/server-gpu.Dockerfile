@@ -31,6 +31,6 @@ RUN pip install . \
 
 USER 10001
 VOLUME ["/data"]
-EXPOSE 50051 9400
+EXPOSE 50051 9464
 ENTRYPOINT ["python", "-m", "server"]
-CMD ["--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9400", "--data-dir", "/data", "--device", "cuda"]
+CMD ["--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9464", "--data-dir", "/data", "--device", "cuda"]

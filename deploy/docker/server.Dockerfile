@@ -21,7 +21,7 @@ RUN pip install . \
 
 USER 10001
 VOLUME ["/data"]
-# 50051: gRPC (Retrieval, grpc.health.v1, reflection); 9400: Prometheus /metrics.
-EXPOSE 50051 9400
+# 50051: gRPC (Retrieval, grpc.health.v1, reflection); 9464: Prometheus /metrics.
+EXPOSE 50051 9464
 ENTRYPOINT ["python", "-m", "server"]
-CMD ["--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9400", "--data-dir", "/data"]
+CMD ["--host", "0.0.0.0", "--port", "50051", "--metrics-port", "9464", "--data-dir", "/data"]
