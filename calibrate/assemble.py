@@ -89,9 +89,10 @@ def assemble(m: Measured, *, beta: float, eps: float, settings: dict[str, Any]) 
     targets = [_target(m, j, class_u, usable) for j in range(len(m.ranks.targets))]
     grid = None if m.pool_range is None else m.impostor_counts["pooled"].grids[0]
     far_curves = {}
-    if grid is not None:
-        _, ds_far = dataset_rates(m, "pooled")
-        far_curves = {name: (grid, ds_far[k]) for k, name in enumerate(prep.dataset_names)}
+    plot_grid = m.impostor_counts["plot"].grids[0]
+    if plot_grid is not None:
+        _, ds_far = dataset_rates(m, "plot")
+        far_curves = {name: (plot_grid, ds_far[k]) for k, name in enumerate(prep.dataset_names)}
     return Evaluation(
         targets=targets,
         datasets=datasets,

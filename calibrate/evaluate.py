@@ -29,6 +29,7 @@ from calibrate.tail import Tail, TailTooShortError, pooled
 from imagesets import EmbeddingSet
 
 BOOT_GRID = 512  # thresholds at which the bootstrap counts pairs
+PLOT_GRID = 200  # thresholds of the FAR-vs-threshold plot
 
 
 def evaluate(
@@ -99,11 +100,13 @@ def _measure(engine: Engine, ranks: _Ranks, grid_size: int, seed: int, boot: boo
     if boot and pool_t["boot"] is not None:
         boot_grid = np.linspace(pool_t["boot"], pool_t["top"], BOOT_GRID)
     n = prep.n_datasets
+    plot_grid = _plot_grid(pool_range, global_t, ds_t, len(ranks.targets))
     grids = {
         "pooled": GridCounts([pooled_grid] * n, prep.class_ds),
         "own": GridCounts(own_grids, prep.class_ds),
         "targets": GridCounts([target_grid if len(target_grid) else None] * n, prep.class_ds),
         "boot": GridCounts([boot_grid] * n, prep.class_ds),
+        "plot": GridCounts([plot_grid] * n, prep.class_ds),
     }
     engine.grid_pass(list(grids.values()))
     genuine = {name: genuine_grid_counts(prep, first.genuine, g) for name, g in grids.items()}
@@ -122,6 +125,19 @@ def _measure(engine: Engine, ranks: _Ranks, grid_size: int, seed: int, boot: boo
         impostor_counts=grids,
         genuine_counts=genuine,
     )
+
+
+def _plot_grid(pool_range, global_t, ds_t, n_targets: int) -> np.ndarray | None:
+    """Thresholds for the FAR plots: the calibration range widened to every target threshold."""
+    ts = [t for t in global_t if t is not None]
+    ts += [d[f"target{j}"] for d in ds_t for j in range(n_targets) if d[f"target{j}"] is not None]
+    if pool_range is not None:
+        ts += list(pool_range)
+    if not ts:
+        return None
+    lo, hi = min(ts), max(ts)
+    pad = 0.05 * (hi - lo) + 1e-6
+    return np.linspace(lo - pad, hi + pad, PLOT_GRID)
 
 
 def _bins(tails: list[Tail], ranks: _Ranks) -> set[int]:

@@ -1,0 +1,173 @@
+"""``python -m calibrate --target-far 0.001``: calibrate an embedder, write document and report.
+
+Everything is measured and rendered before the first byte is written, so a bad
+input (missing model, bad FAR, a dataset with one class, an unmeasurable target)
+exits non-zero with a message and leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from calibrate.device import DEVICES
+from calibrate.sweep import DEFAULT_BLOCK
+
+DEFAULT_OUT = Path("out/calibrate/calibration.json")
+EXIT_BAD_INPUT = 2
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m calibrate",
+        description="Choose one global similarity threshold per target FAR for an embedder "
+        "and report how consistent it is across datasets (tenants) and classes.",
+    )
+    p.add_argument("--model", help="embedder .onnx file (default: the shipped default embedder)")
+    p.add_argument(
+        "--dataset",
+        action="append",
+        help="calibration data: glyphs, glyphs-tiny, an image folder, cub:/cars:/sop:/inshop:PATH "
+        "or precomputed embeddings .npz; repeat for several datasets (default: glyphs, whose "
+        "tenants are the datasets)",
+    )
+    p.add_argument("--split", default="test", choices=("train", "test"), help="split to use")
+    p.add_argument(
+        "--target-far",
+        action="append",
+        help="target false-accept rate in (0, 1); repeat or comma-separate (default 0.001)",
+    )
+    p.add_argument(
+        "--far-range",
+        nargs=2,
+        type=float,
+        default=(1e-4, 1e-2),
+        metavar=("LO", "HI"),
+        help="FAR range whose thresholds bound the OPIS calibration range (default 1e-4 1e-2)",
+    )
+    p.add_argument("--grid-size", type=int, default=101, help="thresholds in the range for OPIS")
+    p.add_argument("--beta", type=float, default=1.0, help="utility weight of TAR against TRR")
+    p.add_argument("--eps", type=float, default=0.05, help="share of best/worst for eps-OPIS")
+    p.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"calibration JSON (default {DEFAULT_OUT})"
+    )
+    p.add_argument("--plots", type=Path, help="folder for PNG plots (default: next to --out)")
+    p.add_argument(
+        "--bootstrap",
+        type=int,
+        default=0,
+        metavar="N",
+        help="class-bootstrap resamples for confidence intervals of FAR and threshold",
+    )
+    p.add_argument("--device", default="cpu", choices=DEVICES, help="where to embed and count")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling and bootstrap")
+    p.add_argument("--block", type=int, default=DEFAULT_BLOCK, help="rows per score block")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p
+
+
+def parse_fars(values: list[str] | None) -> list[float]:
+    if not values:
+        return [1e-3]
+    fars = []
+    for v in values:
+        for part in v.split(","):
+            try:
+                a = float(part)
+            except ValueError as err:
+                raise CliError(f"--target-far {part!r} is not a number; e.g. 0.001") from err
+            if not 0.0 < a < 1.0:
+                raise CliError(f"--target-far must lie in (0, 1), got {part}; e.g. 0.001")
+            fars.append(a)
+    return fars
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        run(args)
+    except CliError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def run(args: argparse.Namespace) -> None:
+    from calibrate.evaluate import evaluate
+    from calibrate.outputs import write_outputs
+    from calibrate.prepare import CalibrationInputError
+
+    fars = parse_fars(args.target_far)
+    model = _model(args.model)
+    sources = args.dataset or ["glyphs"]
+    sets = [_embedded(s, args.split, model, args.device, not args.no_progress) for s in sources]
+    try:
+        ev = evaluate(
+            sets[0] if len(sets) == 1 else sets,
+            fars,
+            far_range=tuple(args.far_range),
+            grid_size=args.grid_size,
+            beta=args.beta,
+            eps=args.eps,
+            bootstrap=args.bootstrap,
+            seed=args.seed,
+            device=args.device,
+            progress=not args.no_progress,
+            block=args.block,
+        )
+    except (CalibrationInputError, ValueError) as err:
+        raise CliError(str(err)) from err
+    bad = [t for t in ev.targets if not t.measurable]
+    if bad:
+        raise CliError("; ".join(t.warnings[0] for t in bad) + ". Nothing was written.")
+    from calibrate.report import table
+
+    print(table(ev))
+    written = write_outputs(ev, model, sources, args.out, args.plots)
+    print("\nwrote " + ", ".join(str(p) for p in written))
+
+
+def _model(path: str | None) -> Path:
+    if path is None:
+        from embedding.defaults import require_default_model
+
+        try:
+            return require_default_model()
+        except FileNotFoundError as err:
+            raise CliError(str(err)) from err
+    model = Path(path)
+    if not model.is_file():
+        raise CliError(f"model file not found: {model}; pass an exported embedder .onnx")
+    return model
+
+
+def _embedded(spec: str, split: str, model: Path, device: str, progress: bool):
+    """An EmbeddingSet: precomputed from .npz, or images embedded with the model."""
+    from imagesets import load_embeddings, load_images
+
+    try:
+        if spec.endswith(".npz"):
+            return load_embeddings(spec)
+        images = load_images(spec, split)
+    except (OSError, ValueError, KeyError) as err:
+        raise CliError(f"cannot read dataset {spec!r}: {err}") from err
+    return _embed(images, model, device, progress)
+
+
+def _embed(images, model: Path, device: str, progress: bool):
+    from embedding import OnnxEmbedder
+    from imagesets import EmbeddingSet
+
+    try:
+        embedder = OnnxEmbedder(model, device="auto" if device == "auto" else device)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise CliError(f"cannot load model {model}: {err}") from err
+    vectors = embedder.embed_set(images, progress=f"embedding {images.name}" if progress else None)
+    return EmbeddingSet(
+        images.name, images.labels, images.class_names, images.tenants, images.tenant_names, vectors
+    )
