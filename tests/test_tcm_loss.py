@@ -144,6 +144,17 @@ def test_shared_similarity_is_computed_once_and_changes_nothing() -> None:
     assert shared.hits == 2  # one hit in that call, not two
 
 
+def test_shared_similarity_never_serves_a_freed_batch() -> None:
+    shared = SharedCosineSimilarity()
+    base, tcm = pml_losses.MultiSimilarityLoss(distance=shared), TCMLoss(distance=shared)
+    for seed in range(4):  # new tensors whose id() may be the freed previous batch's
+        emb, labels = _batch(seed)
+        x = emb.clone().requires_grad_(True)
+        (base(x, labels) + tcm(x, labels)).backward()
+        del x
+    assert shared.hits == 4
+
+
 def test_from_similarity_equals_forward() -> None:
     emb, labels = _batch(11)
     loss = TCMLoss()

@@ -174,7 +174,8 @@ def evaluate_embeddings(
     t_grid = np.concatenate([grid, [t_star]])
     ten_gen, ten_imp = _counts(emb, lab, ten, n_ten, t_grid, same_group_only=True)
     ten_gen_tot, ten_imp_tot = _tenant_totals(lab, ten, n_ten)
-    present = (ten_gen_tot > 0) & (ten_imp_tot > 0)
+    # A tenant's FAR at the target is measurable only with >= 1/a impostor pairs inside it.
+    present = (ten_gen_tot > 0) & (ten_imp_tot / 2 * target_far >= 1)
     ttar, tfar = _rates(
         ten_gen[present], ten_imp[present], ten_gen_tot[present], ten_imp_tot[present]
     )
@@ -182,7 +183,7 @@ def evaluate_embeddings(
     tenant_far = tfar[:, -1]
     names = [t for t, p in zip(tenant_names, present, strict=True) if p]
     achieved = _far_at(emb, lab, t_star) / imp_pairs
-    positive = tenant_far[tenant_far > 0]
+    far_min, far_max = float(tenant_far.min()), float(tenant_far.max())
     metrics = {
         "recall_at_1": recall1,
         "map_at_r": map_r,
@@ -194,9 +195,11 @@ def evaluate_embeddings(
         "global_distance": 1.0 - t_star,
         "achieved_far": achieved,
         "tenant_far": dict(zip(names, map(float, tenant_far), strict=True)),
-        "far_min": float(tenant_far.min()),
-        "far_max": float(tenant_far.max()),
-        "far_spread": float(tenant_far.max() / positive.min()) if len(positive) else math.inf,
+        "far_min": far_min,
+        "far_max": far_max,
+        # max/min; infinite (null in JSON) when some measurable tenant accepted nothing
+        "far_spread": far_max / far_min if far_min > 0 else math.inf,
+        "tenants_unmeasurable": [t for t, p in zip(tenant_names, present, strict=True) if not p],
         "calibration_range": [t_lo, t_hi],
         "images": n,
         "classes": int(ok.sum()),

@@ -27,9 +27,9 @@ class SharedCosineSimilarity(CosineSimilarity):
 
     PML losses call ``self.distance(embeddings, ref_emb)``. When a base loss and TCM hold
     the same instance, the second call in a training step is a cache hit. The key is the
-    identity and in-place version of both inputs, so a new batch (or an in-place edit)
-    always recomputes; so does a matrix a loss edited in place. The cache holds one
-    matrix; :meth:`clear` drops it early.
+    identity (held, so it cannot be reused) and in-place version of both inputs, so a new
+    batch (or an in-place edit) always recomputes; so does a matrix a loss edited in
+    place. The cache holds one matrix; :meth:`clear` drops it early.
     """
 
     def __init__(self, **kwargs) -> None:
@@ -41,16 +41,28 @@ class SharedCosineSimilarity(CosineSimilarity):
 
     def forward(self, query_emb: torch.Tensor, ref_emb: torch.Tensor | None = None):
         ref = query_emb if ref_emb is None else ref_emb
-        key = (id(query_emb), query_emb._version, id(ref), ref._version, torch.is_grad_enabled())
+        # The key keeps the input tensors themselves (compared with `is`), not their id():
+        # a freed batch's id can be reused by the next batch.
+        key = (query_emb, query_emb._version, ref, ref._version, torch.is_grad_enabled())
         # A loss that edited the cached matrix in place would poison the next one: check.
-        if self._mat is not None and key == self._key and self._mat._version == self._mat_version:
+        if self._mat is not None and self._same(key) and self._mat._version == self._mat_version:
             self.hits += 1
             return self._mat
         mat = super().forward(query_emb, ref_emb)
         self._key, self._mat, self._mat_version = key, mat, mat._version
         return mat
 
+    def _same(self, key: tuple) -> bool:
+        old = self._key
+        return (
+            old is not None
+            and old[0] is key[0]
+            and old[2] is key[2]
+            and (old[1], old[3], old[4]) == (key[1], key[3], key[4])
+        )
+
     def clear(self) -> None:
+        """Drop the cached matrix and inputs (the trainer calls this after each step)."""
         self._key, self._mat = None, None
 
 

@@ -27,6 +27,7 @@ from train.config import TrainConfig
 from train.data import class_subset, eval_loader, train_loader
 from train.evaluate import evaluate_embeddings
 from train.export import embedder_meta, export_model
+from train.losses import SharedCosineSimilarity
 from train.models import Embedder, build_model
 
 
@@ -163,6 +164,9 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        for module in self.losses.modules():
+            if isinstance(module, SharedCosineSimilarity):
+                module.clear()  # release this step's matrix now, not at the next step
         out = {k: float(v.detach()) for k, v in terms.items()}
         if "tcm" in self.losses:
             out["tcm+"] = float(self.losses["tcm"].pos_term)
