@@ -101,6 +101,8 @@ class ServerMetrics:
         self.reloads = Counter(
             "reloads", "model/calibration reloads", ["result"], namespace=ns, registry=registry
         )
+        for result in ("ok", "error"):  # export zeros before the first reload
+            self.reloads.labels(result)
 
     def watch_galleries(self, sizes: Callable[[], dict[str, int]]) -> None:
         """Export ``tcm_gallery_items`` from ``sizes()`` (tenant -> items) at scrape time."""

@@ -30,6 +30,15 @@ from tests.onnx_models import make_linear_embedder
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "admin-secret-key"
 FARS = (1e-3, 1e-2)
+# small limits so the tests can exceed them cheaply
+LIMIT_FLAGS = (
+    "--max-image-bytes",
+    "300000",
+    "--max-image-pixels",
+    "1000000",
+    "--max-delay-ms",
+    "5",
+)
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -229,7 +238,11 @@ def start_server(assets: Assets, data_dir: Path, *extra: str) -> ServerProcess:
 def auth_server(server_assets: Assets, tmp_path_factory) -> Iterator[ServerProcess]:
     """A server with API keys (admin key ADMIN_KEY), shared by the tests of a session."""
     server = start_server(
-        server_assets, tmp_path_factory.mktemp("server-data"), "--api-keys", str(server_assets.keys)
+        server_assets,
+        tmp_path_factory.mktemp("server-data"),
+        "--api-keys",
+        str(server_assets.keys),
+        *LIMIT_FLAGS,
     )
     yield server
     server.stop()

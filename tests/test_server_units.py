@@ -1,0 +1,201 @@
+"""Unit tests of the server's parts: image decoding, micro-batcher, keys, decisions, config."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import threading
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from server.auth import AuthError, KeyRing, hash_key
+from server.batcher import MicroBatcher, QueueFullError
+from server.cli import parse_args
+from server.decisions import DecisionStore
+from server.imaging import ImageError, ImageLimits, decode
+
+LIMITS = ImageLimits(max_bytes=1 << 20, max_pixels=1_000_000)
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kw)
+    return buffer.getvalue()
+
+
+def grey(size: int = 32) -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8), "L")
+
+
+@pytest.mark.parametrize("mode", ["L", "1", "RGB", "RGBA", "LA", "P", "CMYK", "I;16", "I"])
+def test_supported_modes_decode_to_model_channels(mode: str) -> None:
+    image = grey().convert(mode) if mode not in ("I;16", "I") else None
+    if mode == "I;16":
+        wide = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 64).astype(np.uint16)
+        image = Image.fromarray(wide)  # uint16 -> mode I;16
+    elif mode == "I":
+        image = Image.fromarray(np.full((32, 32), 65535, np.int32), "I")
+    fmt = "TIFF" if mode in ("CMYK", "I") else "PNG"
+    data = encode(image, fmt)
+    for channels, shape in ((1, (32, 32)), (3, (32, 32, 3))):
+        pixels = decode(data, channels, LIMITS)
+        assert pixels.shape == shape and pixels.dtype == np.uint8
+    if mode == "I":
+        assert decode(data, 1, LIMITS).max() == 255  # 16-bit range scaled, not clipped
+
+
+def test_alpha_is_composited_on_the_background() -> None:
+    clear = Image.new("RGBA", (8, 8), (255, 255, 255, 0))
+    assert decode(encode(clear), 1, LIMITS).max() == 0
+    assert decode(encode(clear), 1, ImageLimits(alpha_background=255)).min() == 255
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (b"", "empty image"),
+        (b"not an image at all", "not an image"),
+        (encode(grey())[:60], "corrupt or truncated"),
+        (b"x" * (2 << 20), "bytes, the limit"),
+    ],
+)
+def test_bad_bytes_are_refused(data: bytes, why: str) -> None:
+    with pytest.raises(ImageError, match=why):
+        decode(data, 1, LIMITS)
+
+
+def test_pixel_bomb_is_refused_before_decoding() -> None:
+    # 4000x4000 of zeros compresses to a few KB but would need 16 MB once decoded
+    bomb = encode(Image.new("L", (4000, 4000)), optimize=True)
+    assert len(bomb) < LIMITS.max_bytes
+    with pytest.raises(ImageError, match="pixels, the limit"):
+        decode(bomb, 1, LIMITS)
+
+
+def test_unsupported_format_and_mode() -> None:
+    with pytest.raises(ImageError, match="not an image in a supported format"):
+        decode(encode(grey(), "PPM"), 1, LIMITS)
+    with pytest.raises(ImageError, match="unsupported image mode F"):
+        decode(encode(Image.new("F", (4, 4)), "TIFF"), 1, LIMITS)
+
+
+# ------------------------------------------------------------------ batcher
+def test_batcher_merges_concurrent_requests_and_splits_results() -> None:
+    calls: list[int] = []
+
+    def run(x: np.ndarray) -> np.ndarray:
+        calls.append(len(x))
+        return x.reshape(len(x), -1)[:, :2] * 2
+
+    async def scenario() -> list[np.ndarray]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        batcher = MicroBatcher(run, ThreadPoolExecutor(1), max_batch=8, max_delay=0.02)
+        batcher.start()
+        inputs = [np.full((1, 1, 2, 1), i, np.float32) for i in range(6)]
+        out = await asyncio.gather(*(batcher.embed(x) for x in inputs))
+        await batcher.close()
+        return out
+
+    out = asyncio.run(scenario())
+    assert [float(o[0, 0]) for o in out] == [0, 2, 4, 6, 8, 10]
+    assert calls == [6]  # one model call for six concurrent requests
+
+
+def test_batcher_refuses_beyond_its_queue_and_skips_cancelled() -> None:
+    gate = threading.Event()
+    calls: list[int] = []
+
+    def run(x: np.ndarray) -> np.ndarray:
+        gate.wait(5)
+        calls.append(len(x))
+        return np.zeros((len(x), 2), np.float32)
+
+    async def scenario() -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        batcher = MicroBatcher(run, ThreadPoolExecutor(1), max_batch=2, max_delay=0, max_queue=3)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.embed(np.zeros((2, 1, 1, 1), np.float32)))
+        await asyncio.sleep(0.05)  # the first batch is now running (blocked on the gate)
+        queued = asyncio.ensure_future(batcher.embed(np.zeros((3, 1, 1, 1), np.float32)))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFullError, match="queue full"):
+            await batcher.embed(np.zeros((1, 1, 1, 1), np.float32))
+        queued.cancel()  # its caller gave up: it must not reach the model
+        gate.set()
+        await first
+        await batcher.close()
+
+    asyncio.run(scenario())
+    assert calls == [2]
+
+
+# --------------------------------------------------------------------- keys
+def test_keyring_roles(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"admin": ["adm"], "tenants": {"a": [hash_key("ka")], "b": ["kb"]}}))
+    ring = KeyRing.from_file(path)
+    ring.authorize((("x-api-key", "adm"),), "b", admin=True)
+    ring.authorize((("x-api-key", "ka"),), "a")
+    cases = [
+        ((), "a", False, grpc.StatusCode.UNAUTHENTICATED),
+        ((("x-api-key", "nope"),), "a", False, grpc.StatusCode.UNAUTHENTICATED),
+        ((("x-api-key", "kb"),), "a", False, grpc.StatusCode.PERMISSION_DENIED),
+        ((("x-api-key", "ka"),), None, True, grpc.StatusCode.PERMISSION_DENIED),
+    ]
+    for metadata, tenant, admin, code in cases:
+        with pytest.raises(AuthError) as err:
+            ring.authorize(metadata, tenant, admin)
+        assert err.value.code == code
+    KeyRing(enabled=False).authorize((), "anything", admin=True)
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [("{", "not valid JSON"), ('{"admin": "k"}', "must be a list"), ("{}", "holds no keys")],
+)
+def test_bad_key_file(tmp_path: Path, content: str, why: str) -> None:
+    path = tmp_path / "keys.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=why):
+        KeyRing.from_file(path)
+
+
+# ---------------------------------------------------------------- decisions
+def test_decision_store_is_bounded() -> None:
+    store = DecisionStore(capacity=3)
+    ids = [store.add("t", i % 2 == 0) for i in range(5)]
+    assert len(store) == 3
+    assert store.get(ids[0]) is None
+    assert store.get(ids[4]).matched is True
+    assert store.get(ids[3]).tenant == "t"
+
+
+# ------------------------------------------------------------------- config
+def test_config_file_values_and_flag_precedence(tmp_path: Path) -> None:
+    config = tmp_path / "server.toml"
+    config.write_text('target-far = 0.01\nmax_batch = 16\ndata-dir = "/srv/x"\nno_auth = true\n')
+    args = parse_args(["--config", str(config), "--max-batch", "8"])
+    assert (args.target_far, args.max_batch, args.data_dir, args.no_auth) == (
+        0.01,
+        8,
+        Path("/srv/x"),
+        True,
+    )
+
+
+@pytest.mark.parametrize("content", ["bogus = 1\n", "target-far = [\n"])
+def test_malformed_config_is_a_usage_error(tmp_path: Path, content: str, capsys) -> None:
+    config = tmp_path / "server.toml"
+    config.write_text(content)
+    with pytest.raises(SystemExit) as err:
+        parse_args(["--config", str(config)])
+    assert err.value.code == 2
+    assert "--config" in capsys.readouterr().err
