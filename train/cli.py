@@ -56,10 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m train",
         description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Export an existing run: python -m train export RUN_DIR --out model.onnx",
     )
-    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="TOML config file")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help="TOML config file (default: train/configs/default.toml)",
+    )
     parser.add_argument("--out", type=Path, help="run directory (default out/train/<run name>)")
     parser.add_argument("--resume", type=Path, help="continue the run in this directory")
     parser.add_argument(

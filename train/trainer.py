@@ -248,7 +248,7 @@ class Trainer:
 
         diff = export_model(self.model.cpu(), self.run_dir / "model.onnx", recipe_of(self.cfg))
         metrics = {**metrics, "export_max_abs_diff": diff, "epochs": self.epoch}
-        atomic_write_text(self.run_dir / "metrics.json", json.dumps(_finite(metrics), indent=2))
+        atomic_write_text(self.run_dir / "metrics.json", json.dumps(json_safe(metrics), indent=2))
         atomic_write_text(self.run_dir / "history.json", json.dumps(self.history))
         np.savez_compressed(
             self.run_dir / "utility_curves.npz",
@@ -274,10 +274,10 @@ def _brief(metrics: dict) -> dict:
     return out
 
 
-def _finite(value):
+def json_safe(value):
     """JSON has no infinity: an unmeasurable spread becomes null."""
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
