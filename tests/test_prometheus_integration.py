@@ -1,16 +1,23 @@
 """A real Prometheus scraping live monitoring gauges: the drifting tenant pages, others don't.
 
+Two endpoints: (1) prometheus_client's HTTP server fed by LiveMonitor with a seeded
+stream, where drift is also visible in PSI; (2) the real ``python -m server`` (the loopback
+fixture's linear embedder and its measured calibration) with glyph traffic, where one
+tenant's queries are faded halfway to a blank page. The fixture's calibration histogram has
+0.05-wide bins with all top-1 similarities in the last one or two, so PSI cannot see that
+drift there; the FAR alerts must.
+
 Debian's prometheus runs on loopback with a temporary config, a 1 s scrape and evaluation
 interval and the project's rules (their ``for:`` shortened to 1 s; the real durations are
-covered by the promtool unit tests). The endpoint is prometheus_client's HTTP server fed by
-LiveMonitor with a seeded stream of three tenants; one of them ("cyrillic") drifts:
-its top-1 similarities drop, ten times more gallery pairs pass the threshold and clients
-report many accepted impostors.
+covered by the promtool unit tests). In the seeded stream one of three tenants
+("cyrillic") drifts: its top-1 similarities drop, ten times more gallery pairs pass the
+threshold and clients report many accepted impostors.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -114,3 +121,146 @@ def test_prometheus_alerts_on_the_drifting_tenant_only(metrics_endpoint: str, tm
         )
         broken = [r for r in prom.rules_health() if r[1] == "err"]
         assert not broken, broken
+
+
+# ---------------------------------------------------------------------------------------
+# The real server: python -m server with the loopback fixture's model and calibration.
+
+CALM_TENANTS = ("latin", "cyrillic")
+DRIFTING_TENANT = "greek"
+PER_CLASS = 10  # gallery items per class; the rest of each tenant's images are queries
+FADE = 0.5  # the drifting tenant's queries are blended halfway toward the white page
+# Series that exist only after an event the traffic does not cause.
+EVENT_ONLY = ("tcm_reloads_total",)
+
+
+def fade(pixels: np.ndarray, amount: float) -> np.ndarray:
+    """Heavy augmentation: the glyph fades toward the background (white)."""
+    x = pixels.astype(np.float32) * (1 - amount) + 255 * amount
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def split_tenant(glyphs, tenant: str) -> tuple[np.ndarray, np.ndarray]:
+    """(gallery indices, query indices) of one glyph tenant: PER_CLASS per class enrolled."""
+    gallery, queries, seen = [], [], {}
+    for i in glyphs.tenant_indices(tenant):
+        label = glyphs.labels[i]
+        if seen.get(label, 0) < PER_CLASS:
+            gallery.append(i)
+            seen[label] = seen.get(label, 0) + 1
+        else:
+            queries.append(i)
+    return np.asarray(gallery), np.asarray(queries)
+
+
+class Traffic:
+    """Enrols the three tenants, then queries every held-out image over and over, telling
+    the server the truth after each decision, until stopped (so rates never drop to 0)."""
+
+    def __init__(self, address: str, glyphs) -> None:
+        from server.client import RetrievalClient
+
+        self.client = RetrievalClient(address)
+        self.glyphs = glyphs
+        self.plans = {t: split_tenant(glyphs, t) for t in (*CALM_TENANTS, DRIFTING_TENANT)}
+        self.feedback: dict[str, int] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> Traffic:
+        from tests.server_fixtures import png
+
+        names = self.glyphs.class_names
+        for tenant, (gallery, _) in self.plans.items():
+            self.client.create_tenant(tenant)
+            items = [
+                (f"g{i}", png(self.glyphs.image(i)), names[self.glyphs.labels[i]]) for i in gallery
+            ]
+            results, _ = self.client.enroll_many(tenant, items)
+            assert all(r.ok for r in results)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(30)
+        self.client.close()
+
+    def _loop(self) -> None:
+        from tests.server_fixtures import png
+
+        names = self.glyphs.class_names
+        while not self.stop.is_set():
+            for tenant, (_, queries) in self.plans.items():
+                amount = FADE if tenant == DRIFTING_TENANT else 0.0
+                images = [png(fade(self.glyphs.image(i), amount)) for i in queries]
+                truth = [names[self.glyphs.labels[i]] for i in queries]
+                for start in range(0, len(images), 32):
+                    if self.stop.is_set():
+                        return
+                    chunk = self.client.match_batch(tenant, images[start : start + 32])
+                    for result, label in zip(chunk, truth[start : start + 32], strict=True):
+                        self.client.feedback(tenant, result.decision_id, result.label == label)
+                        self.feedback[tenant] = self.feedback.get(tenant, 0) + 1
+
+
+def dashboard_exprs() -> list[str]:
+    from tests.test_deploy_grafana import dashboard_exprs as exprs
+
+    return [e.replace("$tenant", ".*") for e in exprs()]
+
+
+@pytest.mark.slow
+def test_real_server_drifting_tenant_pages_and_every_expression_has_data(
+    tiny_glyphs, tmp_path: Path
+):
+    """python -m server + synthetic traffic + a real Prometheus with the project's rules."""
+    if binary("prometheus") is None:
+        pytest.fail(f"prometheus is not installed: {INSTALL_HINT}")
+    from tests.prometheus_harness import recording_names
+    from tests.server_fixtures import make_assets, start_server
+
+    rng = np.random.default_rng(0)
+    pick = np.sort(rng.choice(len(tiny_glyphs), 400, replace=False))
+    assets = make_assets(
+        tmp_path / "assets", tiny_glyphs.pixels[pick], np.asarray(tiny_glyphs.labels)[pick]
+    )
+    server = start_server(assets, tmp_path / "data", "--no-auth", "--target-far", "0.001")
+    try:
+        target = server.metrics_url.split("//")[1].split("/")[0]
+        with PrometheusProcess(tmp_path / "prom", [target], hold="1s") as prom:
+            print(prom.version())
+            prom.wait(lambda: prom.query('up{job="tcm-server"} == 1'), 30, "a scrape")
+            with Traffic(server.address, tiny_glyphs) as traffic:
+                prom.wait(
+                    lambda: DRIFTING_TENANT in prom.firing("TcmTenantFarHigh"),
+                    90,
+                    "the FAR alert",
+                )
+                time.sleep(3)  # a few more evaluations: a calm tenant would fire by now too
+                firing = {a["labels"]["alertname"] for a in prom.alerts()}
+                print("feedback calls per tenant:", traffic.feedback, "firing:", sorted(firing))
+                assert prom.firing("TcmTenantFarHigh") == {DRIFTING_TENANT}
+                assert prom.firing("TcmTenantFeedbackFarHigh") == {DRIFTING_TENANT}
+                assert not firing & {"TcmNoTraffic", "TcmServerDown", "TcmHighErrorRate"}
+                for tenant in (*CALM_TENANTS, DRIFTING_TENANT):
+                    ratio = prom.value("tcm_far_label_free_ratio", tenant=tenant)
+                    far = prom.value("tcm_far_feedback", tenant=tenant)
+                    psi = prom.value("tcm_score_drift_psi", tenant=tenant)
+                    print(
+                        f"{tenant}: label-free/target {ratio:.2f}, feedback FAR {far:.3f}", end=""
+                    )
+                    print(f", PSI {psi:.3f}")
+                    assert (ratio > 3) == (tenant == DRIFTING_TENANT)
+
+                exprs = dashboard_exprs() + sorted(recording_names())
+                empty = [
+                    e
+                    for e in exprs
+                    if not any(name in e for name in EVENT_ONLY) and not prom.query(e)
+                ]
+                assert not empty, f"no data for {empty}"
+                broken = [r for r in prom.rules_health() if r[1] != "ok"]
+                assert not broken, broken
+    finally:
+        server.stop()
