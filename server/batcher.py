@@ -2,7 +2,8 @@
 
 In the style of Triton's dynamic batcher: requests queue their preprocessed images;
 one worker takes whatever is waiting, waits at most ``max_delay`` seconds for more
-(up to ``max_batch`` images), runs the model once in a worker thread (so the event
+(up to ``max_batch`` images; only while callers overlap, so a lone caller pays no
+delay), runs the model once in a worker thread (so the event
 loop keeps accepting calls) and hands each request its rows. While a batch runs the
 next one forms. The queue is bounded in images: beyond ``max_queue`` a request is
 refused at once (:class:`QueueFullError` -> RESOURCE_EXHAUSTED) instead of growing
@@ -62,6 +63,7 @@ class MicroBatcher:
         self._wakeup = asyncio.Event()
         self._worker: asyncio.Task | None = None
         self._closing = False
+        self._concurrent = False
 
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._loop(), name="micro-batcher")
@@ -104,9 +106,17 @@ class MicroBatcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if self._queued < self.max_batch and self.max_delay > 0 and not self._closing:
+            if (
+                self._concurrent
+                and self._queued < self.max_batch
+                and self.max_delay > 0
+                and not self._closing
+            ):
                 await asyncio.sleep(self.max_delay)  # let concurrent callers join
             batch = self._take()
+            # Wait for company next time only when callers overlap: a lone caller would
+            # pay max_delay on every call for nothing.
+            self._concurrent = len(batch) > 1 or bool(self._queue)
             if batch:
                 await self._run(batch)
 

@@ -50,6 +50,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=2048, help="queued images before refusing")
     p.add_argument("--max-image-bytes", type=int, default=8 << 20)
     p.add_argument("--max-image-pixels", type=int, default=16_000_000)
+    p.add_argument(
+        "--search-threads",
+        type=int,
+        default=1,
+        help="faiss OpenMP threads per search (1 suits micro-batches; more for huge galleries)",
+    )
     p.add_argument("--grace", type=float, default=10.0, help="seconds to drain on shutdown")
     p.add_argument("--log-level", default="INFO")
     return p
@@ -98,6 +104,9 @@ async def serve(args: argparse.Namespace) -> int:
         log.warning("authentication is OFF (--no-auth): any caller reaches every tenant")
     else:
         keys = KeyRing.from_file(args.api_keys)
+    import faiss
+
+    faiss.omp_set_num_threads(max(1, args.search_threads))
     model = ServingModel.load(args.model, args.calibration, args.device, args.target_far)
     registry = CollectorRegistry()
     observer: DecisionObserver = make_observer(args.target_far, registry, model)

@@ -100,6 +100,8 @@ class Gallery:
         self._items: dict[int, Item] = {}
         self._ids: dict[str, int] = {}
         self._identities: Counter[str] = Counter()
+        self._codes: dict[str, int] = {}  # identity -> small int, for vectorised counting
+        self._code_of = np.zeros(0, np.int64)  # faiss id -> identity code
         self._next_id = 0
         self._lsn = 0
         self._since_snapshot = 0
@@ -253,6 +255,11 @@ class Gallery:
             sims, ids = self._topk(queries, k)
             radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
             lims, rsims, rids = self._index.range_search(queries, radius)
+            # label-free counts, vectorised: results of another identity than the top-1's
+            owner = np.repeat(np.arange(len(queries)), np.diff(lims.astype(np.int64)))
+            top_code = self._code_of[ids[:, 0]]
+            other = (rsims >= threshold) & (self._code_of[rids] != top_code[owner])
+            accepted = np.bincount(owner[other], minlength=len(queries))
             results = []
             for q in range(len(queries)):
                 hits = [
@@ -261,14 +268,8 @@ class Gallery:
                     if i >= 0
                 ]
                 top = self._items[int(ids[q, 0])]
-                key = identity(top.item_id, top.label)
-                window = slice(lims[q], lims[q + 1])
-                accepted = sum(
-                    1
-                    for s, i in zip(rsims[window], rids[window], strict=True)
-                    if s >= threshold and identity(*self._item_key(int(i))) != key
-                )
-                results.append(SearchResult(hits, accepted, n - self._identities[key]))
+                same = self._identities[identity(top.item_id, top.label)]
+                results.append(SearchResult(hits, int(accepted[q]), n - same))
             return results
 
     def _topk(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -282,10 +283,6 @@ class Gallery:
         sims, pos = self._gpu_index.search(queries, k)  # pragma: no cover
         id_map = faiss.vector_to_array(self._index.id_map)  # pragma: no cover
         return sims, np.where(pos >= 0, id_map[np.maximum(pos, 0)], -1)  # pragma: no cover
-
-    def _item_key(self, fid: int) -> tuple[str, str]:
-        item = self._items[fid]
-        return item.item_id, item.label
 
     # ------------------------------------------------------------------- state
     @property
@@ -367,7 +364,13 @@ class Gallery:
         vectors = np.stack([e[2] for e in entries]).astype(np.float32)
         ids = np.asarray([e[0] for e in entries], np.int64)
         self._index.add_with_ids(vectors, ids)
+        if ids.max() >= len(self._code_of):
+            grown = np.full(max(2 * len(self._code_of), int(ids.max()) + 1, 64), -1, np.int64)
+            grown[: len(self._code_of)] = self._code_of
+            self._code_of = grown
         for fid, item, _ in entries:
+            key = identity(item.item_id, item.label)
+            self._code_of[fid] = self._codes.setdefault(key, len(self._codes))
             self._items[fid] = item
             self._ids[item.item_id] = fid
             self._identities[identity(item.item_id, item.label)] += 1
