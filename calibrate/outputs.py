@@ -24,7 +24,7 @@ def write_outputs(
     plots_dir: Path | None = None,
 ) -> list[Path]:
     """calibration JSON at ``out``, report.md next to it, PNGs in ``plots_dir`` (or next)."""
-    doc = CalibrationDoc(ev.to_document(sha256_file(model), str(model)))
+    doc = CalibrationDoc(ev.to_document(sha256_file(model), model.name))
     for d, src in zip(doc.raw["datasets"], _source_per_dataset(ev, sources), strict=True):
         d["source"] = src
     pngs = render(ev)
