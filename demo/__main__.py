@@ -31,12 +31,12 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
     parser.add_argument(
         "--tenants", default=",".join(DEFAULT_TENANTS), help="comma-separated glyph script groups"
     )
-    parser.add_argument("--enrolled", type=int, default=60, help="classes enrolled per tenant")
+    parser.add_argument("--enrolled", type=int, default=40, help="classes enrolled per tenant")
     parser.add_argument(
         "--genuine-per-class", type=int, default=2, help="genuine queries per enrolled class"
     )
     parser.add_argument(
-        "--impostor-classes", type=int, default=60, help="never-enrolled classes queried per tenant"
+        "--impostor-classes", type=int, default=40, help="never-enrolled classes queried per tenant"
     )
     parser.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

@@ -30,9 +30,9 @@ class DemoConfig:
     target_far: float = 1e-3
     model: Path | None = None
     tenants: tuple[str, ...] = ("latin", "greek", "cyrillic", "math")
-    enrolled: int = 60
+    enrolled: int = 40
     genuine_per_class: int = 2
-    impostor_classes: int = 60
+    impostor_classes: int = 40
     out: Path = Path("out/demo")
     device: str = "auto"
     seed: int = 0

@@ -72,11 +72,16 @@ def _far(value: float) -> str:
     return "       -" if math.isnan(value) else f"{value:8.2e}"
 
 
+def _versus(value: float, target_far: float) -> str:
+    return f"{_far(value)} ({value / target_far:4.1f}x)" if not math.isnan(value) else _far(value)
+
+
 def table(outcomes: Sequence[TenantOutcome], target_far: float) -> str:
     """One row per tenant: decisions against the truth, then both live FAR estimates."""
     head = (
         f"{'tenant':<10} {'gallery':>7}  {'genuine accepted':>17}  {'right label':>17}  "
-        f"{'impostor queries accepted':>25}  {'label-free FAR':>14}  {'feedback FAR [95% CI]':>30}"
+        f"{'impostor queries accepted':>25}  {'label-free FAR (x target)':>25}  "
+        f"{'feedback FAR [95% CI]':>30}"
     )
     rows = [head, "-" * len(head)]
     for o in outcomes:
@@ -90,7 +95,8 @@ def table(outcomes: Sequence[TenantOutcome], target_far: float) -> str:
             f"{o.tenant:<10} {o.gallery:>7}  {_rate(o.genuine_accepted, o.genuine):>17}  "
             f"{_rate(o.genuine_correct, o.genuine):>17}  "
             f"{_rate(o.impostor_accepted, o.impostor):>25}  "
-            f"{_far(live.get('tcm_far_label_free', math.nan)):>14}  {feedback + ' ' + ci:>30}"
+            f"{_versus(live.get('tcm_far_label_free', math.nan), target_far):>25}  "
+            f"{feedback + ' ' + ci:>30}"
         )
     rows.append(
         f"target FAR {target_far:g} per impostor PAIR. The label-free estimate is per pair, so it "
