@@ -40,7 +40,7 @@ from server.tenants import TenantError, TenantRegistry, check_name
 
 log = logging.getLogger(__name__)
 
-ITEM_ID = re.compile(r"^[\x21-\x7e]{1,256}$")
+ITEM_ID = re.compile(r"^[^\x00-\x1f\x7f]{1,256}$")  # any text without control characters
 Code = grpc.StatusCode
 
 
@@ -298,7 +298,7 @@ class RetrievalService:
             if not ITEM_ID.match(item_id):
                 errors[n] = ServiceError(
                     Code.INVALID_ARGUMENT,
-                    f"item_id {item_id[:40]!r} must be 1-256 printable ASCII characters",
+                    f"item_id {item_id[:40]!r} must be 1-256 characters without control characters",
                 )
             elif len(label) > 256:
                 errors[n] = ServiceError(Code.INVALID_ARGUMENT, "label longer than 256 characters")

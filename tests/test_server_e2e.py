@@ -200,7 +200,7 @@ def test_bad_requests(auth_server: ServerProcess, server_assets: Assets) -> None
         assert code_of(lambda: client.remove("req", [])) == invalid
         assert code_of(lambda: client.create_tenant("../etc")) == invalid
         assert code_of(lambda: client.create_tenant("req")) == grpc.StatusCode.ALREADY_EXISTS
-        results, size = client.enroll_many("req", [("ok", image, ""), ("bad id", image, "")])
+        results, size = client.enroll_many("req", [("ok", image, ""), ("bad\nid", image, "")])
         assert [r.ok for r in results] == [True, False] and size == 1
         assert results[1].error.code == "INVALID_ARGUMENT"
         with pytest.raises(ItemRefusedError) as err:
