@@ -154,6 +154,14 @@ class PrometheusProcess:
             raise RuntimeError(f"query {expr!r} failed: {body}")
         return body["data"]["result"]
 
+    def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict[str, Any]]:
+        """Range query; the API's result list (each with "metric" and "values")."""
+        params = {"query": expr, "start": start, "end": end, "step": step}
+        body = self._get("/api/v1/query_range?" + urllib.parse.urlencode(params))
+        if body is None or body.get("status") != "success":
+            raise RuntimeError(f"range query {expr!r} failed: {body}")
+        return body["data"]["result"]
+
     def alerts(self, state: str = "firing") -> list[dict[str, Any]]:
         body = self._get("/api/v1/alerts")
         found = [] if body is None else body["data"]["alerts"]

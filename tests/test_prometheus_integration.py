@@ -157,9 +157,10 @@ class Traffic:
     """Enrols the three tenants, then queries every held-out image over and over, telling
     the server the truth after each decision, until stopped (so rates never drop to 0)."""
 
-    def __init__(self, address: str, glyphs) -> None:
+    def __init__(self, address: str, glyphs, drifting: bool = True) -> None:
         from server.client import RetrievalClient
 
+        self.drifting = drifting  # may be switched on while traffic runs
         self.client = RetrievalClient(address)
         self.glyphs = glyphs
         self.plans = {t: split_tenant(glyphs, t) for t in (*CALM_TENANTS, DRIFTING_TENANT)}
@@ -192,7 +193,7 @@ class Traffic:
         names = self.glyphs.class_names
         while not self.stop.is_set():
             for tenant, (_, queries) in self.plans.items():
-                amount = FADE if tenant == DRIFTING_TENANT else 0.0
+                amount = FADE if tenant == DRIFTING_TENANT and self.drifting else 0.0
                 images = [png(fade(self.glyphs.image(i), amount)) for i in queries]
                 truth = [names[self.glyphs.labels[i]] for i in queries]
                 for start in range(0, len(images), 32):
@@ -264,3 +265,78 @@ def test_real_server_drifting_tenant_pages_and_every_expression_has_data(
                 assert not broken, broken
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------------------------------
+# docs/figures/monitoring_far.png: python -m tests.test_prometheus_integration OUT.png
+
+
+def record_figure(out: Path, calm_s: float = 20.0, drift_s: float = 25.0) -> None:
+    """Real server + real Prometheus; the drifting tenant fades after ``calm_s`` seconds.
+    Plots the per-tenant FAR panel from Prometheus's range API."""
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from imagesets import load_images
+    from tests.server_fixtures import make_assets, start_server
+
+    glyphs = load_images("glyphs-tiny", "test")
+    rng = np.random.default_rng(0)
+    pick = np.sort(rng.choice(len(glyphs), 400, replace=False))
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        assets = make_assets(tmp / "assets", glyphs.pixels[pick], np.asarray(glyphs.labels)[pick])
+        server = start_server(assets, tmp / "data", "--no-auth", "--target-far", "0.001")
+        try:
+            target = server.metrics_url.split("//")[1].split("/")[0]
+            with PrometheusProcess(tmp / "prom", [target], hold="1s") as prom:
+                prom.wait(lambda: prom.query('up{job="tcm-server"} == 1'), 30, "a scrape")
+                with Traffic(server.address, glyphs, drifting=False) as traffic:
+                    start = time.time()
+                    time.sleep(calm_s)
+                    traffic.drifting = True
+                    switched = time.time()
+                    time.sleep(drift_s)
+                    end = time.time()
+                series = {
+                    expr: prom.query_range(expr, start, end, 1.0)
+                    for expr in ("tcm_far_label_free_ratio", "tcm_far_feedback")
+                }
+                alerts = prom.query_range('ALERTS{alertstate="firing"}', start, end, 1.0)
+        finally:
+            server.stop()
+    fig, axes = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    titles = {
+        "tcm_far_label_free_ratio": "label-free FAR / target (per pair)",
+        "tcm_far_feedback": "feedback FAR (per impostor decision)",
+    }
+    for ax, (expr, result) in zip(axes, series.items(), strict=True):
+        for item in sorted(result, key=lambda r: r["metric"]["tenant"]):
+            t = np.array([float(v[0]) for v in item["values"]]) - start
+            y = np.array([float(v[1]) for v in item["values"]])
+            ax.plot(t, y, label=item["metric"]["tenant"])
+        ax.axvline(switched - start, color="grey", linestyle=":", label="greek queries fade")
+        if expr == "tcm_far_label_free_ratio":
+            ax.axhline(3, color="red", linestyle="--", label="alert: 3 x target")
+        ax.set_title(titles[expr])
+        ax.legend(loc="upper left", fontsize=8)
+    fired = sorted(
+        {f"{a['metric']['alertname']}{{{a['metric'].get('tenant', '')}}}" for a in alerts}
+    )
+    axes[-1].set_xlabel("seconds (Prometheus range query, 1 s step)")
+    fig.text(0.01, 0.01, "firing: " + ", ".join(fired), fontsize=8)
+    fig.suptitle(f"python -m server + {prom.version().split(' (')[0]}, target FAR 0.001")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}; firing during the run: {fired}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    record_figure(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/figures/monitoring_far.png"))
