@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -35,7 +36,10 @@ class QueueFullError(RuntimeError):
 class _Pending:
     inputs: np.ndarray
     future: asyncio.Future
+    after: Callable[[np.ndarray], Any] | None = None
     queued_at: float = field(default_factory=time.perf_counter)
+    outcome: Any = None
+    error: BaseException | None = None
 
 
 class MicroBatcher:
@@ -72,8 +76,13 @@ class MicroBatcher:
     def queued(self) -> int:
         return self._queued
 
-    async def embed(self, inputs: np.ndarray) -> np.ndarray:
-        """Embeddings of ``inputs``; waits for a batch slot, never for an unbounded queue."""
+    async def embed(self, inputs: np.ndarray, after: Callable[[np.ndarray], Any] | None = None):
+        """Embeddings of ``inputs``, or ``after(embeddings)`` when given.
+
+        ``after`` runs in the worker thread right after the model (e.g. the gallery
+        search), saving a thread hop per request; its exception is this caller's alone.
+        Never waits for an unbounded queue: a full queue raises QueueFullError.
+        """
         if self._closing:
             raise QueueFullError("server is shutting down")
         n = len(inputs)
@@ -84,7 +93,7 @@ class MicroBatcher:
                 f"embedding queue full ({self._queued} of {self.max_queue} images waiting); "
                 "retry with backoff"
             )
-        pending = _Pending(inputs, asyncio.get_running_loop().create_future())
+        pending = _Pending(inputs, asyncio.get_running_loop().create_future(), after)
         self._queue.append(pending)
         self._set_queued(self._queued + n)
         self._wakeup.set()
@@ -137,38 +146,51 @@ class MicroBatcher:
         return batch
 
     async def _run(self, batch: list[_Pending]) -> None:
-        inputs = np.concatenate([p.inputs for p in batch]) if len(batch) > 1 else batch[0].inputs
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         try:
-            out = await loop.run_in_executor(self.executor, self._run_chunks, inputs)
+            embed_seconds = await loop.run_in_executor(self.executor, self._work, batch)
         except Exception as err:  # the model failed: every caller of this batch learns why
-            log.exception("embedding batch of %d failed", len(inputs))
+            log.exception("embedding batch of %d requests failed", len(batch))
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(err)
             return
-        elapsed = time.perf_counter() - started
         if self.metrics is not None:
-            self.metrics.batch_size.observe(len(inputs))
+            self.metrics.batch_size.observe(sum(len(p.inputs) for p in batch))
             for p in batch:
                 for _ in range(len(p.inputs)):
                     self.metrics.stage_seconds.labels("queue").observe(started - p.queued_at)
-                    self.metrics.stage_seconds.labels("embed").observe(elapsed)
+                    self.metrics.stage_seconds.labels("embed").observe(embed_seconds)
+        for p in batch:
+            if p.future.done():
+                continue
+            if p.error is not None:
+                p.future.set_exception(p.error)
+            else:
+                p.future.set_result(p.outcome)
+
+    def _work(self, batch: list[_Pending]) -> float:
+        """Worker thread: one model call for the batch, then each caller's ``after``."""
+        inputs = np.concatenate([p.inputs for p in batch]) if len(batch) > 1 else batch[0].inputs
+        started = time.perf_counter()
+        out = self._run_chunks(inputs)
+        elapsed = time.perf_counter() - started
         row = 0
         for p in batch:
-            n = len(p.inputs)
-            if not p.future.done():
-                p.future.set_result(out[row : row + n])
-            row += n
+            rows = out[row : row + len(p.inputs)]
+            row += len(p.inputs)
+            try:
+                p.outcome = rows if p.after is None else p.after(rows)
+            except Exception as err:  # e.g. StaleModelError: this caller retries
+                p.error = err
+        return elapsed
 
     def _run_chunks(self, inputs: np.ndarray) -> np.ndarray:
         if len(inputs) <= self.max_batch:
             return self.run(inputs)
-        parts = [
-            self.run(inputs[s : s + self.max_batch]) for s in range(0, len(inputs), self.max_batch)
-        ]
-        return np.concatenate(parts)
+        step = self.max_batch
+        return np.concatenate([self.run(inputs[s : s + step]) for s in range(0, len(inputs), step)])
 
     def _set_queued(self, value: int) -> None:
         self._queued = value

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 ITEM_ID = re.compile(r"^[^\x00-\x1f\x7f]{1,256}$")  # any text without control characters
 Code = grpc.StatusCode
+_DECODE_THREADS = 2
 
 
 class ServiceError(Exception):
@@ -96,7 +97,7 @@ class RetrievalService:
         self.data_dir = data_dir
         self.decisions = DecisionStore(config.decision_capacity)
         self._embed_pool = ThreadPoolExecutor(1, thread_name_prefix="embed")
-        self._work_pool = ThreadPoolExecutor(2, thread_name_prefix="work")
+        self._work_pool = ThreadPoolExecutor(_DECODE_THREADS, thread_name_prefix="work")
         self._first_model = model
         self._state: _State | None = None
         self._mutations: asyncio.Lock | None = None
@@ -182,22 +183,31 @@ class RetrievalService:
         loop = asyncio.get_running_loop()
         meta, limits = model.embedder.meta, self.config.limits
 
-        def one(data: bytes) -> np.ndarray | str:
-            started = time.perf_counter()
-            try:
-                return to_model_input(data, meta, limits)
-            except ImageError as err:
-                return str(err)
-            finally:
+        def chunk(datas: list[bytes]) -> list[np.ndarray | str]:
+            out: list[np.ndarray | str] = []
+            for data in datas:
+                started = time.perf_counter()
+                try:
+                    out.append(to_model_input(data, meta, limits))
+                except ImageError as err:
+                    out.append(str(err))
                 self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - started)
+            return out
 
-        return await asyncio.gather(
-            *(loop.run_in_executor(self._work_pool, one, i) for i in images)
+        # one thread hop per worker thread, not per image
+        parts = [images[i::_DECODE_THREADS] for i in range(min(_DECODE_THREADS, len(images)))]
+        done = await asyncio.gather(
+            *(loop.run_in_executor(self._work_pool, chunk, part) for part in parts)
         )
+        decoded: list[np.ndarray | str] = [None] * len(images)  # type: ignore[list-item]
+        for i, part in enumerate(done):
+            decoded[i::_DECODE_THREADS] = part
+        return decoded
 
-    async def _embed(self, state: _State, inputs: list[np.ndarray]) -> np.ndarray:
+    async def _embed(self, state: _State, inputs: list[np.ndarray], after=None):
+        """Embeddings (or ``after(embeddings)``, run in the embedding thread)."""
         try:
-            return await state.batcher.embed(np.stack(inputs))
+            return await state.batcher.embed(np.stack(inputs), after)
         except QueueFullError as err:
             raise ServiceError(Code.RESOURCE_EXHAUSTED, str(err)) from err
 
@@ -226,26 +236,20 @@ class RetrievalService:
                 raise ServiceError(Code.INVALID_ARGUMENT, str(err)) from err
             decoded = await self._decode(images, state.model)
             good = [d for d in decoded if not isinstance(d, str)]
-            embeddings = await self._embed(state, good) if good else None
-            started = time.perf_counter()
+            sha, threshold = state.model.sha256, target.threshold
+
+            def search(embeddings: np.ndarray, sha=sha, threshold=threshold) -> list[SearchResult]:
+                started = time.perf_counter()
+                found = tenant.gallery.search(embeddings, k, threshold, sha)
+                per_image = (time.perf_counter() - started) / len(embeddings)
+                for _ in range(len(embeddings)):
+                    self.metrics.stage_seconds.labels("search").observe(per_image)
+                return found
+
             try:
-                results = (
-                    await asyncio.get_running_loop().run_in_executor(
-                        self._work_pool,
-                        tenant.gallery.search,
-                        embeddings,
-                        k,
-                        target.threshold,
-                        state.model.sha256,
-                    )
-                    if good
-                    else []
-                )
+                results = await self._embed(state, good, search) if good else []
             except StaleModelError:
                 continue  # a reload switched the gallery meanwhile: redo with the new model
-            elapsed = (time.perf_counter() - started) / max(len(good), 1)
-            for _ in good:
-                self.metrics.stage_seconds.labels("search").observe(elapsed)
             size = tenant.gallery.size
             found = iter(results)
             return [
