@@ -85,7 +85,7 @@ def _measure(engine: Engine, ranks: _Ranks, grid_size: int, seed: int, boot: boo
         cutoff = SENTINEL_FLOOR
         first = engine.tail_pass(cutoff)
         bins = _bins(first.tails, ranks)
-    engine.resolve_pass(first.tails, bins, cutoff)
+    engine.resolve_pass(first, bins, cutoff)
     pool = pooled(first.tails)
     pool_t = _thresholds(pool, ranks.pool_k)
     ds_t = [_thresholds(t, ks) for t, ks in zip(first.tails, ranks.ds_k, strict=True)]
@@ -100,7 +100,7 @@ def _measure(engine: Engine, ranks: _Ranks, grid_size: int, seed: int, boot: boo
     if boot and pool_t["boot"] is not None:
         boot_grid = np.linspace(pool_t["boot"], pool_t["top"], BOOT_GRID)
     n = prep.n_datasets
-    plot_grid = _plot_grid(pool_range, global_t, ds_t, len(ranks.targets))
+    plot_grid = _plot_grid(pool_range, global_t, ds_t, len(ranks.targets), cutoff)
     grids = {
         "pooled": GridCounts([pooled_grid] * n, prep.class_ds),
         "own": GridCounts(own_grids, prep.class_ds),
@@ -108,7 +108,7 @@ def _measure(engine: Engine, ranks: _Ranks, grid_size: int, seed: int, boot: boo
         "boot": GridCounts([boot_grid] * n, prep.class_ds),
         "plot": GridCounts([plot_grid] * n, prep.class_ds),
     }
-    engine.grid_pass(list(grids.values()))
+    engine.grid_pass(first, list(grids.values()))
     genuine = {name: genuine_grid_counts(prep, first.genuine, g) for name, g in grids.items()}
     return Measured(
         prep=prep,
@@ -127,7 +127,7 @@ def _measure(engine: Engine, ranks: _Ranks, grid_size: int, seed: int, boot: boo
     )
 
 
-def _plot_grid(pool_range, global_t, ds_t, n_targets: int) -> np.ndarray | None:
+def _plot_grid(pool_range, global_t, ds_t, n_targets: int, cutoff: float) -> np.ndarray | None:
     """Thresholds for the FAR plots: the calibration range widened to every target threshold."""
     ts = [t for t in global_t if t is not None]
     ts += [d[f"target{j}"] for d in ds_t for j in range(n_targets) if d[f"target{j}"] is not None]
@@ -137,7 +137,7 @@ def _plot_grid(pool_range, global_t, ds_t, n_targets: int) -> np.ndarray | None:
         return None
     lo, hi = min(ts), max(ts)
     pad = 0.05 * (hi - lo) + 1e-6
-    return np.linspace(lo - pad, hi + pad, PLOT_GRID)
+    return np.linspace(max(lo - pad, cutoff), hi + pad, PLOT_GRID)  # pass 1 kept only >= cutoff
 
 
 def _bins(tails: list[Tail], ranks: _Ranks) -> set[int]:

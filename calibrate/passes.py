@@ -13,8 +13,44 @@ from calibrate.sweep import Block, Genuine, ScoreFn, sweep
 from calibrate.tail import NBINS, Tail, bin_of
 
 SENTINEL_FLOOR = -3.0  # below every real score, above the -inf of ignored pairs
-SAMPLE_ROWS = 256
-SAFETY = 4.0  # the sampled cutoff aims this many times deeper than needed
+SAMPLE_ROWS = 1024
+SAFETY = 1.5  # the sampled cutoff aims this many times deeper than needed
+CACHE_BYTES = 1 << 28  # tail pairs kept from pass 1 (12 bytes each) to skip passes 2 and 3
+
+
+class TailCache:
+    """The exact tail pairs of pass 1, kept while they fit in ``CACHE_BYTES``.
+
+    When they fit, passes 2 and 3 read them instead of recomputing every block;
+    the numbers are the same either way (tests compare both routes).
+    """
+
+    def __init__(self, n_datasets: int, budget: int) -> None:
+        self.parts: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] | None = [
+            [] for _ in range(n_datasets)
+        ]
+        self.budget, self.used = budget, 0
+
+    def add(self, k: int, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray) -> None:
+        if self.parts is None:
+            return
+        self.used += 12 * len(vals)
+        if self.used > self.budget:
+            self.parts = None  # too big: passes 2 and 3 sweep the blocks again
+            return
+        self.parts[k].append((rows.astype(np.int32), cols.astype(np.int32), vals))
+
+    @property
+    def kept(self) -> bool:
+        return self.parts is not None
+
+    def dataset(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        assert self.parts is not None
+        got = self.parts[k]
+        if not got:
+            e = np.zeros(0, np.int32)
+            return e, e, np.zeros(0, np.float32)
+        return tuple(np.concatenate(p) for p in zip(*got, strict=True))  # type: ignore[return-value]
 
 
 @dataclass
@@ -22,6 +58,7 @@ class TailPass:
     tails: list[Tail]
     best_impostor: np.ndarray  # per sorted row: highest impostor score (-inf if none)
     genuine: Genuine
+    cache: TailCache
 
 
 class Engine:
@@ -50,7 +87,8 @@ class Engine:
         """A score below which no needed rank lies, estimated on a sample of rows.
 
         Only the scores above it are binned; the rest are merely not counted. If the
-        estimate is too high the caller redoes the pass with no cutoff.
+        estimate is too high the caller redoes the pass with no cutoff. The sample
+        uses exact scores so the cutoff is the same on every device.
         """
         want = SAFETY * fraction
         if want >= 0.5:
@@ -60,8 +98,8 @@ class Engine:
         prep = self.prep
         for k in range(prep.n_datasets):
             rows = np.arange(prep.ds_start[k], prep.ds_stop[k])
-            pick = rng.choice(rows, size=min(SAMPLE_ROWS, len(rows)), replace=False)
-            s = self.score_fn(prep.x[pick], prep.x[rows])
+            pick = np.sort(rng.choice(rows, size=min(SAMPLE_ROWS, len(rows)), replace=False))
+            s = (prep.x[pick] @ prep.x[rows].T).astype(np.float32)
             s = s[prep.cls[pick][:, None] != prep.cls[rows][None, :]]
             if len(s) * want < 50:  # too few sampled impostors to place a quantile
                 return SENTINEL_FLOOR
@@ -74,52 +112,66 @@ class Engine:
         tails = [Tail(total=prep.impostor_pairs(k)) for k in range(prep.n_datasets)]
         best = np.full(len(prep.x), -np.inf, np.float32)
         cut = max(cutoff, SENTINEL_FLOOR)
+        cache = TailCache(prep.n_datasets, CACHE_BYTES)
 
         def visit(b: Block) -> None:
-            s = b.scores
-            tails[b.dataset].add_tail(s[s >= cut])
-            rows = slice(b.i0, b.i0 + s.shape[0])
-            cols = slice(b.j0, b.j0 + s.shape[1])
-            np.maximum(best[rows], s.max(axis=1), out=best[rows])
-            np.maximum(best[cols], s.max(axis=0), out=best[cols])
+            r, q, v = b.above(cut)
+            tails[b.dataset].add_tail(v)
+            cache.add(b.dataset, r + b.i0, q + b.j0, v)
+            for axis in (1, 0):
+                idx, val = b.best(axis)
+                np.maximum.at(best, idx, val)
 
         genuine = self._sweep(visit, collect=True)
         assert genuine is not None
-        return TailPass(tails, best, genuine)
+        return TailPass(tails, best, genuine, cache)
 
-    def resolve_pass(self, tails: list[Tail], bins: set[int], cutoff: float) -> None:
+    def resolve_pass(self, first: TailPass, bins: set[int], cutoff: float) -> None:
         """Pass 2: exact values (with counts) of the scores in the selected bins."""
         if not bins:
             return
         table = np.zeros(NBINS, bool)
         table[list(bins)] = True
-        cut = max(cutoff, SENTINEL_FLOOR)
+        tails = first.tails
 
-        def visit(b: Block) -> None:
-            v = b.scores[b.scores >= cut]
+        def take(k: int, v: np.ndarray) -> None:
             vb = bin_of(v)
             sel = table[vb]
             if sel.any():
-                tails[b.dataset].add_exact(v[sel], vb[sel])
+                tails[k].add_exact(v[sel], vb[sel])
 
-        self._sweep(visit)
+        if first.cache.kept:
+            for k in range(self.prep.n_datasets):
+                take(k, first.cache.dataset(k)[2])
+            return
+        cut = max(cutoff, SENTINEL_FLOOR)
+        self._sweep(lambda b: take(b.dataset, b.above(cut)[2]))
 
-    def grid_pass(self, counts: list[GridCounts]) -> None:
+    def grid_pass(self, first: TailPass, counts: list[GridCounts]) -> None:
         """Pass 3: per-class impostor counts at the thresholds of every grid."""
         low = min(c.lowest() for c in counts)
         if not np.isfinite(low):
             return
         cls = self.prep.cls
 
-        def visit(b: Block) -> None:
-            r, q = np.nonzero(b.scores >= low)
-            if not len(r):
+        def take(k: int, rows: np.ndarray, cols: np.ndarray, v: np.ndarray) -> None:
+            if not len(v):
                 return
-            v = b.scores[r, q]
-            members = np.concatenate([cls[r + b.i0], cls[q + b.j0]])
+            members = np.concatenate([cls[rows], cls[cols]])
             both = np.concatenate([v, v])
             for c in counts:
-                c.add(b.dataset, both, members)
+                c.add(k, both, members)
+
+        if first.cache.kept:
+            for k in range(self.prep.n_datasets):
+                rows, cols, v = first.cache.dataset(k)
+                sel = v >= low
+                take(k, rows[sel], cols[sel], v[sel])
+            return
+
+        def visit(b: Block) -> None:
+            r, q, v = b.above(low)
+            take(b.dataset, r + b.i0, q + b.j0, v)
 
         self._sweep(visit)
 

@@ -26,7 +26,8 @@ class CalibrationInputError(ValueError):
 class Prepared:
     """Embeddings sorted by (dataset, class) with the bookkeeping the engine needs."""
 
-    x: np.ndarray  # (N, D) float64, rows sorted by (dataset, class)
+    x: np.ndarray  # (N, D) float64, rows sorted by (dataset, class): exact scores
+    x32: np.ndarray  # the same rows in float32: fast approximate block products
     order: np.ndarray  # original position (in the concatenated input) of each sorted row
     cls: np.ndarray  # dense class id of each sorted row
     dataset_names: tuple[str, ...]
@@ -95,6 +96,7 @@ def prepare(embeddings: EmbeddingSet | Sequence[EmbeddingSet]) -> Prepared:
     ds_stop = np.searchsorted(ds_of, np.arange(len(names)), side="right")
     prep = Prepared(
         x=x,
+        x32=np.ascontiguousarray(x, dtype=np.float32),
         order=order,
         cls=cls,
         dataset_names=tuple(names),

@@ -1,17 +1,21 @@
 """The blocked pass over all unordered pairs of one dataset.
 
-Each block of scores is computed by one matrix product and handed to a visitor, so
-no more than ``block * block`` scores exist at a time. A score is defined as the
-float64 inner product of the two embeddings rounded to float32: float32 GEMM gives
-results that depend on the block shape (different kernels, different summation
-order), which would make thresholds depend on the block size; the float64 sum
-rounded once does not (up to a double rounding within ~1e-14 of a float32 midpoint).
+A pair's score is defined as the float64 inner product of the two float32
+embeddings, rounded once to float32. That value does not depend on how pairs are
+grouped into blocks (float32 GEMM results do: kernels and summation order change
+with the block shape), so thresholds do not depend on the block size and equal
+those of a dense implementation (up to a double rounding within ~1e-14 of a
+float32 midpoint).
 
-In every block handed to a visitor, the pairs a visitor must ignore are set to
-``-inf``: the lower triangle and diagonal of diagonal blocks (each unordered pair is
-visited once) and the genuine pairs (same class). Genuine pairs are handed over
-separately, once, when ``collect_genuine`` is set; rows are sorted by class, so they
-are a few rectangles per block.
+Each block is first computed with one fast float32 GEMM. Its error is bounded
+(``margin``), so a visitor that needs scores at or above ``t`` asks the block for
+them: only entries within ``margin`` of ``t`` or above are recomputed exactly. With
+thresholds in the top tail of the scores that is a small share of the block.
+
+In every block, pairs a visitor must ignore are at ``-inf``: the lower triangle and
+diagonal of diagonal blocks (each unordered pair is visited once) and the genuine
+pairs (same class), which ``sweep`` hands over separately, once, when asked. Rows
+are sorted by class, so the genuine pairs of a block are a few rectangles.
 """
 
 from __future__ import annotations
@@ -21,24 +25,66 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from calibrate.prepare import Prepared
+from calibrate.prepare import NORM_TOLERANCE, Prepared
 
 DEFAULT_BLOCK = 2048
+EXACT_CHUNK = 1 << 15  # pairs recomputed per gather: bounds the gather's memory
+
+
+def margin(dim: int) -> float:
+    """A bound on |float32 GEMM score - exact score| for rows of norm <= 1 + tolerance.
+
+    Summing D products in float32 errs by at most gamma_D * sum|x_i y_i| with
+    gamma_D = D u / (1 - D u), u = 2^-24; doubled, plus the final rounding.
+    """
+    u = 2.0**-24
+    gamma = dim * u / (1 - dim * u)
+    return 2 * gamma * (1 + NORM_TOLERANCE) ** 2 + 1e-7
+
+
+def exact_scores(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """The defining score of pairs (rows[i], cols[i]): float64 dot rounded to float32."""
+    out = np.empty(len(rows), np.float32)
+    for s in range(0, len(rows), EXACT_CHUNK):
+        a, b = x[rows[s : s + EXACT_CHUNK]], x[cols[s : s + EXACT_CHUNK]]
+        out[s : s + EXACT_CHUNK] = np.einsum("ij,ij->i", a, b)
+    return out
 
 
 @dataclass
 class Block:
-    """Scores of rows ``i0:i0+len`` against rows ``j0:j0+len`` of one dataset."""
+    """Approximate scores of rows ``i0:i0+h`` against rows ``j0:j0+w`` of one dataset."""
 
     dataset: int
     i0: int
     j0: int
-    scores: np.ndarray  # float32, ignored pairs at -inf
+    scores: np.ndarray  # float32 GEMM, ignored pairs at -inf
+    x: np.ndarray  # float64 rows of the whole set, for exact recomputation
+    margin: float
+
+    def exact(self, r: np.ndarray, q: np.ndarray) -> np.ndarray:
+        return exact_scores(self.x, r + self.i0, q + self.j0)
+
+    def above(self, t: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(local rows, local cols, exact scores) of the pairs with exact score >= t."""
+        r, q = np.nonzero(self.scores >= t - self.margin)
+        v = self.exact(r, q)
+        keep = v >= t
+        return r[keep], q[keep], v[keep]
+
+    def best(self, axis: int) -> tuple[np.ndarray, np.ndarray]:
+        """(global index, exact score) of candidates for each row's (axis=1) or column's max."""
+        top = self.scores.max(axis=axis)
+        lim = np.where(np.isfinite(top), top - self.margin, np.inf)
+        lim = lim[:, None] if axis == 1 else lim[None, :]
+        r, q = np.nonzero(self.scores >= lim)
+        v = self.exact(r, q)
+        return (r + self.i0, v) if axis == 1 else (q + self.j0, v)
 
 
 @dataclass
 class Genuine:
-    """All genuine pairs (i < j, sorted row indices) with their scores."""
+    """All genuine pairs (i < j, sorted row indices) with their exact scores."""
 
     rows: np.ndarray
     cols: np.ndarray
@@ -49,8 +95,8 @@ ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def scores_cpu(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """float64 GEMM rounded to float32: the same value for a pair whatever the block shape."""
-    return (a @ b.T).astype(np.float32)
+    """float32 GEMM of two row blocks (approximate scores, within ``margin``)."""
+    return a @ b.T
 
 
 def blocks(prep: Prepared, k: int, block: int) -> Iterator[tuple[int, int, int, int]]:
@@ -79,23 +125,23 @@ def sweep(
     tick: Callable[[], None] | None = None,
 ) -> Genuine | None:
     """Visit every block of every dataset; return the genuine pairs when asked."""
-    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    found: list[tuple[np.ndarray, np.ndarray]] = []
+    tol = margin(prep.x.shape[1])
     for k in range(prep.n_datasets):
         for i0, i1, j0, j1 in blocks(prep, k, block):
-            s = score_fn(prep.x[i0:i1], prep.x[j0:j1])
+            s = np.asarray(score_fn(prep.x32[i0:i1], prep.x32[j0:j1]), dtype=np.float32)
             _mask_genuine(prep, s, i0, i1, j0, j1, found if collect_genuine else None)
             if i0 == j0:
                 s[np.tril_indices(i1 - i0)] = -np.inf
-            visit(Block(k, i0, j0, s))
+            visit(Block(k, i0, j0, s, prep.x, tol))
             if tick is not None:
                 tick()
     if not collect_genuine:
         return None
-    if not found:
-        empty = np.zeros(0, np.int64)
-        return Genuine(empty, empty, np.zeros(0, np.float32))
-    rows, cols, vals = (np.concatenate(p) for p in zip(*found, strict=True))
-    return Genuine(rows, cols, vals)
+    empty = np.zeros(0, np.int64)
+    rows = np.concatenate([r for r, _ in found]) if found else empty
+    cols = np.concatenate([q for _, q in found]) if found else empty
+    return Genuine(rows, cols, exact_scores(prep.x, rows, cols))
 
 
 def _mask_genuine(
@@ -115,9 +161,8 @@ def _mask_genuine(
         b0, b1 = max(prep.class_start[c], j0), min(prep.class_stop[c], j1)
         if a0 >= a1 or b0 >= b1:
             continue
-        sub = s[a0 - i0 : a1 - i0, b0 - j0 : b1 - j0]
         if found is not None:
             r, q = np.meshgrid(np.arange(a0, a1), np.arange(b0, b1), indexing="ij")
             keep = r < q
-            found.append((r[keep], q[keep], sub[keep].copy()))
-        sub[...] = -np.inf
+            found.append((r[keep], q[keep]))
+        s[a0 - i0 : a1 - i0, b0 - j0 : b1 - j0] = -np.inf
