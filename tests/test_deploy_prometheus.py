@@ -39,6 +39,8 @@ def test_config_and_rules_check():
     result = promtool("check", "config", "prometheus.yml")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 rule files found" in result.stdout + result.stderr
+    result = promtool("check", "rules", *[str(p) for p in RULE_FILES])
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_rule_unit_tests_pass():

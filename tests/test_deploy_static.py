@@ -140,8 +140,8 @@ def test_k8s_manifests_reference_each_other():
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
 
     config = docs[("ConfigMap", container["envFrom"][0]["configMapRef"]["name"])]
-    for var in re.findall(r"\$\((\w+)\)", " ".join(container["args"])):
-        assert var in config["data"], f"args use $({var}) but the ConfigMap lacks it"
+    used = set(re.findall(r"\$\((\w+)\)", " ".join(container["args"])))
+    assert used == set(config["data"]), "every ConfigMap key is used by the args, and only those"
     assert ("PersistentVolumeClaim", volumes["data"]["persistentVolumeClaim"]["claimName"]) in docs
     assert ("Secret", volumes["keys"]["secret"]["secretName"]) in docs
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
