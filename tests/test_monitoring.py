@@ -221,8 +221,9 @@ def test_tenant_labels_are_capped_and_sticky():
 
 
 def test_tenant_stats_of_unknown_tenant_is_empty_but_complete():
-    mon, _ = make()
+    mon, _ = make(max_tenant_labels=1)
     stats = mon.tenant_stats("nobody")
+    assert mon.tenant_label("real") == "real"  # asking about "nobody" took no slot
     assert stats["decisions"] == 0
     assert math.isnan(stats["far_feedback"])
     assert set(stats) >= {"far_label_free", "score_drift_psi", "far_feedback_ci_upper"}

@@ -37,6 +37,11 @@ class TenantLabels:
             self._assigned[tenant] = value
             return value
 
+    def get(self, tenant: str) -> str | None:
+        """The label already given to ``tenant``, or None; never assigns a slot."""
+        with self._lock:
+            return self._assigned.get(tenant)
+
     def values(self) -> list[str]:
         """Every label handed out so far, in first-seen order, without duplicates."""
         with self._lock:

@@ -156,9 +156,13 @@ class LiveMonitor:
             windows.add_feedback(_Feedback(decision_id, bool(matched), bool(is_same)))
 
     def tenant_stats(self, tenant: str) -> dict[str, float]:
-        """The window statistics of ``tenant``'s label (overflow tenants share ``other``)."""
-        label = self.labels.label(tenant)
-        return self.snapshot().get(label, _empty_stats(self.target_far))
+        """The window statistics of ``tenant``'s label (overflow tenants share ``other``).
+
+        Asking about a tenant never seen gives empty statistics and uses no label slot.
+        """
+        label = self.labels.get(tenant)
+        stats = self.snapshot().get(label) if label is not None else None
+        return stats if stats is not None else _empty_stats(self.target_far)
 
     def tenant_label(self, tenant: str) -> str:
         """The bounded label the server should use for ``tenant`` in its own metrics."""
