@@ -51,6 +51,12 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
         help="also train a baseline and a TCM model on the same budget and compare them",
     )
     parser.add_argument(
+        "--compare-steps",
+        type=int,
+        default=400,
+        help="training steps of each --compare run (0: the full config)",
+    )
+    parser.add_argument(
         "--prometheus",
         action="store_true",
         help="start a real Prometheus (needs /usr/bin/prometheus) scraping the server",
@@ -79,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
         tiny=args.tiny,
         train=args.train,
         compare=args.compare,
+        compare_steps=args.compare_steps,
         prometheus=args.prometheus,
         serve=args.serve,
     )

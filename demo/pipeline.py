@@ -39,6 +39,7 @@ class DemoConfig:
     tiny: bool = False
     train: bool = False
     compare: bool = False
+    compare_steps: int = 400
     prometheus: bool = False
     serve: bool = False
 
