@@ -65,9 +65,25 @@ def test_export_subcommand_and_resume(tiny_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "again.onnx"
     assert main(["export", str(tiny_run), "--out", str(out)]) == 0
     assert out.stat().st_size > 0
-    # resuming a finished run re-evaluates and re-exports without training more
+    # resuming a finished run trains nothing and leaves the model alone
+    before = (tiny_run / "model.onnx").stat().st_mtime_ns
     assert main(["--resume", str(tiny_run), "--quiet"]) == 0
+    assert (tiny_run / "model.onnx").stat().st_mtime_ns == before
     assert json.loads((tiny_run / "metrics.json").read_text())["epochs"] == 1
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_checkpoint(tiny_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "resumed"
+    shutil.copytree(tiny_run, run)
+    (run / "metrics.json").unlink()
+    assert main(["--resume", str(run), "--quiet", "--epochs", "2", "--eval-every", "5"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs"] == 2
+    history = json.loads((run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 1, 1, 2, 2, 2]
 
 
 def test_flags_override_the_config_file(tmp_path: Path) -> None:

@@ -239,8 +239,9 @@ class Trainer:
             self.save_checkpoint()
         if self.rank != 0:
             return {}
-        if metrics is None:  # resumed a finished run: evaluate again
-            metrics, curves = self.evaluate()
+        if metrics is None:  # resumed a run that had already finished
+            self._say(f"{self.run_dir} already finished {self.epoch} epochs; nothing to do")
+            return json.loads((self.run_dir / "metrics.json").read_text())
         return self.finish(metrics, curves)
 
     def finish(self, metrics: dict, curves) -> dict:
