@@ -8,7 +8,9 @@ server images install no torch.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -210,3 +212,59 @@ def test_server_accepts_every_flag_deploy_passes():
 def test_deploy_readme_says_what_is_only_validated_statically():
     text = (DEPLOY / "README.md").read_text()
     assert "statically" in text and "promtool" in text
+
+
+PROJECT_PACKAGES = ("contracts", "imagesets", "embedding", "calibrate", "server", "retrieval")
+
+
+@pytest.mark.slow
+def test_server_image_contents_install_and_run_without_torch(tmp_path: Path):
+    """What server.Dockerfile does, minus Docker: only its COPY sources, `pip install .`
+    (as a wheel into a target folder), then `python -m server --help` from outside the
+    repository. Every project module must come from the install and torch must stay out."""
+    steps = instructions(DOCKER / "server.Dockerfile")
+    src = tmp_path / "src"
+    src.mkdir()
+    for kind, args in steps:
+        if kind == "COPY":
+            *sources, _ = args.split()
+            for source in sources:
+                path = ROOT / source
+                if path.is_dir():
+                    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+                    shutil.copytree(path, src / source, ignore=ignore)
+                else:
+                    shutil.copy(path, src / source)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    wheel = [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "w"), "."]
+    subprocess.run(wheel, cwd=src, check=True, capture_output=True, timeout=300)
+    (whl,) = (tmp_path / "w").glob("*.whl")
+    target = tmp_path / "site"
+    install = [*pip, "install", "--no-deps", "--target", str(target), str(whl)]
+    subprocess.run(install, check=True, capture_output=True, timeout=300)
+    probe = (
+        "import runpy, sys\n"
+        "sys.argv = ['server', '--help']\n"
+        "try:\n    runpy.run_module('server', run_name='__main__')\n"
+        "except SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+        "import server.cli, server.monitoring, embedding.defaults as d\n"
+        "assert d.DEFAULT_MODEL.exists(), d.DEFAULT_MODEL\n"
+        f"tops = {(*PROJECT_PACKAGES, 'train', 'demo')!r}\n"
+        "bad = sorted(n for n, m in list(sys.modules.items()) if n.split('.')[0] in tops\n"
+        f"    and getattr(m, '__file__', None) and not m.__file__.startswith({str(target)!r}))\n"
+        "print('outside:', bad)\n"
+        "print('torch loaded:', 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        check=False,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(target)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--metrics-port" in result.stdout
+    assert "outside: []" in result.stdout, result.stdout[-2000:]
+    assert "torch loaded: False" in result.stdout
