@@ -161,8 +161,12 @@ class LiveMonitor:
         Asking about a tenant never seen gives empty statistics and uses no label slot.
         """
         label = self.labels.get(tenant)
-        stats = self.snapshot().get(label) if label is not None else None
-        return stats if stats is not None else _empty_stats(self.target_far)
+        with self._lock:
+            windows = self._tenants.get(label) if label is not None else None
+            if windows is None:
+                return _empty_stats(self.target_far)
+            windows.expire()
+            return self._stats(label, windows)
 
     def tenant_label(self, tenant: str) -> str:
         """The bounded label the server should use for ``tenant`` in its own metrics."""
