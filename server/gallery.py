@@ -109,6 +109,7 @@ class Gallery:
         self._gpu_dirty = True
         self._use_gpu = gpu_count() > 0
         self._wal: WriteAheadLog | None = None
+        self.reembedded = 0  # items re-embedded by open() because the model changed
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -154,6 +155,7 @@ class Gallery:
             for (fid, item, _, _), vector in zip(stale, vectors, strict=True):
                 entries[item.item_id] = (fid, item, vector, model_sha256)
             log.info("%s: re-embedded %d items for model %s", directory, len(stale), model_sha256)
+        gallery.reembedded = len(stale)
         gallery._apply_add([(fid, item, vec) for fid, item, vec, _ in entries.values()])
         gallery._wal = WriteAheadLog(directory / WAL)
         gallery._since_snapshot = replayed

@@ -482,3 +482,73 @@ def test_client_cli_enroll_and_match(auth_server: ServerProcess, server_assets: 
     assert fb["matched"] is True
     (stats,) = cli("stats", "cli")
     assert stats["gallery_size"] == 4
+
+
+def test_reembed_command_and_sighup_reload(server_assets: Assets, tmp_path: Path) -> None:
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from tests.server_fixtures import ROOT, make_assets
+
+    other = make_assets(tmp_path / "other", server_assets.images, server_assets.labels, seed=2)
+    data = tmp_path / "data"
+    server = start_server(server_assets, data, "--no-auth")
+    with RetrievalClient(server.address) as client:
+        client.create_tenant("offline")
+        for i in range(5):
+            client.enroll("offline", f"o{i}", server_assets.png(i))
+        server.proc.send_signal(signal.SIGHUP)  # reload from the same paths
+        deadline = time.monotonic() + 20
+        while "reloaded on SIGHUP" not in server.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "reloaded on SIGHUP" in server.log()
+        assert client.match("offline", server_assets.png(2)).item_id == "o2"
+    assert server.stop() == 0
+    env = {"PYTHONPATH": f"{ROOT}:{ROOT / 'protos'}", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server.reembed",
+            "--data-dir",
+            str(data),
+            "--model",
+            str(other.model),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(out.stdout) == {"tenant": "offline", "items": 5, "reembedded": 5}
+    restarted = start_server(other, data, "--no-auth")
+    try:
+        assert "re-embedded" not in restarted.log()
+        with RetrievalClient(restarted.address) as client:
+            result = client.match("offline", server_assets.png(3))
+            assert result.item_id == "o3" and result.similarity == pytest.approx(1.0, abs=1e-5)
+    finally:
+        restarted.stop()
+
+
+def test_deadline_exceeded_leaves_the_server_healthy(
+    auth_server: ServerProcess, server_assets: Assets, tenant
+) -> None:
+    from retrieval.v1 import retrieval_pb2 as pb
+    from retrieval.v1 import retrieval_pb2_grpc as rpc
+
+    name, key = tenant
+    with grpc.insecure_channel(auth_server.address) as channel:
+        stub = rpc.RetrievalStub(channel)
+        request = pb.MatchBatchRequest(
+            tenant=name, images=[server_assets.png(i) for i in range(64)]
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            stub.MatchBatch(request, metadata=(("x-api-key", key),), timeout=0.001)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    with RetrievalClient(auth_server.address, key) as client:
+        assert client.match(name, server_assets.png(2)).item_id == "g2"
