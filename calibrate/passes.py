@@ -13,7 +13,7 @@ from calibrate.sweep import Block, Genuine, ScoreFn, sweep
 from calibrate.tail import NBINS, Tail, bin_of
 
 SENTINEL_FLOOR = -3.0  # below every real score, above the -inf of ignored pairs
-SAMPLE_ROWS = 1024
+SAMPLE_ROWS = 512
 SAFETY = 1.5  # the sampled cutoff aims this many times deeper than needed
 CACHE_BYTES = 1 << 28  # tail pairs kept from pass 1 (12 bytes each) to skip passes 2 and 3
 
@@ -87,8 +87,7 @@ class Engine:
         """A score below which no needed rank lies, estimated on a sample of rows.
 
         Only the scores above it are binned; the rest are merely not counted. If the
-        estimate is too high the caller redoes the pass with no cutoff. The sample
-        uses exact scores so the cutoff is the same on every device.
+        estimate is too high the caller redoes the pass with no cutoff.
         """
         want = SAFETY * fraction
         if want >= 0.5:
@@ -99,7 +98,7 @@ class Engine:
         for k in range(prep.n_datasets):
             rows = np.arange(prep.ds_start[k], prep.ds_stop[k])
             pick = np.sort(rng.choice(rows, size=min(SAMPLE_ROWS, len(rows)), replace=False))
-            s = (prep.x[pick] @ prep.x[rows].T).astype(np.float32)
+            s = prep.x32[pick] @ prep.x32[rows].T
             s = s[prep.cls[pick][:, None] != prep.cls[rows][None, :]]
             if len(s) * want < 50:  # too few sampled impostors to place a quantile
                 return SENTINEL_FLOOR
@@ -118,8 +117,10 @@ class Engine:
             r, q, v = b.above(cut)
             tails[b.dataset].add_tail(v)
             cache.add(b.dataset, r + b.i0, q + b.j0, v)
-            for axis in (1, 0):
-                idx, val = b.best(axis)
+            np.maximum.at(best, r + b.i0, v)  # the best impostor when it is in the tail
+            np.maximum.at(best, q + b.j0, v)
+            for axis in (1, 0):  # rows whose best impostor may lie under the cutoff
+                idx, val = b.best(axis, below=cut + b.margin)
                 np.maximum.at(best, idx, val)
 
         genuine = self._sweep(visit, collect=True)

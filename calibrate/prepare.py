@@ -26,8 +26,8 @@ class CalibrationInputError(ValueError):
 class Prepared:
     """Embeddings sorted by (dataset, class) with the bookkeeping the engine needs."""
 
-    x: np.ndarray  # (N, D) float64, rows sorted by (dataset, class): exact scores
-    x32: np.ndarray  # the same rows in float32: fast approximate block products
+    x: np.ndarray  # (N, D) float32, rows sorted by (dataset, class)
+    x32: np.ndarray  # the same array (the name says what the engine relies on)
     order: np.ndarray  # original position (in the concatenated input) of each sorted row
     cls: np.ndarray  # dense class id of each sorted row
     dataset_names: tuple[str, ...]
@@ -87,7 +87,8 @@ def prepare(embeddings: EmbeddingSet | Sequence[EmbeddingSet]) -> Prepared:
     pairs = zip(ds_of, label_of, strict=True)
     keys = np.array([f"{names[d]}\x00{class_label[d][lab]}" for d, lab in pairs])
     order = np.lexsort((keys, ds_of))
-    x, ds_of, keys = x[order], ds_of[order], keys[order]
+    x = np.ascontiguousarray(x[order], dtype=np.float32)
+    ds_of, keys = ds_of[order], keys[order]
     starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
     stops = np.r_[starts[1:], len(keys)]
     cls = np.repeat(np.arange(len(starts)), stops - starts)
@@ -96,7 +97,7 @@ def prepare(embeddings: EmbeddingSet | Sequence[EmbeddingSet]) -> Prepared:
     ds_stop = np.searchsorted(ds_of, np.arange(len(names)), side="right")
     prep = Prepared(
         x=x,
-        x32=np.ascontiguousarray(x, dtype=np.float32),
+        x32=x,
         order=order,
         cls=cls,
         dataset_names=tuple(names),

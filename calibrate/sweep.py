@@ -42,12 +42,16 @@ def margin(dim: int) -> float:
     return 2 * gamma * (1 + NORM_TOLERANCE) ** 2 + 1e-7
 
 
-def exact_scores(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """The defining score of pairs (rows[i], cols[i]): float64 dot rounded to float32."""
+def exact_scores(x32: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """The defining score of pairs (rows[i], cols[i]): float64 dot rounded to float32.
+
+    float32 rows are gathered (half the memory traffic of float64) and multiplied
+    and summed in float64: each product of two float32 numbers is exact in float64.
+    """
     out = np.empty(len(rows), np.float32)
     for s in range(0, len(rows), EXACT_CHUNK):
-        a, b = x[rows[s : s + EXACT_CHUNK]], x[cols[s : s + EXACT_CHUNK]]
-        out[s : s + EXACT_CHUNK] = np.einsum("ij,ij->i", a, b)
+        a, b = x32[rows[s : s + EXACT_CHUNK]], x32[cols[s : s + EXACT_CHUNK]]
+        out[s : s + EXACT_CHUNK] = np.einsum("ij,ij->i", a, b, dtype=np.float64)
     return out
 
 
@@ -59,11 +63,11 @@ class Block:
     i0: int
     j0: int
     scores: np.ndarray  # float32 GEMM, ignored pairs at -inf
-    x: np.ndarray  # float64 rows of the whole set, for exact recomputation
+    x32: np.ndarray  # rows of the whole set, for exact recomputation
     margin: float
 
     def exact(self, r: np.ndarray, q: np.ndarray) -> np.ndarray:
-        return exact_scores(self.x, r + self.i0, q + self.j0)
+        return exact_scores(self.x32, r + self.i0, q + self.j0)
 
     def above(self, t: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(local rows, local cols, exact scores) of the pairs with exact score >= t."""
@@ -72,12 +76,24 @@ class Block:
         keep = v >= t
         return r[keep], q[keep], v[keep]
 
-    def best(self, axis: int) -> tuple[np.ndarray, np.ndarray]:
-        """(global index, exact score) of candidates for each row's (axis=1) or column's max."""
+    def best(self, axis: int, below: float = np.inf) -> tuple[np.ndarray, np.ndarray]:
+        """(global index, exact score) of candidates for each row's (axis=1) or column's max.
+
+        Only rows (columns) whose approximate max is under ``below`` are searched:
+        a caller that already has every exact score >= ``below - margin`` knows the
+        others' max.
+        """
         top = self.scores.max(axis=axis)
-        lim = np.where(np.isfinite(top), top - self.margin, np.inf)
-        lim = lim[:, None] if axis == 1 else lim[None, :]
-        r, q = np.nonzero(self.scores >= lim)
+        need = np.flatnonzero(np.isfinite(top) & (top < below))
+        if not len(need):
+            return need, np.zeros(0, np.float32)
+        lim = top[need] - self.margin
+        if axis == 1:
+            r, q = np.nonzero(self.scores[need] >= lim[:, None])
+            r = need[r]
+        else:
+            r, q = np.nonzero(self.scores[:, need] >= lim[None, :])
+            q = need[q]
         v = self.exact(r, q)
         return (r + self.i0, v) if axis == 1 else (q + self.j0, v)
 
@@ -133,7 +149,7 @@ def sweep(
             _mask_genuine(prep, s, i0, i1, j0, j1, found if collect_genuine else None)
             if i0 == j0:
                 s[np.tril_indices(i1 - i0)] = -np.inf
-            visit(Block(k, i0, j0, s, prep.x, tol))
+            visit(Block(k, i0, j0, s, prep.x32, tol))
             if tick is not None:
                 tick()
     if not collect_genuine:
@@ -141,7 +157,7 @@ def sweep(
     empty = np.zeros(0, np.int64)
     rows = np.concatenate([r for r, _ in found]) if found else empty
     cols = np.concatenate([q for _, q in found]) if found else empty
-    return Genuine(rows, cols, exact_scores(prep.x, rows, cols))
+    return Genuine(rows, cols, exact_scores(prep.x32, rows, cols))
 
 
 def _mask_genuine(
