@@ -44,6 +44,11 @@ def parser() -> argparse.ArgumentParser:
     auth = p.add_mutually_exclusive_group()
     auth.add_argument("--no-auth", action="store_true", help="no API keys (local use only)")
     auth.add_argument("--api-keys", type=Path, help="JSON key file (see server/auth.py)")
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve gRPC over TLS")
+    p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    p.add_argument(
+        "--tls-client-ca", type=Path, help="PEM CA bundle: require client certificates (mTLS)"
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--max-batch", type=int, default=64, help="images per onnxruntime call")
     p.add_argument("--max-delay-ms", type=float, default=2.0, help="wait for a batch to fill")
@@ -98,6 +103,21 @@ def make_observer(target_far: float, registry: CollectorRegistry, model: Serving
     return LiveMonitor(target_far, registry=registry, reference_top1=reference)
 
 
+def tls_credentials(args: argparse.Namespace):
+    """grpc server credentials from the --tls-* flags, or None for plaintext."""
+    import grpc
+
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_client_ca is not None:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise ValueError("--tls-cert and --tls-key go together")
+    ca = args.tls_client_ca.read_bytes() if args.tls_client_ca else None
+    pair = (args.tls_key.read_bytes(), args.tls_cert.read_bytes())
+    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=bool(ca))
+
+
 async def serve(args: argparse.Namespace) -> int:
     if args.no_auth:
         keys = KeyRing(enabled=False)
@@ -123,7 +143,13 @@ async def serve(args: argparse.Namespace) -> int:
     from server.app import build_server
 
     server, health = build_server(service, args.device)
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    credentials = tls_credentials(args)
+    address = f"{args.host}:{args.port}"
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
+        log.info("TLS on%s", " with client certificates required (mTLS)" * bool(args.tls_client_ca))
     if port == 0:
         raise OSError(f"cannot bind {args.host}:{args.port}")
     http, _ = start_http_server(args.metrics_port, addr=args.host, registry=registry)

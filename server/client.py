@@ -82,14 +82,30 @@ class ItemRefusedError(RuntimeError):
 class RetrievalClient:
     """Blocking client; errors are ``grpc.RpcError`` with the server's status and message."""
 
-    def __init__(self, address: str, api_key: str | None = None, timeout: float = 30.0) -> None:
-        self.channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_send_message_length", 64 << 20),
-                ("grpc.max_receive_message_length", 64 << 20),
-            ],
-        )
+    def __init__(
+        self,
+        address: str,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        tls_ca: Path | None = None,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+    ) -> None:
+        """Plaintext unless a ``tls_*`` file is given: ``tls_ca`` verifies the server
+        (system roots when omitted), ``tls_cert`` + ``tls_key`` identify this client (mTLS)."""
+        options = [
+            ("grpc.max_send_message_length", 64 << 20),
+            ("grpc.max_receive_message_length", 64 << 20),
+        ]
+        if tls_ca or tls_cert or tls_key:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=Path(tls_ca).read_bytes() if tls_ca else None,
+                private_key=Path(tls_key).read_bytes() if tls_key else None,
+                certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None,
+            )
+            self.channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
         self.stub = rpc.RetrievalStub(self.channel)
         self.admin = rpc.AdminStub(self.channel)
         self.metadata = (("x-api-key", api_key),) if api_key else ()
@@ -208,6 +224,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default="127.0.0.1:50051")
     p.add_argument("--api-key", default=os.environ.get("TCM_API_KEY"))
     p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--tls-ca", type=Path, help="PEM CA that signed the server's certificate")
+    p.add_argument("--tls-cert", type=Path, help="client certificate (mTLS)")
+    p.add_argument("--tls-key", type=Path, help="client private key (mTLS)")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("create-tenant", help="create a tenant (admin key); prints its key")
     s.add_argument("tenant")
@@ -282,7 +301,9 @@ def _run(args: argparse.Namespace, client: RetrievalClient) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        with RetrievalClient(args.address, args.api_key, args.timeout) as client:
+        with RetrievalClient(
+            args.address, args.api_key, args.timeout, args.tls_ca, args.tls_cert, args.tls_key
+        ) as client:
             return _run(args, client)
     except grpc.RpcError as err:
         print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)

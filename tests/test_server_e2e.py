@@ -552,3 +552,60 @@ def test_deadline_exceeded_leaves_the_server_healthy(
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     with RetrievalClient(auth_server.address, key) as client:
         assert client.match(name, server_assets.png(2)).item_id == "g2"
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    import subprocess
+
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_pki(directory: Path) -> Path:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (openssl CLI)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+             "-keyout", "ca.key", "-out", "ca.pem", cwd=directory)  # fmt: skip
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name, ext in (("server", ["-extfile", "san.ext"]), ("client", [])):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+                 "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=directory)  # fmt: skip
+        sign = ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2"]
+        _openssl("x509", "-req", "-in", f"{name}.csr", *sign, "-out", f"{name}.pem", *ext,
+                 cwd=directory)  # fmt: skip
+    return directory
+
+
+def test_mutual_tls(server_assets: Assets, tmp_path: Path) -> None:
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make test certificates")
+    pki = make_pki(tmp_path / "pki")
+    server = start_server(
+        server_assets,
+        tmp_path / "data",
+        "--no-auth",
+        "--tls-cert",
+        str(pki / "server.pem"),
+        "--tls-key",
+        str(pki / "server.key"),
+        "--tls-client-ca",
+        str(pki / "ca.pem"),
+    )
+    try:
+        with RetrievalClient(
+            server.address,
+            tls_ca=pki / "ca.pem",
+            tls_cert=pki / "client.pem",
+            tls_key=pki / "client.key",
+            timeout=10,
+        ) as client:
+            client.create_tenant("tls")
+            client.enroll("tls", "t", server_assets.png(0))
+            assert client.match("tls", server_assets.png(0)).item_id == "t"
+        with RetrievalClient(server.address, tls_ca=pki / "ca.pem", timeout=5) as no_cert:
+            assert code_of(no_cert.list_tenants) == grpc.StatusCode.UNAVAILABLE
+        with RetrievalClient(server.address, timeout=5) as plaintext:
+            assert code_of(plaintext.list_tenants) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop()
