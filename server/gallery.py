@@ -418,10 +418,16 @@ def _load_snapshot(path: Path) -> dict:
     and are re-embedded by :meth:`Gallery.open`."""
     if not path.exists():
         return {"entries": {}, "lsn": 0, "next_id": 0}
-    with np.load(path, allow_pickle=False) as data:
-        meta = json.loads(data["meta"].tobytes())
-        ids, vectors, offsets = data["ids"], data["vectors"], data["offsets"]
-        blob = data["blob"].tobytes()
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(data["meta"].tobytes())
+            ids, vectors, offsets = data["ids"], data["vectors"], data["offsets"]
+            blob = data["blob"].tobytes()
+    except Exception as err:  # zip, npy or JSON damage: snapshots are atomic, so it is the disk
+        raise GalleryError(
+            f"{path}: unreadable gallery snapshot ({type(err).__name__}: {err}); restore it "
+            "from a backup or move the tenant's folder away to start it empty"
+        ) from err
     entries = {}
     for n, (item_id, label) in enumerate(meta["items"]):
         image = blob[offsets[n] : offsets[n + 1]]

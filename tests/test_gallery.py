@@ -172,3 +172,13 @@ def test_sigkill_loses_nothing_acknowledged(tmp_path: Path, delay: float) -> Non
     # every acknowledged add is there; at most the one unacknowledged in-flight write extra
     assert acked - removing <= present
     assert len(present - acked) <= 2
+
+
+def test_damaged_snapshot_is_a_clear_error(tmp_path: Path) -> None:
+    gallery = Gallery.open(tmp_path, DIM, SHA)
+    gallery.add(items(2), unit(np.random.default_rng(6), 2), SHA)
+    gallery.close()
+    snapshot = tmp_path / "snapshot.npz"
+    snapshot.write_bytes(snapshot.read_bytes()[:100])
+    with pytest.raises(GalleryError, match="unreadable gallery snapshot"):
+        Gallery.open(tmp_path, DIM, SHA)
