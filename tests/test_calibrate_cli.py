@@ -95,6 +95,8 @@ def test_cli_prints_the_table(tmp_path, capsys):
         (["--dataset", "{tmp}/nan.npz"], "NaN"),
         (["--dataset", "{tmp}/nowhere"], "cannot read dataset"),
         (["--far-range", "0.1", "0.01"], "far_range"),
+        (["--dataset", "{tmp}/mismatch.npz"], "labels"),
+        (["--model", "{tmp}/garbage.onnx", "--dataset", "glyphs-tiny"], "cannot load model"),
     ],
 )
 def test_bad_input_exits_nonzero_and_writes_nothing(tmp_path, capsys, args, message):
@@ -104,6 +106,8 @@ def test_bad_input_exits_nonzero_and_writes_nothing(tmp_path, capsys, args, mess
     emb = bad["embeddings"].copy()
     emb[5] = np.nan
     np.savez(tmp_path / "nan.npz", embeddings=emb, labels=bad["labels"])
+    np.savez(tmp_path / "mismatch.npz", embeddings=emb, labels=bad["labels"][:-3])
+    fake_model(tmp_path / "garbage.onnx")
     model = fake_model(tmp_path / "fake.onnx")
     out = tmp_path / "out" / "c.json"
     base = ["--model", str(model), "--dataset", str(tmp_path / "good.npz"), "--no-progress"]
