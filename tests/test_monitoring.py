@@ -300,3 +300,41 @@ def test_a_shared_label_mapping_is_used_as_given():
     mon.record_decision("second", "d", 0.9, True, 0.6, 1, 10)
     assert mon.labels is shared
     assert value(reg, "tcm_far_label_free_pairs", tenant="other") == 10
+
+
+def test_drift_against_the_tenants_own_baseline():
+    ref = {"edges": [0.0, 0.5, 1.0], "counts": [1, 1]}
+    mon, reg = make(
+        reference_top1=ref,
+        drift_reference="baseline",
+        baseline_decisions=4,
+        window_decisions=4,
+        min_drift_samples=4,
+    )
+    decide(mon, "t", 3, top1=0.9)
+    assert math.isnan(value(reg, "tcm_score_drift_ks", tenant="t"))  # baseline not complete
+    decide(mon, "t", 1, top1=0.9)
+    assert value(reg, "tcm_score_drift_ks", tenant="t") == 0.0  # against the calibration: 0.5
+    decide(mon, "t", 4, top1=0.1)
+    assert value(reg, "tcm_score_drift_ks", tenant="t") == 1.0
+    mon.reset_drift_baseline("t")
+    assert math.isnan(value(reg, "tcm_score_drift_ks", tenant="t"))
+    decide(mon, "t", 4, top1=0.1)
+    assert value(reg, "tcm_score_drift_ks", tenant="t") == 0.0
+
+
+def test_baseline_without_a_calibration_reference_uses_200_bins_over_minus_one_to_one():
+    mon, reg = make(drift_reference="baseline", baseline_decisions=2, min_drift_samples=2)
+    decide(mon, "t", 2, top1=0.001)  # bin [0, 0.01)
+    assert value(reg, "tcm_score_drift_ks", tenant="t") == 0.0
+    decide(mon, "t", 2, top1=0.011)  # the next bin: half the window moved
+    assert value(reg, "tcm_score_drift_ks", tenant="t") == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"drift_reference": "live"}, "drift_reference"), ({"baseline_decisions": 1}, "baseline")],
+)
+def test_bad_drift_settings_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LiveMonitor(0.01, registry=CollectorRegistry(), **kwargs)

@@ -51,6 +51,9 @@ class _TenantWindows:
         self.decisions: SlidingWindow[_Decision] = SlidingWindow(max_items, max_age, clock)
         self.feedback: SlidingWindow[_Feedback] = SlidingWindow(max_items, max_age, clock)
         self.by_id: dict[str, _Feedback] = {}
+        # drift_reference="baseline": the tenant's first scores, then their histogram.
+        self.baseline_scores: list[float] = []
+        self.baseline: ReferenceHistogram | None = None
 
     def add_feedback(self, entry: _Feedback) -> None:
         """Adds a verdict; a repeated verdict for a decision in the window replaces it."""
@@ -85,6 +88,12 @@ class LiveMonitor:
     cross-tenant spread and OPIS; ``min_drift_samples``: decisions before drift is
     reported (PSI of a handful of scores is noise). ``labels``: a shared tenant-label
     mapping (the server's), so both sets of series bound tenants the same way.
+    ``drift_reference``: ``"calibration"`` compares with ``reference_top1``;
+    ``"baseline"`` with each tenant's own first ``baseline_decisions`` top-1 scores
+    (binned on the reference's edges, else 200 bins over [-1, 1]). The calibration
+    histogram reflects the calibration set's gallery make-up (every other image of a
+    class), so a live gallery of a few images per class reads as drift against it;
+    a tenant's own baseline only sees change over time.
     """
 
     def __init__(
@@ -102,6 +111,8 @@ class LiveMonitor:
         min_drift_samples: int = 100,
         psi_bins: int = 10,
         labels: TenantLabels | None = None,
+        drift_reference: str = "calibration",
+        baseline_decisions: int = 1000,
     ) -> None:
         if not (isinstance(target_far, int | float) and 0 < target_far < 1):
             raise ValueError(f"target_far must lie in (0, 1), got {target_far!r}")
@@ -111,7 +122,21 @@ class LiveMonitor:
         # tenants keep their name; max_tenant_labels only applies to a new mapping.
         self.labels = labels if labels is not None else TenantLabels(max_tenant_labels)
         self._window = (window_decisions, window_seconds)
+        if drift_reference not in ("calibration", "baseline"):
+            raise ValueError(
+                f'drift_reference must be "calibration" or "baseline", got {drift_reference!r}'
+            )
+        if not (isinstance(baseline_decisions, int) and baseline_decisions >= 2):
+            raise ValueError(
+                f"baseline_decisions must be an integer >= 2, got {baseline_decisions!r}"
+            )
         self._references = load_references(reference_top1, psi_bins)
+        self._drift_reference = drift_reference
+        self._baseline_size = baseline_decisions
+        self._psi_bins = psi_bins
+        self._edges = (
+            list(reference_top1["edges"]) if reference_top1 else np.linspace(-1, 1, 201).tolist()
+        )
         self._clock = clock
         self._min_feedback = min_feedback
         self._min_pairs = min_label_free_pairs
@@ -143,7 +168,10 @@ class LiveMonitor:
             raise ValueError(f"top1_similarity must be finite, got {top1_similarity}")
         entry = _Decision(float(top1_similarity), bool(matched), impostor_accepted, impostor_total)
         with self._lock:
-            self._windows(tenant).decisions.append(entry)
+            windows = self._windows(tenant)
+            windows.decisions.append(entry)
+            if self._drift_reference == "baseline" and windows.baseline is None:
+                self._grow_baseline(windows, entry.top1)
 
     def record_feedback(self, tenant: str, decision_id: str, matched: bool, is_same: bool) -> None:
         """Adds a ground-truth verdict on a past decision (is_same: query and match agree)."""
@@ -167,6 +195,25 @@ class LiveMonitor:
                 return _empty_stats(self.target_far)
             windows.expire()
             return self._stats(label, windows)
+
+    def reset_drift_baseline(self, tenant: str | None = None) -> None:
+        """Start a new baseline (all tenants when None), e.g. after a gallery was rebuilt."""
+        with self._lock:
+            label = self.labels.get(tenant) if tenant is not None else None
+            for name, windows in self._tenants.items():
+                if tenant is None or name == label:
+                    windows.baseline, windows.baseline_scores = None, []
+
+    def _grow_baseline(self, windows: _TenantWindows, score: float) -> None:
+        windows.baseline_scores.append(score)
+        if len(windows.baseline_scores) >= self._baseline_size:
+            edges = np.asarray(self._edges)
+            idx = np.clip(
+                np.searchsorted(edges, windows.baseline_scores, "right") - 1, 0, len(edges) - 2
+            )
+            counts = np.bincount(idx, minlength=len(edges) - 1)
+            windows.baseline = ReferenceHistogram(edges, counts, self._psi_bins)
+            windows.baseline_scores = []
 
     def tenant_label(self, tenant: str) -> str:
         """The bounded label the server should use for ``tenant`` in its own metrics."""
@@ -228,7 +275,7 @@ class LiveMonitor:
         far_fb = rate(imp_acc, len(impostors))
         far_lf = rate(lf_acc, lf_pairs)
         lo, hi = wilson_interval(imp_acc, len(impostors))
-        psi, ks = self._drift(label, [d.top1 for d in decisions])
+        psi, ks = self._drift(label, w, [d.top1 for d in decisions])
         return {
             "decisions": float(len(decisions)),
             "match_rate": rate(sum(d.matched for d in decisions), len(decisions)),
@@ -248,8 +295,12 @@ class LiveMonitor:
             "score_drift_ks": ks,
         }
 
-    def _drift(self, label: str, scores: list[float]) -> tuple[float, float]:
-        ref: ReferenceHistogram | None = self._references.get(label, self._references.get(""))
+    def _drift(self, label: str, w: _TenantWindows, scores: list[float]) -> tuple[float, float]:
+        ref: ReferenceHistogram | None
+        if self._drift_reference == "baseline":
+            ref = w.baseline
+        else:
+            ref = self._references.get(label, self._references.get(""))
         if ref is None or len(scores) < max(self._min_drift, 1):
             return NAN, NAN
         return ref.psi(scores), ref.ks(scores)
@@ -291,7 +342,7 @@ _TENANT_GAUGES = {
     ),
     "tcm_far_label_free_pairs": ("label_free_pairs", "Pairs behind tcm_far_label_free"),
     "tcm_far_label_free_ratio": ("far_label_free_ratio", "tcm_far_label_free / target FAR"),
-    "tcm_score_drift_psi": ("score_drift_psi", "PSI of top-1 similarity vs calibration"),
+    "tcm_score_drift_psi": ("score_drift_psi", "PSI of top-1 similarity vs the reference"),
     "tcm_score_drift_ks": ("score_drift_ks", "Binned KS statistic of top-1 similarity"),
 }
 
