@@ -122,14 +122,7 @@ class LiveMonitor:
         # tenants keep their name; max_tenant_labels only applies to a new mapping.
         self.labels = labels if labels is not None else TenantLabels(max_tenant_labels)
         self._window = (window_decisions, window_seconds)
-        if drift_reference not in ("calibration", "baseline"):
-            raise ValueError(
-                f'drift_reference must be "calibration" or "baseline", got {drift_reference!r}'
-            )
-        if not (isinstance(baseline_decisions, int) and baseline_decisions >= 2):
-            raise ValueError(
-                f"baseline_decisions must be an integer >= 2, got {baseline_decisions!r}"
-            )
+        _check_drift_settings(drift_reference, baseline_decisions)
         self._references = load_references(reference_top1, psi_bins)
         self._drift_reference = drift_reference
         self._baseline_size = baseline_decisions
@@ -158,7 +151,8 @@ class LiveMonitor:
         impostor_accepted: int,
         impostor_total: int,
     ) -> None:
-        """Adds one Match answer. The impostor counts are the label-free pair counts."""
+        """Adds one Match answer. The impostor counts are the label-free pair counts, taken
+        at ``threshold`` (the server's; kept for the Protocol, not used here)."""
         if not 0 <= impostor_accepted <= impostor_total:
             raise ValueError(
                 f"need 0 <= impostor_accepted <= impostor_total, "
@@ -304,6 +298,15 @@ class LiveMonitor:
         if ref is None or len(scores) < max(self._min_drift, 1):
             return NAN, NAN
         return ref.psi(scores), ref.ks(scores)
+
+
+def _check_drift_settings(drift_reference: str, baseline_decisions: int) -> None:
+    if drift_reference not in ("calibration", "baseline"):
+        raise ValueError(
+            f'drift_reference must be "calibration" or "baseline", got {drift_reference!r}'
+        )
+    if not (isinstance(baseline_decisions, int) and baseline_decisions >= 2):
+        raise ValueError(f"baseline_decisions must be an integer >= 2, got {baseline_decisions!r}")
 
 
 def _empty_stats(target_far: float) -> dict[str, float]:
