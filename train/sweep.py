@@ -17,7 +17,7 @@ from contracts import atomic_write_text
 from train.config import load_config
 from train.trainer import Trainer, json_safe
 
-DEFAULT_MARGINS = ["0.9,0.5,1,1", "0.8,0.4,1,1", "0.9,0.3,1,1", "0.9,0.5,0.5,2"]
+DEFAULT_MARGINS = ["0.9,0.5,1,1", "0.8,0.4,1,1", "0.9,0.5,1,3"]
 COLUMNS = ("recall_at_1", "map_at_r", "opis", "eps_opis", "far_min", "far_max", "far_spread")
 
 
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--losses", nargs="+", default=["multi_similarity", "proxy_anchor"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=250, help="steps per epoch")
-    parser.add_argument("--eval-limit", type=int, default=8000)
+    parser.add_argument("--steps", type=int, default=150, help="steps per epoch")
+    parser.add_argument("--eval-limit", type=int, default=6000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--margins",
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         cfg = base.replace(**changes)
         start = time.perf_counter()
-        metrics = Trainer(cfg, args.out / name, quiet=True).run()
+        metrics = Trainer(cfg, args.out / name, quiet=True, export=False).run()
         seconds = time.perf_counter() - start
         results.append(
             {"name": name, "config": changes, "seconds": seconds, "metrics": json_safe(metrics)}

@@ -65,8 +65,11 @@ def recipe_of(cfg: TrainConfig) -> dict:
 class Trainer:
     """One run: build everything from a config, train, evaluate, export."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, quiet: bool = False) -> None:
+    def __init__(
+        self, cfg: TrainConfig, run_dir: Path, quiet: bool = False, export: bool = True
+    ) -> None:
         self.cfg = cfg
+        self.export = export
         self.run_dir = Path(run_dir)
         self.quiet = quiet
         torch.set_num_threads(max(1, cfg.threads))
@@ -247,8 +250,10 @@ class Trainer:
     def finish(self, metrics: dict, curves) -> dict:
         from train.plots import plot_training
 
-        diff = export_model(self.model.cpu(), self.run_dir / "model.onnx", recipe_of(self.cfg))
-        metrics = {**metrics, "export_max_abs_diff": diff, "epochs": self.epoch}
+        metrics = {**metrics, "epochs": self.epoch}
+        if self.export:  # sweeps skip it: they compare losses, not ship models
+            diff = export_model(self.model.cpu(), self.run_dir / "model.onnx", recipe_of(self.cfg))
+            metrics["export_max_abs_diff"] = diff
         atomic_write_text(self.run_dir / "metrics.json", json.dumps(json_safe(metrics), indent=2))
         atomic_write_text(self.run_dir / "history.json", json.dumps(self.history))
         np.savez_compressed(
@@ -258,7 +263,9 @@ class Trainer:
             tenant_utility=curves.tenant_utility,
         )
         plot_training(self.history, self.epochs, self.run_dir / "curves.png")
-        self._say(f"wrote {self.run_dir}/model.onnx, metrics.json, curves.png")
+        self._say(
+            f"wrote {self.run_dir}: metrics.json, curves.png" + (", model.onnx" * self.export)
+        )
         return metrics
 
     def _say(self, text: str) -> None:
