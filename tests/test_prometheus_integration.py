@@ -218,7 +218,7 @@ def test_real_server_drifting_tenant_pages_and_every_expression_has_data(
     """python -m server + synthetic traffic + a real Prometheus with the project's rules."""
     if binary("prometheus") is None:
         pytest.fail(f"prometheus is not installed: {INSTALL_HINT}")
-    from tests.prometheus_harness import recording_names
+    from tests.prometheus_harness import promql_names, recording_names, rule_groups
     from tests.server_fixtures import make_assets, start_server
 
     rng = np.random.default_rng(0)
@@ -254,7 +254,15 @@ def test_real_server_drifting_tenant_pages_and_every_expression_has_data(
                     print(f", PSI {psi:.3f}")
                     assert (ratio > 3) == (tenant == DRIFTING_TENANT)
 
-                exprs = dashboard_exprs() + sorted(recording_names())
+                # Alert expressions hold only while they fire; every series they read must.
+                alert_inputs = {
+                    name
+                    for g in rule_groups()
+                    for r in g["rules"]
+                    if "alert" in r
+                    for name in promql_names(r["expr"])
+                }
+                exprs = dashboard_exprs() + sorted(recording_names() | alert_inputs)
                 empty = [
                     e
                     for e in exprs
