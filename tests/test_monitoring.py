@@ -157,6 +157,8 @@ def test_cross_tenant_opis_from_feedback_tar_and_far():
     stats = mon.tenant_stats("a")
     assert stats["tar_feedback"] == 0.75
     assert stats["far_feedback"] == 0.25
+    assert stats["opis_drift_feedback"] == pytest.approx(0.015625)  # its own term
+    assert mon.tenant_stats("b")["opis_drift_feedback"] == pytest.approx(0.015625)
 
 
 def test_drift_psi_and_ks_against_reference():
@@ -227,6 +229,7 @@ def test_tenant_stats_of_unknown_tenant_is_empty_but_complete():
     assert stats["decisions"] == 0
     assert math.isnan(stats["far_feedback"])
     assert set(stats) >= {"far_label_free", "score_drift_psi", "far_feedback_ci_upper"}
+    assert math.isnan(stats["opis_drift_feedback"])
 
 
 def test_exposition_has_the_contract_names():

@@ -183,12 +183,13 @@ class LiveMonitor:
         Asking about a tenant never seen gives empty statistics and uses no label slot.
         """
         label = self.labels.get(tenant)
-        with self._lock:
-            windows = self._tenants.get(label) if label is not None else None
-            if windows is None:
-                return _empty_stats(self.target_far)
-            windows.expire()
-            return self._stats(label, windows)
+        stats = self.snapshot()
+        if label is None or label not in stats:
+            return _empty_stats(self.target_far)
+        # The tenant's own term of the cross-tenant OPIS (its OPIS drift), NaN when the
+        # tenant (or the set of tenants) lacks the feedback for it.
+        terms = self._opis_feedback(stats)[1]
+        return {**stats[label], "opis_drift_feedback": terms.get(label, NAN)}
 
     def reset_drift_baseline(self, tenant: str | None = None) -> None:
         """Start a new baseline (all tenants when None), e.g. after a gallery was rebuilt."""
@@ -324,6 +325,7 @@ def _empty_stats(target_far: float) -> dict[str, float]:
         "far_label_free_ratio",
         "score_drift_psi",
         "score_drift_ks",
+        "opis_drift_feedback",
     ):
         stats[key] = NAN
     return stats
