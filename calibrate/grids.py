@@ -29,7 +29,10 @@ class GridCounts:
         grid = self.grids[dataset]
         if grid is None or not len(values):
             return
-        idx = np.searchsorted(grid, values, side="right")  # thresholds <= value
+        self.add_index(np.searchsorted(grid, values, side="right"), classes)
+
+    def add_index(self, idx: np.ndarray, classes: np.ndarray) -> None:
+        """Add values by their grid index: how many thresholds are <= the value."""
         keep = idx > 0
         flat = classes[keep] * self.width + idx[keep]
         self.hist += np.bincount(flat, minlength=self.hist.size).reshape(self.hist.shape)

@@ -9,7 +9,7 @@ import numpy as np
 
 from calibrate.grids import GridCounts
 from calibrate.prepare import Prepared
-from calibrate.sweep import Block, Genuine, ScoreFn, sweep
+from calibrate.sweep import Block, Genuine, ScoreFn, exact_scores, margin, sweep
 from calibrate.tail import NBINS, Tail, bin_of
 
 SENTINEL_FLOOR = -3.0  # below every real score, above the -inf of ignored pairs
@@ -59,6 +59,7 @@ class TailPass:
     best_impostor: np.ndarray  # per sorted row: highest impostor score (-inf if none)
     genuine: Genuine
     cache: TailCache
+    cutoff: float
 
 
 class Engine:
@@ -114,18 +115,19 @@ class Engine:
         cache = TailCache(prep.n_datasets, CACHE_BYTES)
 
         def visit(b: Block) -> None:
-            r, q, v = b.above(cut)
+            rows, cols, v = tail_pairs(b, cut)
             tails[b.dataset].add_tail(v)
-            cache.add(b.dataset, r + b.i0, q + b.j0, v)
-            np.maximum.at(best, r + b.i0, v)  # the best impostor when it is in the tail
-            np.maximum.at(best, q + b.j0, v)
+            cache.add(b.dataset, rows, cols, v)
+            for idx in (rows, cols):  # the best impostor, when it lies in the tail
+                at, val = _block_best(b, idx, rows, cols, v)
+                np.maximum.at(best, at, val)
             for axis in (1, 0):  # rows whose best impostor may lie under the cutoff
-                idx, val = b.best(axis, below=cut + b.margin)
-                np.maximum.at(best, idx, val)
+                at, val = b.best(axis, below=cut + b.margin)
+                np.maximum.at(best, at, val)
 
         genuine = self._sweep(visit, collect=True)
         assert genuine is not None
-        return TailPass(tails, best, genuine, cache)
+        return TailPass(tails, best, genuine, cache, cutoff)
 
     def resolve_pass(self, first: TailPass, bins: set[int], cutoff: float) -> None:
         """Pass 2: exact values (with counts) of the scores in the selected bins."""
@@ -133,48 +135,99 @@ class Engine:
             return
         table = np.zeros(NBINS, bool)
         table[list(bins)] = True
-        tails = first.tails
+        tails, x32 = first.tails, self.prep.x32
+        tol = margin(self.prep.x.shape[1])
 
-        def take(k: int, v: np.ndarray) -> None:
-            vb = bin_of(v)
+        def take(k: int, rows: np.ndarray, cols: np.ndarray, v: np.ndarray) -> None:
+            cand = _touches(table, bin_of(v - tol), bin_of(v + tol))
+            exact = exact_scores(x32, rows[cand], cols[cand])
+            vb = bin_of(exact)
             sel = table[vb]
             if sel.any():
-                tails[k].add_exact(v[sel], vb[sel])
+                tails[k].add_exact(exact[sel], vb[sel])
 
-        if first.cache.kept:
-            for k in range(self.prep.n_datasets):
-                take(k, first.cache.dataset(k)[2])
-            return
-        cut = max(cutoff, SENTINEL_FLOOR)
-        self._sweep(lambda b: take(b.dataset, b.above(cut)[2]))
+        self._tail_route(first, cutoff, take)
 
     def grid_pass(self, first: TailPass, counts: list[GridCounts]) -> None:
         """Pass 3: per-class impostor counts at the thresholds of every grid."""
         low = min(c.lowest() for c in counts)
         if not np.isfinite(low):
             return
-        cls = self.prep.cls
+        cls, x32 = self.prep.cls, self.prep.x32
+        tol = margin(self.prep.x.shape[1])
 
         def take(k: int, rows: np.ndarray, cols: np.ndarray, v: np.ndarray) -> None:
-            if not len(v):
-                return
+            sel = v >= low - tol
+            rows, cols, v = rows[sel], cols[sel], v[sel]
             members = np.concatenate([cls[rows], cls[cols]])
-            both = np.concatenate([v, v])
             for c in counts:
-                c.add(k, both, members)
+                grid = c.grids[k]
+                if grid is None:
+                    continue
+                idx = np.searchsorted(grid, v - tol, side="right")
+                unsure = np.flatnonzero(idx != np.searchsorted(grid, v + tol, side="right"))
+                # on which side of a threshold an unsure score lies needs its exact value
+                exact = exact_scores(x32, rows[unsure], cols[unsure])
+                idx[unsure] = np.searchsorted(grid, exact, side="right")
+                c.add_index(np.concatenate([idx, idx]), members)
 
+        self._tail_route(first, first.cutoff, take)
+
+    def _tail_route(self, first: TailPass, cutoff: float, take) -> None:
+        """Feed pass 1's tail pairs to ``take``: from the cache, or by sweeping again."""
         if first.cache.kept:
             for k in range(self.prep.n_datasets):
-                rows, cols, v = first.cache.dataset(k)
-                sel = v >= low
-                take(k, rows[sel], cols[sel], v[sel])
+                take(k, *first.cache.dataset(k))
             return
+        cut = max(cutoff, SENTINEL_FLOOR)
+        self._sweep(lambda b: take(b.dataset, *tail_pairs(b, cut)))
 
-        def visit(b: Block) -> None:
-            r, q, v = b.above(low)
-            take(b.dataset, r + b.i0, q + b.j0, v)
 
-        self._sweep(visit)
+def tail_pairs(b: Block, cut: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, cols, scores) of a block's pairs with exact score >= cut.
+
+    Scores are exact where it matters for pass 1 (near the cutoff, near a bin edge)
+    and the float32 GEMM value elsewhere: within ``margin``, and in the right bin.
+    Later passes refine again where their own boundaries demand it.
+    """
+    r, q = np.nonzero(b.scores >= cut - b.margin)
+    a = b.scores[r, q]
+    rows, cols = r + b.i0, q + b.j0
+    need = (a < cut + b.margin) | (bin_of(a - b.margin) != bin_of(a + b.margin))
+    v = _refine(b.x32, rows, cols, a, need)
+    keep = v >= cut
+    return rows[keep], cols[keep], v[keep]
+
+
+def _refine(x32, rows, cols, v, need) -> np.ndarray:
+    idx = np.flatnonzero(need)
+    if not len(idx):
+        return v
+    v = v.copy()
+    v[idx] = exact_scores(x32, rows[idx], cols[idx])
+    return v
+
+
+def _touches(table: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Whether any selected bin lies in [lo, hi], elementwise."""
+    cum = np.r_[0, np.cumsum(table)]
+    return cum[hi + 1] - cum[lo] > 0
+
+
+def _block_best(b: Block, idx, rows, cols, v) -> tuple[np.ndarray, np.ndarray]:
+    """Exact best tail score per row in ``idx`` within this block.
+
+    v is exact or within margin/2 of exact, so a row's exact maximum is among the
+    entries within ``margin`` of its largest v: only those are recomputed.
+    """
+    if not len(v):
+        return idx, v
+    base = b.i0 if idx is rows else b.j0
+    local = idx - base
+    top = np.full(int(local.max()) + 1, -np.inf, np.float32)
+    np.maximum.at(top, local, v)
+    cand = np.flatnonzero(v >= top[local] - b.margin)
+    return idx[cand], exact_scores(b.x32, rows[cand], cols[cand])
 
 
 def genuine_grid_counts(prep: Prepared, genuine: Genuine, counts: GridCounts) -> GridCounts:

@@ -20,6 +20,7 @@ are sorted by class, so the genuine pairs of a block are a few rectangles.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -148,7 +149,7 @@ def sweep(
             s = np.asarray(score_fn(prep.x32[i0:i1], prep.x32[j0:j1]), dtype=np.float32)
             _mask_genuine(prep, s, i0, i1, j0, j1, found if collect_genuine else None)
             if i0 == j0:
-                s[np.tril_indices(i1 - i0)] = -np.inf
+                s[_lower(i1 - i0)] = -np.inf
             visit(Block(k, i0, j0, s, prep.x32, tol))
             if tick is not None:
                 tick()
@@ -158,6 +159,12 @@ def sweep(
     rows = np.concatenate([r for r, _ in found]) if found else empty
     cols = np.concatenate([q for _, q in found]) if found else empty
     return Genuine(rows, cols, exact_scores(prep.x32, rows, cols))
+
+
+@functools.lru_cache(maxsize=4)
+def _lower(n: int) -> np.ndarray:
+    """Boolean mask of the diagonal and lower triangle of an n x n block."""
+    return np.tri(n, dtype=bool)
 
 
 def _mask_genuine(
