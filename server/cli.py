@@ -56,6 +56,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-bytes", type=int, default=8 << 20)
     p.add_argument("--max-image-pixels", type=int, default=16_000_000)
     p.add_argument(
+        "--index",
+        choices=("flat", "hnsw"),
+        default="flat",
+        help="flat = exact search; hnsw = approximate top-k for very large galleries",
+    )
+    p.add_argument(
         "--search-threads",
         type=int,
         default=1,
@@ -135,6 +141,7 @@ async def serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_delay=args.max_delay_ms / 1000,
         max_queue=args.max_queue,
+        index=args.index,
         limits=ImageLimits(args.max_image_bytes, args.max_image_pixels),
     )
     service = RetrievalService(model, args.data_dir, keys, observer, metrics, config)

@@ -25,10 +25,12 @@ import faiss
 import numpy as np
 
 from contracts.files import atomic_write_bytes
+from server.ann import HnswTopK
 from server.wal import WriteAheadLog, read_records
 
 log = logging.getLogger(__name__)
 
+INDEX_KINDS = ("flat", "hnsw")
 SNAPSHOT = "snapshot.npz"
 WAL = "wal.log"
 # faiss uses BLAS (much faster for a batch of queries) only from this many queries on;
@@ -81,6 +83,13 @@ def identity(item_id: str, label: str) -> str:
     return label if label else "\0" + item_id
 
 
+def describe_index(kind: str) -> str:
+    """What a gallery of ``kind`` searches with (for tcm_model_info)."""
+    if kind == "hnsw":
+        return "IndexIDMap2(IndexFlatIP) + IndexHNSWFlat top-k"
+    return "IndexIDMap2(IndexFlatIP)" + (" + GPU copy" if gpu_count() else "")
+
+
 def gpu_count() -> int:
     """GPUs faiss can use (0 for faiss-cpu builds)."""
     get = getattr(faiss, "get_num_gpus", None)
@@ -90,7 +99,12 @@ def gpu_count() -> int:
 class Gallery:
     """Thread-safe; open with :meth:`Gallery.open`. Mutations are durable on return."""
 
-    def __init__(self, directory: Path, dim: int, model_sha256: str, snapshot_every: int) -> None:
+    def __init__(
+        self, directory: Path, dim: int, model_sha256: str, snapshot_every: int, index: str = "flat"
+    ) -> None:
+        if index not in INDEX_KINDS:
+            raise ValueError(f"index must be one of {INDEX_KINDS}, got {index!r}")
+        self.index = index
         self.directory = directory
         self.dim = dim
         self.model_sha256 = model_sha256
@@ -109,6 +123,7 @@ class Gallery:
         self._gpu_dirty = True
         self._use_gpu = gpu_count() > 0
         self._wal: WriteAheadLog | None = None
+        self._ann = HnswTopK(dim) if index == "hnsw" else None
         self.reembedded = 0  # items re-embedded by open() because the model changed
 
     # ----------------------------------------------------------------- opening
@@ -120,10 +135,12 @@ class Gallery:
         model_sha256: str,
         embed=None,
         snapshot_every: int = 1000,
+        index: str = "flat",
     ) -> Gallery:
         """Load snapshot + log. Items embedded by another model are re-embedded with
-        ``embed(list_of_image_bytes) -> (n, dim) float32``; without it that is an error."""
-        gallery = cls(directory, dim, model_sha256, snapshot_every)
+        ``embed(list_of_image_bytes) -> (n, dim) float32``; without it that is an error.
+        ``index``: "flat" (exact) or "hnsw" (approximate top-k, see server/ann.py)."""
+        gallery = cls(directory, dim, model_sha256, snapshot_every, index)
         directory.mkdir(parents=True, exist_ok=True)
         state = _load_snapshot(directory / SNAPSHOT)
         entries: dict[str, tuple[int, Item, np.ndarray, str]] = state["entries"]
@@ -240,6 +257,7 @@ class Gallery:
             self._ids.clear()
             self._identities.clear()
             self.model_sha256 = model_sha256
+            self._ann = HnswTopK(self.dim) if self.index == "hnsw" else None
             self._apply_add(entries)
 
     # ------------------------------------------------------------------ search
@@ -255,13 +273,13 @@ class Gallery:
                 return [SearchResult([], 0, 0) for _ in range(len(queries))]
             k = max(1, min(k, n))
             sims, ids = self._topk(queries, k)
-            radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
-            lims, rsims, rids = self._index.range_search(queries, radius)
-            # label-free counts, vectorised: results of another identity than the top-1's
-            owner = np.repeat(np.arange(len(queries)), np.diff(lims.astype(np.int64)))
+            if (ids[:, 0] < 0).any():  # an approximate search came back empty: be exact
+                sims, ids = self._index.search(queries, k)
             top_code = self._code_of[ids[:, 0]]
-            other = (rsims >= threshold) & (self._code_of[rids] != top_code[owner])
-            accepted = np.bincount(owner[other], minlength=len(queries))
+            if self._ann is not None:
+                accepted, totals = self._ann.label_free(queries, top_code, self._code_of, threshold)
+            else:
+                accepted, totals = self._exact_counts(queries, top_code, threshold), None
             results = []
             for q in range(len(queries)):
                 hits = [
@@ -269,12 +287,25 @@ class Gallery:
                     for s, i in zip(sims[q], ids[q], strict=True)
                     if i >= 0
                 ]
-                top = self._items[int(ids[q, 0])]
-                same = self._identities[identity(top.item_id, top.label)]
-                results.append(SearchResult(hits, int(accepted[q]), n - same))
+                if totals is None:
+                    top = self._items[int(ids[q, 0])]
+                    total = n - self._identities[identity(top.item_id, top.label)]
+                else:
+                    total = int(totals[q])
+                results.append(SearchResult(hits, int(accepted[q]), total))
             return results
 
+    def _exact_counts(self, queries: np.ndarray, top_code: np.ndarray, threshold: float):
+        """Per query: gallery items of another identity than its top-1 with s >= threshold."""
+        radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
+        lims, rsims, rids = self._index.range_search(queries, radius)
+        owner = np.repeat(np.arange(len(queries)), np.diff(lims.astype(np.int64)))
+        other = (rsims >= threshold) & (self._code_of[rids] != top_code[owner])
+        return np.bincount(owner[other], minlength=len(queries))
+
     def _topk(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._ann is not None:
+            return self._ann.search(queries, k)
         if not self._use_gpu:
             return self._index.search(queries, k)
         if self._gpu_dirty:  # pragma: no cover - needs a GPU build of faiss
@@ -293,7 +324,7 @@ class Gallery:
 
     @property
     def index_kind(self) -> str:
-        return "IndexIDMap2(IndexFlatIP)" + (" + GPU copy" if self._use_gpu else "")
+        return describe_index(self.index)
 
     def items(self) -> list[Item]:
         """The current items (insertion order), e.g. to re-embed them."""
@@ -366,6 +397,8 @@ class Gallery:
         vectors = np.stack([e[2] for e in entries]).astype(np.float32)
         ids = np.asarray([e[0] for e in entries], np.int64)
         self._index.add_with_ids(vectors, ids)
+        if self._ann is not None:
+            self._ann.add(vectors, ids)
         if ids.max() >= len(self._code_of):
             grown = np.full(max(2 * len(self._code_of), int(ids.max()) + 1, 64), -1, np.int64)
             grown[: len(self._code_of)] = self._code_of
@@ -382,6 +415,14 @@ class Gallery:
         if not fids:
             return
         self._index.remove_ids(np.asarray(fids, np.int64))
+        if self._ann is not None:
+            self._ann.remove(fids)
+            if self._ann.needs_rebuild():
+                codes = faiss.vector_to_array(faiss.downcast_index(self._index.index).codes)
+                self._ann.rebuild(
+                    codes.view(np.float32).reshape(-1, self.dim),
+                    faiss.vector_to_array(self._index.id_map).astype(np.int64),
+                )
         for fid in fids:
             item = self._items.pop(fid)
             del self._ids[item.item_id]

@@ -31,7 +31,7 @@ from contracts import CalibrationError
 from server.auth import KeyRing, Principal, hash_key, new_key
 from server.batcher import MicroBatcher, QueueFullError
 from server.decisions import DecisionStore
-from server.gallery import Item, SearchResult, StaleModelError
+from server.gallery import Item, SearchResult, StaleModelError, describe_index
 from server.imaging import ImageError, ImageLimits, to_model_input
 from server.metrics import ServerMetrics
 from server.model import ServingModel
@@ -61,6 +61,7 @@ class ServiceConfig:
     max_top_k: int = 100
     decision_capacity: int = 100_000
     snapshot_every: int = 1000
+    index: str = "flat"  # or "hnsw": approximate top-k for large galleries
     limits: ImageLimits = field(default_factory=ImageLimits)
 
 
@@ -108,6 +109,7 @@ class RetrievalService:
             model.sha256,
             embed=lambda images: model.embed_images(images, config.limits),
             snapshot_every=config.snapshot_every,
+            index=config.index,
         )
 
     # -------------------------------------------------------------- lifecycle
@@ -154,11 +156,6 @@ class RetrievalService:
         return _State(model, batcher)
 
     def _publish(self, model: ServingModel) -> None:
-        gallery = (
-            self.tenants.all()[0].gallery.index_kind
-            if self.tenants.all()
-            else "IndexIDMap2(IndexFlatIP)"
-        )
         self.metrics.served(
             model.thresholds(),
             model.default_far,
@@ -167,7 +164,7 @@ class RetrievalService:
                 "model_sha256": model.sha256,
                 "calibration_sha256": model.calibration_sha256,
                 "provider": model.provider,
-                "index": gallery,
+                "index": describe_index(self.config.index),
             },
         )
 

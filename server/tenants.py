@@ -59,8 +59,10 @@ class TenantRegistry:
         model_sha256: str,
         embed: Callable[[list[bytes]], np.ndarray] | None = None,
         snapshot_every: int = 1000,
+        index: str = "flat",
     ) -> None:
         self.root = root / "tenants"
+        self.index = index
         self.dim = dim
         self.model_sha256 = model_sha256
         self.embed = embed
@@ -77,7 +79,7 @@ class TenantRegistry:
                 continue
             raw = json.loads(meta.read_text(encoding="utf-8"))
             gallery = Gallery.open(
-                directory, self.dim, self.model_sha256, self.embed, self.snapshot_every
+                directory, self.dim, self.model_sha256, self.embed, self.snapshot_every, self.index
             )
             self._tenants[directory.name] = Tenant(directory.name, gallery, raw.get("keys", []))
 
@@ -91,7 +93,7 @@ class TenantRegistry:
                 shutil.rmtree(directory)
             directory.mkdir(parents=True)
             gallery = Gallery.open(
-                directory, self.dim, self.model_sha256, self.embed, self.snapshot_every
+                directory, self.dim, self.model_sha256, self.embed, self.snapshot_every, self.index
             )
             keys = [key_hash] if key_hash else []
             record = {"name": name, "created_at": time.time(), "keys": keys}

@@ -290,7 +290,9 @@ def test_metrics_contract_names(auth_server: ServerProcess, tenant) -> None:
 
 # ------------------------------------------------- servers of their own
 def test_overload_answers_resource_exhausted(server_assets: Assets, tmp_path: Path) -> None:
-    server = start_server(server_assets, tmp_path, "--no-auth", "--max-queue", "4")
+    server = start_server(
+        server_assets, tmp_path, "--no-auth", "--max-queue", "4", "--index", "hnsw"
+    )
     exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
     try:
         with RetrievalClient(server.address) as client:
