@@ -268,3 +268,20 @@ def test_server_image_contents_install_and_run_without_torch(tmp_path: Path):
     assert "--metrics-port" in result.stdout
     assert "outside: []" in result.stdout, result.stdout[-2000:]
     assert "torch loaded: False" in result.stdout
+
+
+@pytest.mark.parametrize("version", ["1.29.0", "1.37.0"])
+def test_k8s_manifests_match_the_kubernetes_schema(version: str):
+    """Strict OpenAPI-schema validation (unknown fields are errors), offline.
+
+    ServiceMonitor is a Prometheus Operator CRD without a bundled schema; the reference
+    checks above cover it.
+    """
+    kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
+    checked = 0
+    for (kind, _), doc in k8s_docs().items():
+        if kind == "ServiceMonitor":
+            continue
+        kv.validate(doc, version, strict=True)  # raises ValidationError naming the field
+        checked += 1
+    assert checked == 6
