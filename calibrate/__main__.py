@@ -4,4 +4,5 @@ import sys
 
 from calibrate.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importable without running (console script, import checks)
+    sys.exit(main())
