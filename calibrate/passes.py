@@ -9,7 +9,7 @@ import numpy as np
 
 from calibrate.grids import GridCounts
 from calibrate.prepare import Prepared
-from calibrate.sweep import Block, Genuine, ScoreFn, exact_scores, margin, sweep
+from calibrate.sweep import Block, Genuine, ScoreFn, exact_scores, sweep, tolerance
 from calibrate.tail import NBINS, Tail, bin_of
 
 SENTINEL_FLOOR = -3.0  # below every real score, above the -inf of ignored pairs
@@ -136,7 +136,7 @@ class Engine:
         table = np.zeros(NBINS, bool)
         table[list(bins)] = True
         tails, x32 = first.tails, self.prep.x32
-        tol = margin(self.prep.x.shape[1])
+        tol = tolerance(self.prep.x.shape[1], self.score_fn)
 
         def take(k: int, rows: np.ndarray, cols: np.ndarray, v: np.ndarray) -> None:
             cand = _touches(table, bin_of(v - tol), bin_of(v + tol))
@@ -154,7 +154,7 @@ class Engine:
         if not np.isfinite(low):
             return
         cls, x32 = self.prep.cls, self.prep.x32
-        tol = margin(self.prep.x.shape[1])
+        tol = tolerance(self.prep.x.shape[1], self.score_fn)
 
         def take(k: int, rows: np.ndarray, cols: np.ndarray, v: np.ndarray) -> None:
             sel = v >= low - tol

@@ -31,6 +31,8 @@ from calibrate.prepare import NORM_TOLERANCE, Prepared
 DEFAULT_BLOCK = 2048
 EXACT_CHUNK = 1 << 15  # pairs recomputed per gather: bounds the gather's memory
 
+ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
 
 def margin(dim: int) -> float:
     """A bound on |float32 GEMM score - exact score| for rows of norm <= 1 + tolerance.
@@ -41,6 +43,15 @@ def margin(dim: int) -> float:
     u = 2.0**-24
     gamma = dim * u / (1 - dim * u)
     return 2 * gamma * (1 + NORM_TOLERANCE) ** 2 + 1e-7
+
+
+def tolerance(dim: int, score_fn: ScoreFn) -> float:
+    """The error bound to use for a score function: ``margin``, or its own larger one.
+
+    A GPU GEMM may use reduced-precision tensor cores (TF32); such a function
+    declares a ``min_margin`` and the engine refines more scores exactly.
+    """
+    return max(margin(dim), float(getattr(score_fn, "min_margin", 0.0)))
 
 
 def exact_scores(x32: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -108,9 +119,6 @@ class Genuine:
     scores: np.ndarray  # float32
 
 
-ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
-
-
 def scores_cpu(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """float32 GEMM of two row blocks (approximate scores, within ``margin``)."""
     return a @ b.T
@@ -143,7 +151,7 @@ def sweep(
 ) -> Genuine | None:
     """Visit every block of every dataset; return the genuine pairs when asked."""
     found: list[tuple[np.ndarray, np.ndarray]] = []
-    tol = margin(prep.x.shape[1])
+    tol = tolerance(prep.x.shape[1], score_fn)
     for k in range(prep.n_datasets):
         for i0, i1, j0, j1 in blocks(prep, k, block):
             s = np.asarray(score_fn(prep.x32[i0:i1], prep.x32[j0:j1]), dtype=np.float32)

@@ -182,3 +182,24 @@ def test_a_too_high_sampled_cutoff_falls_back_to_all_scores(monkeypatch):
     want.pop("created_at"), got.pop("created_at")
     # the plot grid may start lower after the fallback; everything measured is the same
     assert got["targets"] == want["targets"] and got["consistency"] == want["consistency"]
+
+
+def test_a_coarse_score_function_gives_the_same_numbers(monkeypatch):
+    """A GPU GEMM (TF32) errs more; with its declared margin the result is unchanged."""
+    import sys
+
+    from calibrate.sweep import scores_cpu
+
+    def coarse(a, b):
+        s = scores_cpu(a, b)
+        noise = np.sin(np.arange(s.size, dtype=np.float32)).reshape(s.shape)
+        return s + np.float32(1e-3) * noise
+
+    coarse.min_margin = 4e-3
+    es = make_set(n=400, seed=8)
+    want = evaluate(es, (0.01, 0.05), block=100).to_document("0" * 64)
+    module = sys.modules["calibrate.evaluate"]
+    monkeypatch.setattr(module, "score_function", lambda device: (coarse, "cpu"))
+    got = evaluate(es, (0.01, 0.05), block=100).to_document("0" * 64)
+    want.pop("created_at"), got.pop("created_at")
+    assert got == want
