@@ -25,6 +25,7 @@ from server.auth import KeyRing
 from server.imaging import ImageLimits
 from server.metrics import ServerMetrics
 from server.model import ServingModel
+from server.monitoring.labels import TenantLabels
 from server.observer import DecisionObserver, NullObserver
 from server.service import RetrievalService, ServiceConfig
 
@@ -67,6 +68,25 @@ def parser() -> argparse.ArgumentParser:
         default=1,
         help="faiss OpenMP threads per search (1 suits micro-batches; more for huge galleries)",
     )
+    m = p.add_argument_group("live monitoring (server/monitoring, docs/MONITORING.md)")
+    m.add_argument(
+        "--monitor-window", type=int, default=1000, help="decisions per tenant window; 0 = no cap"
+    )
+    m.add_argument(
+        "--monitor-window-seconds", type=float, default=0.0, help="window age limit; 0 = none"
+    )
+    m.add_argument(
+        "--max-tenant-labels", type=int, default=20, help="tenants named in metrics; rest 'other'"
+    )
+    m.add_argument(
+        "--drift-reference",
+        choices=("calibration", "baseline"),
+        default="calibration",
+        help="score drift against the calibration histogram or each tenant's own baseline",
+    )
+    m.add_argument(
+        "--baseline-decisions", type=int, default=1000, help="decisions forming that baseline"
+    )
     p.add_argument("--grace", type=float, default=10.0, help="seconds to drain on shutdown")
     p.add_argument("--log-level", default="INFO")
     return p
@@ -98,7 +118,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def make_observer(target_far: float, registry: CollectorRegistry, model: ServingModel):
+def make_observer(
+    args: argparse.Namespace, registry: CollectorRegistry, model: ServingModel, labels
+) -> DecisionObserver:
     """LiveMonitor when server.monitoring provides it, else NullObserver."""
     try:
         from server.monitoring import LiveMonitor
@@ -106,7 +128,16 @@ def make_observer(target_far: float, registry: CollectorRegistry, model: Serving
         log.warning("server.monitoring.LiveMonitor unavailable: live FAR gauges are off")
         return NullObserver()
     reference = (model.calibration.raw.get("reference") or {}).get("top1_similarity")
-    return LiveMonitor(target_far, registry=registry, reference_top1=reference)
+    return LiveMonitor(
+        args.target_far,
+        registry=registry,
+        reference_top1=reference,
+        labels=labels,
+        window_decisions=args.monitor_window or None,
+        window_seconds=args.monitor_window_seconds or None,
+        drift_reference=args.drift_reference,
+        baseline_decisions=args.baseline_decisions,
+    )
 
 
 def tls_credentials(args: argparse.Namespace):
@@ -135,8 +166,9 @@ async def serve(args: argparse.Namespace) -> int:
     faiss.omp_set_num_threads(max(1, args.search_threads))
     model = ServingModel.load(args.model, args.calibration, args.device, args.target_far)
     registry = CollectorRegistry()
-    observer: DecisionObserver = make_observer(args.target_far, registry, model)
-    metrics = ServerMetrics(registry, labels=getattr(observer, "labels", None))
+    labels = TenantLabels(args.max_tenant_labels)  # one mapping for serving and monitoring
+    metrics = ServerMetrics(registry, labels=labels)
+    observer = make_observer(args, registry, model, labels)
     config = ServiceConfig(
         max_batch=args.max_batch,
         max_delay=args.max_delay_ms / 1000,

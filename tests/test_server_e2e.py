@@ -496,7 +496,9 @@ def test_reembed_command_and_sighup_reload(server_assets: Assets, tmp_path: Path
 
     other = make_assets(tmp_path / "other", server_assets.images, server_assets.labels, seed=2)
     data = tmp_path / "data"
-    server = start_server(server_assets, data, "--no-auth")
+    monitoring = ["--monitor-window", "50", "--monitor-window-seconds", "600"]
+    monitoring += ["--max-tenant-labels", "3", "--drift-reference", "baseline"]
+    server = start_server(server_assets, data, "--no-auth", *monitoring)
     with RetrievalClient(server.address) as client:
         client.create_tenant("offline")
         for i in range(5):
@@ -507,6 +509,7 @@ def test_reembed_command_and_sighup_reload(server_assets: Assets, tmp_path: Path
             time.sleep(0.1)
         assert "reloaded on SIGHUP" in server.log()
         assert client.match("offline", server_assets.png(2)).item_id == "o2"
+        assert "decisions" in client.get_tenant("offline")["stats"]
     assert server.stop() == 0
     env = {"PYTHONPATH": f"{ROOT}:{ROOT / 'protos'}", "PATH": "/usr/bin:/bin"}
     out = subprocess.run(

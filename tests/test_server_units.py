@@ -181,8 +181,12 @@ def test_decision_store_is_bounded() -> None:
 # ------------------------------------------------------------------- config
 def test_config_file_values_and_flag_precedence(tmp_path: Path) -> None:
     config = tmp_path / "server.toml"
-    config.write_text('target-far = 0.01\nmax_batch = 16\ndata-dir = "/srv/x"\nno_auth = true\n')
+    config.write_text(
+        'target-far = 0.01\nmax_batch = 16\ndata-dir = "/srv/x"\nno_auth = true\n'
+        'drift-reference = "baseline"\nmonitor-window = 200\n'
+    )
     args = parse_args(["--config", str(config), "--max-batch", "8"])
+    assert (args.drift_reference, args.monitor_window) == ("baseline", 200)
     assert (args.target_far, args.max_batch, args.data_dir, args.no_auth) == (
         0.01,
         8,
