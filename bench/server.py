@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
+import os
 import shutil
 import sys
 import tempfile
@@ -94,7 +95,9 @@ def measure(address: str, clients: int, per_call: int, seconds: float, images) -
     }
 
 
-def in_process_ceiling(model, calibration, images, batch: int, seconds: float) -> float:
+def in_process_ceiling(
+    model, calibration, images, batch: int, seconds: float, threads: int = 0
+) -> float:
     """decode + embed + search in this process, ``batch`` images at a time: images/s."""
     import faiss
 
@@ -103,7 +106,7 @@ def in_process_ceiling(model, calibration, images, batch: int, seconds: float) -
     from server.model import ServingModel
 
     faiss.omp_set_num_threads(1)  # as the server does (--search-threads 1)
-    served = ServingModel.load(model, calibration, "auto", 1e-3)
+    served = ServingModel.load(model, calibration, "auto", 1e-3, threads)
     limits = ImageLimits()
     with tempfile.TemporaryDirectory() as tmp:
         gallery = Gallery.open(Path(tmp), served.embedder.dim, served.sha256)
@@ -124,7 +127,7 @@ def in_process_ceiling(model, calibration, images, batch: int, seconds: float) -
     return rate
 
 
-def start(model, calibration, data_dir: Path, max_batch: int):
+def start(model, calibration, data_dir: Path, max_batch: int, extra: list[str]):
     from server.client import RetrievalClient
     from tests.server_fixtures import ServerProcess
 
@@ -143,6 +146,7 @@ def start(model, calibration, data_dir: Path, max_batch: int):
             "100000",
             "--log-level",
             "WARNING",
+            *extra,
         ]
     )
     return server, RetrievalClient(server.address)
@@ -169,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", default="1,8,64")
     p.add_argument("--per-call", type=int, default=16, help="images per MatchBatch call")
     p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--embed-threads", type=int, default=0, help="passed to both sides")
     p.add_argument("--model", type=Path)
     p.add_argument("--calibration", type=Path)
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "tcm-bench-server")
@@ -176,10 +181,15 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(args.work, ignore_errors=True)
     model, calibration, images, which = assets(args)
     clients = [int(c) for c in args.clients.split(",")]
-    print(f"model: {which}; gallery {GALLERY} items; {args.seconds:g} s per cell")
+    load = os.getloadavg()[0]
+    print(
+        f"model: {which}; gallery {GALLERY} items; {args.seconds:g} s per cell; "
+        f"{os.cpu_count()} CPUs, load average {load:.1f} at start"
+    )
     results: dict[tuple, dict] = {}
     for label, max_batch in (("batched", args.max_batch), ("unbatched", 1)):
-        server, client = start(model, calibration, args.work / label, max_batch)
+        extra = ["--embed-threads", str(args.embed_threads)]
+        server, client = start(model, calibration, args.work / label, max_batch, extra)
         try:
             client.create_tenant("bench")
             for s in range(0, GALLERY, 250):
@@ -198,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         for per_call in (1, args.per_call):
             size = min(c * per_call, args.max_batch)
             if size not in ceilings:
-                ceilings[size] = in_process_ceiling(model, calibration, images, size, args.seconds)
+                ceilings[size] = in_process_ceiling(
+                    model, calibration, images, size, args.seconds, args.embed_threads
+                )
     head = (
         f"{'clients':>7} {'call':>10} | {'batched img/s':>13} {'p50 ms':>7} {'p99 ms':>7} | "
         f"{'unbatched img/s':>15} {'p50 ms':>7} {'p99 ms':>7} | {'ratio':>5} | "

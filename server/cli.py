@@ -51,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
         "--tls-client-ca", type=Path, help="PEM CA bundle: require client certificates (mTLS)"
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument(
+        "--embed-threads", type=int, default=0, help="onnxruntime intra-op threads; 0 = per core"
+    )
     p.add_argument("--max-batch", type=int, default=64, help="images per onnxruntime call")
     p.add_argument("--max-delay-ms", type=float, default=2.0, help="wait for a batch to fill")
     p.add_argument("--max-queue", type=int, default=2048, help="queued images before refusing")
@@ -164,7 +167,9 @@ async def serve(args: argparse.Namespace) -> int:
     import faiss
 
     faiss.omp_set_num_threads(max(1, args.search_threads))
-    model = ServingModel.load(args.model, args.calibration, args.device, args.target_far)
+    model = ServingModel.load(
+        args.model, args.calibration, args.device, args.target_far, args.embed_threads
+    )
     registry = CollectorRegistry()
     labels = TenantLabels(args.max_tenant_labels)  # one mapping for serving and monitoring
     metrics = ServerMetrics(registry, labels=labels)

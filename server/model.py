@@ -29,14 +29,21 @@ class ServingModel:
     calibration_path: Path
     calibration_sha256: str
     default_far: float
+    threads: int = 0
 
     @classmethod
     def load(
-        cls, model_path: Path, calibration_path: Path, device: str, default_far: float
+        cls,
+        model_path: Path,
+        calibration_path: Path,
+        device: str,
+        default_far: float,
+        threads: int = 0,
     ) -> ServingModel:
-        """Load and cross-check; raises ValueError/CalibrationError with what to do."""
+        """Load and cross-check; raises ValueError/CalibrationError with what to do.
+        ``threads``: onnxruntime intra-op threads (0 = its default, one per core)."""
         calibration = load_calibration(calibration_path)
-        embedder = OnnxEmbedder(model_path, device=device)
+        embedder = OnnxEmbedder(model_path, device=device, threads=threads)
         calibration.check_model(model_path, sha256=embedder.sha256)
         calibration.target(default_far)  # raises naming the calibrated targets
         log.info(
@@ -53,6 +60,7 @@ class ServingModel:
             Path(calibration_path),
             sha256_file(calibration_path),
             default_far,
+            threads,
         )
 
     @property

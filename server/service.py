@@ -424,7 +424,13 @@ class RetrievalService:
         async with self._mutations:
             try:
                 new = await loop.run_in_executor(
-                    self._work_pool, ServingModel.load, path, cal, device, old.model.default_far
+                    self._work_pool,
+                    ServingModel.load,
+                    path,
+                    cal,
+                    device,
+                    old.model.default_far,
+                    old.model.threads,
                 )
             except (ValueError, FileNotFoundError, RuntimeError) as err:
                 self.metrics.reloads.labels("error").inc()
