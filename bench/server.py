@@ -127,6 +127,12 @@ def in_process_ceiling(
     return rate
 
 
+def _median(runs: list[dict]) -> dict:
+    """The run with the median throughput (its latencies belong to it)."""
+    ordered = sorted(runs, key=lambda r: r["rate"])
+    return ordered[len(ordered) // 2] | {"errors": sum(r["errors"] for r in runs)}
+
+
 def start(model, calibration, data_dir: Path, max_batch: int, extra: list[str]):
     from server.client import RetrievalClient
     from tests.server_fixtures import ServerProcess
@@ -173,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", default="1,8,64")
     p.add_argument("--per-call", type=int, default=16, help="images per MatchBatch call")
     p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--repeat", type=int, default=3, help="runs per cell, median kept")
     p.add_argument("--embed-threads", type=int, default=0, help="passed to both sides")
     p.add_argument("--model", type=Path)
     p.add_argument("--calibration", type=Path)
@@ -186,31 +193,43 @@ def main(argv: list[str] | None = None) -> int:
         f"model: {which}; gallery {GALLERY} items; {args.seconds:g} s per cell; "
         f"{os.cpu_count()} CPUs, load average {load:.1f} at start"
     )
-    results: dict[tuple, dict] = {}
-    for label, max_batch in (("batched", args.max_batch), ("unbatched", 1)):
-        extra = ["--embed-threads", str(args.embed_threads)]
-        server, client = start(model, calibration, args.work / label, max_batch, extra)
-        try:
+    # Both servers run side by side (idle while the other is measured) and every cell is
+    # measured --repeat times, alternating servers, keeping the median: the shared
+    # machine's load drifts, and interleaving keeps that drift out of the ratios.
+    servers = {}
+    extra = ["--embed-threads", str(args.embed_threads)]
+    try:
+        for label, max_batch in (("batched", args.max_batch), ("unbatched", 1)):
+            server, client = start(model, calibration, args.work / label, max_batch, extra)
+            servers[label] = (server, client)
             client.create_tenant("bench")
             for s in range(0, GALLERY, 250):
                 items = [(f"i{n}", images[n], "") for n in range(s, min(s + 250, GALLERY))]
                 client.enroll_many("bench", items)
-            for c in clients:
-                for per_call in (1, args.per_call):
-                    results[label, c, per_call] = measure(
-                        server.address, c, per_call, args.seconds, images
-                    )
-        finally:
+        samples: dict[tuple, list[dict]] = {}
+        for c in clients:
+            for per_call in (1, args.per_call):
+                for _ in range(args.repeat):
+                    for label, (server, _client) in servers.items():
+                        got = measure(server.address, c, per_call, args.seconds, images)
+                        samples.setdefault((label, c, per_call), []).append(got)
+    finally:
+        for server, client in servers.values():
             client.close()
             server.stop()
+    results = {key: _median(runs) for key, runs in samples.items()}
     ceilings = {}
     for c in clients:
         for per_call in (1, args.per_call):
             size = min(c * per_call, args.max_batch)
             if size not in ceilings:
-                ceilings[size] = in_process_ceiling(
-                    model, calibration, images, size, args.seconds, args.embed_threads
-                )
+                runs = [
+                    in_process_ceiling(
+                        model, calibration, images, size, args.seconds, args.embed_threads
+                    )
+                    for _ in range(args.repeat)
+                ]
+                ceilings[size] = float(np.median(runs))
     head = (
         f"{'clients':>7} {'call':>10} | {'batched img/s':>13} {'p50 ms':>7} {'p99 ms':>7} | "
         f"{'unbatched img/s':>15} {'p50 ms':>7} {'p99 ms':>7} | {'ratio':>5} | "

@@ -85,6 +85,18 @@ def _to_channels(image: Image.Image, channels: int, background: int) -> np.ndarr
     return np.asarray(image, dtype=np.uint8)
 
 
+def header_pixels(data: bytes) -> int:
+    """Pixel count from the image header alone (no decoding); unknown/garbage -> a huge
+    number, so the caller treats the image as expensive."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            width, height = Image.open(io.BytesIO(data), formats=FORMATS).size
+        return width * height
+    except Exception:  # the real decode reports what is wrong
+        return 1 << 62
+
+
 def to_model_input(data: bytes, meta: EmbedderMeta, limits: ImageLimits) -> np.ndarray:
     """Encoded image -> (C, H, W) float32, preprocessed exactly as the model expects."""
     return preprocess([decode(data, meta.input_channels, limits)], meta)[0]

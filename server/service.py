@@ -32,7 +32,7 @@ from server.auth import KeyRing, Principal, hash_key, new_key
 from server.batcher import MicroBatcher, QueueFullError
 from server.decisions import DecisionStore
 from server.gallery import Item, SearchResult, StaleModelError, describe_index
-from server.imaging import ImageError, ImageLimits, to_model_input
+from server.imaging import ImageError, ImageLimits, header_pixels, to_model_input
 from server.metrics import ServerMetrics
 from server.model import ServingModel
 from server.observer import DecisionObserver
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 ITEM_ID = re.compile(r"^[^\x00-\x1f\x7f]{1,256}$")  # any text without control characters
 Code = grpc.StatusCode
 _DECODE_THREADS = 2
+INLINE_DECODE_PIXELS = 128 * 128  # a request this small is decoded on the event loop
 
 
 class ServiceError(Exception):
@@ -191,6 +192,10 @@ class RetrievalService:
                 self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - started)
             return out
 
+        # Small images (by their headers) decode in microseconds: do it here rather than
+        # pay two thread hops; anything bigger goes to the pool so the loop never stalls.
+        if sum(header_pixels(i) for i in images) <= INLINE_DECODE_PIXELS:
+            return chunk(images)
         # one thread hop per worker thread, not per image
         parts = [images[i::_DECODE_THREADS] for i in range(min(_DECODE_THREADS, len(images)))]
         done = await asyncio.gather(
