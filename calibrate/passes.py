@@ -9,7 +9,7 @@ import numpy as np
 
 from calibrate.grids import GridCounts
 from calibrate.prepare import Prepared
-from calibrate.sweep import Block, Genuine, ScoreFn, exact_scores, sweep, tolerance
+from calibrate.sweep import Block, Genuine, ScoreFn, exact_scores, nonzero2d, sweep, tolerance
 from calibrate.tail import NBINS, Tail, bin_of
 
 SENTINEL_FLOOR = -3.0  # below every real score, above the -inf of ignored pairs
@@ -44,13 +44,12 @@ class TailCache:
     def kept(self) -> bool:
         return self.parts is not None
 
-    def dataset(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def parts_in_order(self):
+        """(dataset, rows, cols, scores) block by block, as pass 1 stored them."""
         assert self.parts is not None
-        got = self.parts[k]
-        if not got:
-            e = np.zeros(0, np.int32)
-            return e, e, np.zeros(0, np.float32)
-        return tuple(np.concatenate(p) for p in zip(*got, strict=True))  # type: ignore[return-value]
+        for k, parts in enumerate(self.parts):
+            for rows, cols, v in parts:
+                yield k, rows, cols, v
 
 
 @dataclass
@@ -176,8 +175,8 @@ class Engine:
     def _tail_route(self, first: TailPass, cutoff: float, take) -> None:
         """Feed pass 1's tail pairs to ``take``: from the cache, or by sweeping again."""
         if first.cache.kept:
-            for k in range(self.prep.n_datasets):
-                take(k, *first.cache.dataset(k))
+            for k, rows, cols, v in first.cache.parts_in_order():
+                take(k, rows, cols, v)
             return
         cut = max(cutoff, SENTINEL_FLOOR)
         self._sweep(lambda b: take(b.dataset, *tail_pairs(b, cut)))
@@ -190,7 +189,7 @@ def tail_pairs(b: Block, cut: float) -> tuple[np.ndarray, np.ndarray, np.ndarray
     and the float32 GEMM value elsewhere: within ``margin``, and in the right bin.
     Later passes refine again where their own boundaries demand it.
     """
-    r, q = np.nonzero(b.scores >= cut - b.margin)
+    r, q = nonzero2d(b.scores >= cut - b.margin)
     a = b.scores[r, q]
     rows, cols = r + b.i0, q + b.j0
     need = (a < cut + b.margin) | (bin_of(a - b.margin) != bin_of(a + b.margin))

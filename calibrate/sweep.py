@@ -45,6 +45,12 @@ def margin(dim: int) -> float:
     return 2 * gamma * (1 + NORM_TOLERANCE) ** 2 + 1e-7
 
 
+def nonzero2d(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.nonzero for a 2-D mask, several times faster for sparse masks (one flat scan)."""
+    flat = np.flatnonzero(mask)
+    return np.divmod(flat, mask.shape[1])
+
+
 def tolerance(dim: int, score_fn: ScoreFn) -> float:
     """The error bound to use for a score function: ``margin``, or its own larger one.
 
@@ -83,7 +89,7 @@ class Block:
 
     def above(self, t: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(local rows, local cols, exact scores) of the pairs with exact score >= t."""
-        r, q = np.nonzero(self.scores >= t - self.margin)
+        r, q = nonzero2d(self.scores >= t - self.margin)
         v = self.exact(r, q)
         keep = v >= t
         return r[keep], q[keep], v[keep]
@@ -101,10 +107,10 @@ class Block:
             return need, np.zeros(0, np.float32)
         lim = top[need] - self.margin
         if axis == 1:
-            r, q = np.nonzero(self.scores[need] >= lim[:, None])
+            r, q = nonzero2d(self.scores[need] >= lim[:, None])
             r = need[r]
         else:
-            r, q = np.nonzero(self.scores[:, need] >= lim[None, :])
+            r, q = nonzero2d(self.scores[:, need] >= lim[None, :])
             q = need[q]
         v = self.exact(r, q)
         return (r + self.i0, v) if axis == 1 else (q + self.j0, v)
@@ -169,6 +175,21 @@ def sweep(
     return Genuine(rows, cols, exact_scores(prep.x32, rows, cols))
 
 
+@functools.lru_cache(maxsize=256)
+def _upper_pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.triu_indices(n, 1)
+
+
+def _pairs_in(a0: int, a1: int, b0: int, b1: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i, j), i < j, with i in [a0, a1) and j in [b0, b1)."""
+    if a0 == b0 and a1 == b1:  # a whole class inside one diagonal block: the common case
+        r, q = _upper_pairs(a1 - a0)
+        return r + a0, q + a0
+    r, q = np.meshgrid(np.arange(a0, a1), np.arange(b0, b1), indexing="ij")
+    keep = r < q
+    return r[keep], q[keep]
+
+
 @functools.lru_cache(maxsize=4)
 def _lower(n: int) -> np.ndarray:
     """Boolean mask of the diagonal and lower triangle of an n x n block."""
@@ -193,7 +214,5 @@ def _mask_genuine(
         if a0 >= a1 or b0 >= b1:
             continue
         if found is not None:
-            r, q = np.meshgrid(np.arange(a0, a1), np.arange(b0, b1), indexing="ij")
-            keep = r < q
-            found.append((r[keep], q[keep]))
+            found.append(_pairs_in(a0, a1, b0, b1))
         s[a0 - i0 : a1 - i0, b0 - j0 : b1 - j0] = -np.inf
