@@ -164,9 +164,6 @@ async def serve(args: argparse.Namespace) -> int:
         log.warning("authentication is OFF (--no-auth): any caller reaches every tenant")
     else:
         keys = KeyRing.from_file(args.api_keys)
-    import faiss
-
-    faiss.omp_set_num_threads(max(1, args.search_threads))
     model = ServingModel.load(
         args.model, args.calibration, args.device, args.target_far, args.embed_threads
     )
@@ -179,6 +176,7 @@ async def serve(args: argparse.Namespace) -> int:
         max_delay=args.max_delay_ms / 1000,
         max_queue=args.max_queue,
         index=args.index,
+        search_threads=args.search_threads,
         limits=ImageLimits(args.max_image_bytes, args.max_image_pixels),
     )
     service = RetrievalService(model, args.data_dir, keys, observer, metrics, config)

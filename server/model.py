@@ -82,7 +82,9 @@ class ServingModel:
         """Re-embed stored gallery images (reload, restart with a new model)."""
         if not images:
             return np.empty((0, self.embedder.dim), np.float32)
-        batch = np.stack([to_model_input(i, self.embedder.meta, limits) for i in images])
-        return np.concatenate(
-            [self.embedder.run(batch[s : s + 256]) for s in range(0, len(batch), 256)]
-        )
+        parts = []
+        for start in range(0, len(images), 256):  # bounded memory for large galleries
+            chunk = images[start : start + 256]
+            batch = np.stack([to_model_input(i, self.embedder.meta, limits) for i in chunk])
+            parts.append(self.embedder.run(batch))
+        return np.concatenate(parts)

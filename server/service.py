@@ -16,6 +16,7 @@ Mutations (Enroll, Remove, tenant changes) and reloads exclude each other throug
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import re
@@ -24,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import faiss
 import grpc
 import numpy as np
 
@@ -63,6 +65,7 @@ class ServiceConfig:
     decision_capacity: int = 100_000
     snapshot_every: int = 1000
     index: str = "flat"  # or "hnsw": approximate top-k for large galleries
+    search_threads: int = 1  # faiss OpenMP threads per search
     limits: ImageLimits = field(default_factory=ImageLimits)
 
 
@@ -98,8 +101,10 @@ class RetrievalService:
         self.metrics = metrics
         self.data_dir = data_dir
         self.decisions = DecisionStore(config.decision_capacity)
-        self._embed_pool = ThreadPoolExecutor(1, thread_name_prefix="embed")
-        self._work_pool = ThreadPoolExecutor(_DECODE_THREADS, thread_name_prefix="work")
+        # faiss's OpenMP thread count is per calling thread: set it in every pool thread
+        init = functools.partial(faiss.omp_set_num_threads, max(1, config.search_threads))
+        self._embed_pool = ThreadPoolExecutor(1, "embed", initializer=init)
+        self._work_pool = ThreadPoolExecutor(_DECODE_THREADS, "work", initializer=init)
         self._first_model = model
         self._state: _State | None = None
         self._mutations: asyncio.Lock | None = None
@@ -310,6 +315,7 @@ class RetrievalService:
                 errors[n] = ServiceError(Code.INVALID_ARGUMENT, "label longer than 256 characters")
         assert self._mutations is not None
         async with self._mutations:  # a reload cannot switch models under us
+            tenant = self.tenant(tenant_name)  # it may have been deleted while we waited
             state = self._current()
             todo = [n for n in range(len(items)) if errors[n] is None]
             decoded = await self._decode([items[n][2] for n in todo], state.model)
@@ -344,6 +350,7 @@ class RetrievalService:
             raise ServiceError(Code.INVALID_ARGUMENT, "no item_ids in the request")
         assert self._mutations is not None
         async with self._mutations:
+            tenant = self.tenant(tenant_name)
             removed, missing = await asyncio.get_running_loop().run_in_executor(
                 self._work_pool, tenant.gallery.remove, item_ids
             )
@@ -445,8 +452,8 @@ class RetrievalService:
             if new.sha256 != old.model.sha256:
                 for tenant in self.tenants.all():
                     items = tenant.gallery.items()
-                    vectors = await loop.run_in_executor(
-                        self._embed_pool,
+                    vectors = await loop.run_in_executor(  # not the embed thread: Match goes on
+                        self._work_pool,
                         new.embed_images,
                         [i.image for i in items],
                         self.config.limits,
