@@ -13,7 +13,7 @@ from calibrate.sweep import Block, Genuine, ScoreFn, exact_scores, nonzero2d, sw
 from calibrate.tail import NBINS, Tail, bin_of
 
 SENTINEL_FLOOR = -3.0  # below every real score, above the -inf of ignored pairs
-SAMPLE_ROWS = 512
+SAMPLE_ROWS = 256
 SAFETY = 1.5  # the sampled cutoff aims this many times deeper than needed
 CACHE_BYTES = 1 << 28  # tail pairs kept from pass 1 (12 bytes each) to skip passes 2 and 3
 
@@ -120,13 +120,27 @@ class Engine:
             for idx in (rows, cols):  # the best impostor, when it lies in the tail
                 at, val = _block_best(b, idx, rows, cols, v)
                 np.maximum.at(best, at, val)
-            for axis in (1, 0):  # rows whose best impostor may lie under the cutoff
-                at, val = b.best(axis, below=cut + b.margin)
-                np.maximum.at(best, at, val)
 
         genuine = self._sweep(visit, collect=True)
         assert genuine is not None
+        self._best_below_cutoff(best)
         return TailPass(tails, best, genuine, cache, cutoff)
+
+    def _best_below_cutoff(self, best: np.ndarray) -> None:
+        """Exact best impostor of the rows that have none in the tail (usually few)."""
+        prep = self.prep
+        tol = tolerance(prep.x.shape[1], self.score_fn)
+        for k in range(prep.n_datasets):
+            ds = prep.ds_rows(k)
+            missing = ds.start + np.flatnonzero(~np.isfinite(best[ds]))
+            for s0 in range(0, len(missing), self.block):
+                rows = missing[s0 : s0 + self.block]
+                s = np.asarray(self.score_fn(prep.x32[rows], prep.x32[ds]), np.float32)
+                s[prep.cls[rows][:, None] == prep.cls[ds][None, :]] = -np.inf
+                top = s.max(axis=1)
+                r, q = nonzero2d(s >= (top - tol)[:, None])
+                v = exact_scores(prep.x32, rows[r], q + ds.start)
+                np.maximum.at(best, rows[r], v)
 
     def resolve_pass(self, first: TailPass, bins: set[int], cutoff: float) -> None:
         """Pass 2: exact values (with counts) of the scores in the selected bins."""
@@ -159,16 +173,15 @@ class Engine:
             sel = v >= low - tol
             rows, cols, v = rows[sel], cols[sel], v[sel]
             members = np.concatenate([cls[rows], cls[cols]])
-            for c in counts:
-                grid = c.grids[k]
-                if grid is None:
-                    continue
-                idx = np.searchsorted(grid, v - tol, side="right")
-                unsure = np.flatnonzero(idx != np.searchsorted(grid, v + tol, side="right"))
-                # on which side of a threshold an unsure score lies needs its exact value
-                exact = exact_scores(x32, rows[unsure], cols[unsure])
-                idx[unsure] = np.searchsorted(grid, exact, side="right")
-                c.add_index(np.concatenate([idx, idx]), members)
+            grids = [c.grids[k] for c in counts]
+            edges = np.sort(np.concatenate([g for g in grids if g is not None]))
+            lo = np.searchsorted(edges, v - tol, side="right")
+            # scores that might lie on either side of some threshold are made exact
+            v = _refine(x32, rows, cols, v, lo != np.searchsorted(edges, v + tol, side="right"))
+            for c, grid in zip(counts, grids, strict=True):
+                if grid is not None:
+                    idx = np.searchsorted(grid, v, side="right")
+                    c.add_index(np.concatenate([idx, idx]), members)
 
         self._tail_route(first, first.cutoff, take)
 
