@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     clients = [int(c) for c in args.clients.split(",")]
     load = os.getloadavg()[0]
     print(
-        f"model: {which}; gallery {GALLERY} items; {args.seconds:g} s per cell; "
+        f"model: {which}; gallery {GALLERY} items; {args.seconds:g} s x {args.repeat} per cell; "
         f"{os.cpu_count()} CPUs, load average {load:.1f} at start"
     )
     # Both servers run side by side (idle while the other is measured) and every cell is

@@ -33,13 +33,12 @@ def generate(out_dir: Path) -> list[Path]:
             f"-I{PROTO_ROOT}",
             f"-I{include}",
             f"--python_out={out_dir}",
-            f"--pyi_out={out_dir}",
             f"--grpc_python_out={out_dir}",
             str(PROTO_ROOT / proto),
         ]
         if protoc.main(args) != 0:
             raise RuntimeError(f"protoc failed on {proto}")
-    return sorted(p for p in out_dir.rglob("*_pb2*.py*") if p.is_file())
+    return sorted(p for p in out_dir.rglob("*_pb2*.py") if p.is_file())
 
 
 def stale_files() -> list[str]:

@@ -85,7 +85,7 @@ def test_stale_proto_is_detected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         )
     )
     monkeypatch.setattr(gen, "PROTO_ROOT", tmp_path)
-    for name in ("retrieval_pb2.py", "retrieval_pb2.pyi", "retrieval_pb2_grpc.py"):
+    for name in ("retrieval_pb2.py", "retrieval_pb2_grpc.py"):
         (tmp_path / "retrieval/v1" / name).write_bytes(
             (ROOT / "protos/retrieval/v1" / name).read_bytes()
         )
