@@ -62,6 +62,36 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def summary(results: list[dict]) -> str:
+    """Per base loss: seed means without and with TCM, and TCM's relative change."""
+    lines = [
+        "| base loss | seeds | R@1 base | R@1 +TCM | OPIS base | OPIS +TCM | OPIS change |"
+        " eps-OPIS change |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    main_runs = [r for r in results if "margin_plus" not in r["config"]]
+    for loss in dict.fromkeys(r["config"]["loss"] for r in main_runs):
+        pairs = {}
+        for r in main_runs:
+            if r["config"]["loss"] == loss:
+                pairs.setdefault(r["config"]["seed"], {})[r["config"]["tcm"]] = r["metrics"]
+        both = [p for p in pairs.values() if True in p and False in p]
+        if not both:
+            continue
+
+        def mean(key: str, tcm: bool, runs=both) -> float:
+            return sum(p[tcm][key] for p in runs) / len(runs)
+
+        r0, r1 = mean("recall_at_1", False), mean("recall_at_1", True)
+        o0, o1 = mean("opis", False), mean("opis", True)
+        e0, e1 = mean("eps_opis", False), mean("eps_opis", True)
+        lines.append(
+            f"| {loss} | {len(both)} | {r0:.4f} | {r1:.4f} | {o0:.3g} | {o1:.3g} | "
+            f"{(o1 - o0) / o0:+.0%} | {(e1 - e0) / e0:+.0%} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.sweep", description=__doc__)
     parser.add_argument("--config", type=Path, default=Path("train/configs/default.toml"))
@@ -117,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.figures / f"train_utility_{loss}.png",
             )
         plot_sweep(results, args.figures / "train_sweep.png")
-    md = table(results)
+    md = table(results) + "\n\n" + summary(results)
     atomic_write_text(args.out / "results.md", md + "\n")
     print(md)
     return 0
