@@ -109,6 +109,10 @@ class Gallery:
         self.dim = dim
         self.model_sha256 = model_sha256
         self.snapshot_every = snapshot_every
+        # Two locks, always taken in this order: ``_write`` serialises mutations (and
+        # holds across the fsync and snapshot writes); ``_lock`` guards the in-memory
+        # index and is held only briefly, so searches never wait for the disk.
+        self._write = threading.RLock()
         self._lock = threading.RLock()
         self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self._items: dict[int, Item] = {}
@@ -196,7 +200,7 @@ class Gallery:
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         if embeddings.shape != (len(items), self.dim):
             raise ValueError(f"embeddings shape {embeddings.shape} != ({len(items)}, {self.dim})")
-        with self._lock:
+        with self._write:
             self._check_model(model_sha256)
             outcome: list[str | None] = []
             accepted: list[tuple[int, Item, np.ndarray]] = []
@@ -221,21 +225,23 @@ class Gallery:
             self._wal_append(records)
             self._next_id += len(accepted)
             replaced = [self._ids[i.item_id] for _, i, _ in accepted if i.item_id in self._ids]
-            self._apply_remove(replaced)
-            self._apply_add(accepted)
+            with self._lock:
+                self._apply_remove(replaced)
+                self._apply_add(accepted)
             self._after_write(len(records))
             return outcome
 
     def remove(self, item_ids: list[str]) -> tuple[list[str], list[str]]:
         """Remove by id; returns (removed, not_found). Durable before it returns."""
-        with self._lock:
+        with self._write:
             found = list(dict.fromkeys(i for i in item_ids if i in self._ids))
             missing = [i for i in item_ids if i not in self._ids]
             if found:
                 self._lsn += 1
                 head = {"op": "remove", "lsn": self._lsn, "item_ids": found}
                 self._wal_append([_encode_record(head, None, b"")])
-                self._apply_remove([self._ids[i] for i in found])
+                with self._lock:
+                    self._apply_remove([self._ids[i] for i in found])
                 self._after_write(1)
             return found, missing
 
@@ -245,7 +251,7 @@ class Gallery:
         The caller keeps mutations out meanwhile (the server's reload lock); the
         snapshot that follows makes the switch durable.
         """
-        with self._lock:
+        with self._write, self._lock:
             if sorted(item_ids) != sorted(self._ids):
                 raise RuntimeError("gallery changed during re-embedding; retry the reload")
             entries = [
@@ -337,21 +343,26 @@ class Gallery:
             return None if fid is None else self._items[fid]
 
     def snapshot(self) -> None:
-        """Write everything to an atomic snapshot, then empty the log."""
-        with self._lock:
-            ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
-            codes = faiss.vector_to_array(faiss.downcast_index(self._index.index).codes)
+        """Write everything to an atomic snapshot, then empty the log.
+
+        The state is copied under the index lock; writing and fsync hold only the write
+        lock, so searches go on meanwhile.
+        """
+        with self._write:
+            with self._lock:
+                ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+                codes = faiss.vector_to_array(faiss.downcast_index(self._index.index).codes)
+                items = [self._items[int(fid)] for fid in ids]
+                meta = {
+                    "lsn": self._lsn,
+                    "next_id": self._next_id,
+                    "dim": self.dim,
+                    "model": self.model_sha256,
+                    "items": [[i.item_id, i.label] for i in items],
+                }
             vectors = codes.view(np.float32).reshape(-1, self.dim)
-            items = [self._items[int(fid)] for fid in ids]
             blob = b"".join(i.image for i in items)
             offsets = np.cumsum([0] + [len(i.image) for i in items]).astype(np.int64)
-            meta = {
-                "lsn": self._lsn,
-                "next_id": self._next_id,
-                "dim": self.dim,
-                "model": self.model_sha256,
-                "items": [[i.item_id, i.label] for i in items],
-            }
             buffer = io.BytesIO()
             np.savez(
                 buffer,
@@ -368,7 +379,7 @@ class Gallery:
 
     def close(self) -> None:
         """Snapshot if the log holds anything (faster next start), then close the log."""
-        with self._lock:
+        with self._write:
             if self._wal is not None:
                 if self._wal.size():
                     self.snapshot()

@@ -224,3 +224,28 @@ def test_hnsw_index_agrees_with_exact_search(tmp_path: Path) -> None:
 def test_unknown_index_kind_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="index must be one of"):
         Gallery.open(tmp_path, DIM, SHA, index="ivf")
+
+
+def test_search_does_not_wait_for_a_slow_fsync(tmp_path: Path) -> None:
+    import threading
+
+    rng = np.random.default_rng(8)
+    gallery = Gallery.open(tmp_path, DIM, SHA)
+    gallery.add(items(3), unit(rng, 3), SHA)
+    in_fsync, release = threading.Event(), threading.Event()
+    real_append = gallery._wal.append
+
+    def slow_append(records):
+        in_fsync.set()
+        release.wait(10)
+        real_append(records)
+
+    gallery._wal.append = slow_append
+    writer = threading.Thread(target=gallery.add, args=([Item("late", "", b"")], unit(rng, 1), SHA))
+    writer.start()
+    assert in_fsync.wait(10)
+    (result,) = gallery.search(unit(rng, 1), 3, 0.5, SHA)  # would deadlock if it waited
+    assert len(result.neighbors) == 3 and gallery.get("late") is None  # not yet applied
+    release.set()
+    writer.join(10)
+    assert gallery.get("late") is not None
