@@ -4,5 +4,5 @@ import sys
 
 from calibrate.cli import main
 
-if __name__ == "__main__":  # importable without running (console script, import checks)
+if __name__ == "__main__":
     sys.exit(main())

@@ -137,3 +137,27 @@ def test_module_entry_point_help():
     assert run.returncode == 0
     for flag in ("--target-far", "--model", "--dataset", "--far-range", "--bootstrap", "--plots"):
         assert flag in run.stdout
+
+
+def test_a_whole_run_never_imports_torch(tmp_path):
+    """Not only the imports: evaluating, bootstrapping, plotting and writing stay torch-free."""
+    npz = write_npz(tmp_path / "e.npz", tenants=np.arange(200) % 2)
+    model = fake_model(tmp_path / "m.onnx")
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'pytorch_metric_learning', 'train'):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from calibrate.cli import main\n"
+        f"code = main(['--model', {str(model)!r}, '--dataset', {str(npz)!r}, '--bootstrap', '5',"
+        f" '--out', {str(tmp_path / 'o' / 'c.json')!r}, '--no-progress'])\n"
+        "assert code == 0\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "o" / "c.json").is_file()
