@@ -56,7 +56,7 @@ def evaluate(
     prep = prepare(embeddings)
     score_fn, device_used = score_function(device)
     ranks = _Ranks(prep, targets, far_range, bootstrap > 0)
-    ticker = Ticker(3 * n_blocks(prep, block), progress)
+    ticker = Ticker(n_blocks(prep, block), progress)  # grows if passes 2-3 must sweep
     engine = Engine(prep, score_fn, block, ticker)
     try:
         measured = _measure(engine, ranks, grid_size, seed, bootstrap > 0)

@@ -9,7 +9,16 @@ import numpy as np
 
 from calibrate.grids import GridCounts
 from calibrate.prepare import Prepared
-from calibrate.sweep import Block, Genuine, ScoreFn, exact_scores, nonzero2d, sweep, tolerance
+from calibrate.sweep import (
+    Block,
+    Genuine,
+    ScoreFn,
+    exact_scores,
+    n_blocks,
+    nonzero2d,
+    sweep,
+    tolerance,
+)
 from calibrate.tail import NBINS, Tail, bin_of
 
 SENTINEL_FLOOR = -3.0  # below every real score, above the -inf of ignored pairs
@@ -72,8 +81,12 @@ class Engine:
         tick: Callable[[], None] | None = None,
     ) -> None:
         self.prep, self.score_fn, self.block, self.tick = prep, score_fn, block, tick
+        self.sweeps = 0
 
     def _sweep(self, visit: Callable[[Block], None], collect: bool = False) -> Genuine | None:
+        if self.sweeps and hasattr(self.tick, "grow"):
+            self.tick.grow(n_blocks(self.prep, self.block))
+        self.sweeps += 1
         return sweep(
             self.prep,
             visit,

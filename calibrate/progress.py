@@ -13,6 +13,12 @@ class Ticker:
 
             self.bar = tqdm(total=total, desc=desc, unit="block", leave=False)
 
+    def grow(self, more: int) -> None:
+        """Another sweep is needed (tail cache too big, or the cutoff was too high)."""
+        if self.bar is not None:
+            self.bar.total += more
+            self.bar.refresh()
+
     def __call__(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
