@@ -230,3 +230,10 @@ def test_a_coarse_score_function_gives_the_same_numbers(monkeypatch):
     got = evaluate(es, (0.01, 0.05), block=100).to_document("0" * 64)
     want.pop("created_at"), got.pop("created_at")
     assert got == want
+
+
+def test_few_accepted_impostors_warn():
+    ev = evaluate(make_set(n=200, classes=20), (0.001, 0.2))
+    few, many = ev.targets
+    assert few.accepted_impostors < 30 and "few errors" in few.warnings[0]
+    assert many.accepted_impostors >= 30 and not many.warnings
