@@ -23,6 +23,7 @@ from calibrate.tail import NBINS, Tail, bin_of
 
 SENTINEL_FLOOR = -3.0  # below every real score, above the -inf of ignored pairs
 SAMPLE_ROWS = 256
+SAMPLE_COLS = 1 << 15  # the cutoff sample: SAMPLE_ROWS x SAMPLE_COLS pairs at most
 SAFETY = 1.5  # the sampled cutoff aims this many times deeper than needed
 CACHE_BYTES = 1 << 28  # tail pairs kept from pass 1 (12 bytes each) to skip passes 2 and 3
 
@@ -111,8 +112,9 @@ class Engine:
         for k in range(prep.n_datasets):
             rows = np.arange(prep.ds_start[k], prep.ds_stop[k])
             pick = np.sort(rng.choice(rows, size=min(SAMPLE_ROWS, len(rows)), replace=False))
-            s = prep.x32[pick] @ prep.x32[rows].T
-            s = s[prep.cls[pick][:, None] != prep.cls[rows][None, :]]
+            cols = np.sort(rng.choice(rows, size=min(SAMPLE_COLS, len(rows)), replace=False))
+            s = prep.x32[pick] @ prep.x32[cols].T  # memory flat in N: a sample of pairs
+            s = s[prep.cls[pick][:, None] != prep.cls[cols][None, :]]
             if len(s) * want < 50:  # too few sampled impostors to place a quantile
                 return SENTINEL_FLOOR
             cut = min(cut, float(np.quantile(s, 1.0 - want, method="lower")))
