@@ -161,3 +161,15 @@ def test_a_whole_run_never_imports_torch(tmp_path):
     )
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "o" / "c.json").is_file()
+
+
+def test_plots_go_to_their_own_folder(tmp_path):
+    npz = write_npz(tmp_path / "e.npz", n=400, classes=40)
+    out = tmp_path / "doc" / "c.json"
+    plots = tmp_path / "figs"
+    argv = ["--model", str(fake_model(tmp_path / "m.onnx")), "--dataset", str(npz)]
+    argv += ["--target-far", "0.01", "--out", str(out), "--plots", str(plots), "--no-progress"]
+    assert main(argv) == 0
+    assert (plots / "far_vs_threshold.png").is_file()
+    assert not list(out.parent.glob("*.png"))
+    assert str(plots / "far_vs_threshold.png") in (out.parent / "report.md").read_text()
