@@ -130,11 +130,10 @@ def make_observer(
     except ImportError:
         log.warning("server.monitoring.LiveMonitor unavailable: live FAR gauges are off")
         return NullObserver()
-    reference = (model.calibration.raw.get("reference") or {}).get("top1_similarity")
     return LiveMonitor(
         args.target_far,
         registry=registry,
-        reference_top1=reference,
+        reference_top1=model.reference_top1,
         labels=labels,
         window_decisions=args.monitor_window or None,
         window_seconds=args.monitor_window_seconds or None,

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 class Decision:
     tenant: str
     matched: bool
+    monitored: bool = True  # made at the monitored (default) target FAR
 
 
 class DecisionStore:
-    """decision_id -> (tenant, matched), bounded and thread-safe."""
+    """decision_id -> (tenant, matched, monitored), bounded and thread-safe."""
 
     def __init__(self, capacity: int = 100_000) -> None:
         if capacity < 1:
@@ -28,11 +29,11 @@ class DecisionStore:
         self._items: OrderedDict[str, Decision] = OrderedDict()
         self._lock = threading.Lock()
 
-    def add(self, tenant: str, matched: bool) -> str:
+    def add(self, tenant: str, matched: bool, monitored: bool = True) -> str:
         """Remember a decision; returns its new unguessable id."""
         decision_id = secrets.token_hex(12)
         with self._lock:
-            self._items[decision_id] = Decision(tenant, matched)
+            self._items[decision_id] = Decision(tenant, matched, monitored)
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
         return decision_id

@@ -71,6 +71,11 @@ class ServingModel:
     def provider(self) -> str:
         return self.embedder.providers[0]
 
+    @property
+    def reference_top1(self) -> dict | None:
+        """The calibration's top-1 similarity histogram: the live drift reference."""
+        return (self.calibration.raw.get("reference") or {}).get("top1_similarity")
+
     def target(self, far: float) -> Target:
         """The calibrated target for ``far`` (0 = the default); CalibrationError if absent."""
         return self.calibration.target(far or self.default_far)

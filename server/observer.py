@@ -2,13 +2,15 @@
 
 The server calls :meth:`DecisionObserver.record_decision` once per Match decision and
 :meth:`DecisionObserver.record_feedback` when a client reports ground truth for one;
-:meth:`DecisionObserver.tenant_stats` feeds GetTenant. Keeping this a Protocol lets
+:meth:`DecisionObserver.tenant_stats` feeds GetTenant, and
+:meth:`DecisionObserver.model_changed` follows a Reload. Keeping this a Protocol lets
 the server run (and be tested) without the monitoring code, via :class:`NullObserver`.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
 
 
 @runtime_checkable
@@ -32,6 +34,10 @@ class DecisionObserver(Protocol):
     def tenant_stats(self, tenant: str) -> dict[str, float]:
         """Live statistics of a tenant (names documented by the implementation)."""
 
+    def model_changed(self, reference_top1: Mapping[str, Any] | None) -> None:
+        """A reload switched model or calibration: start the windows afresh, with the new
+        calibration's top-1 similarity histogram as the drift reference."""
+
 
 class NullObserver:
     """Observes nothing: the server without live monitoring."""
@@ -53,3 +59,6 @@ class NullObserver:
 
     def tenant_stats(self, tenant: str) -> dict[str, float]:
         return {}
+
+    def model_changed(self, reference_top1: Mapping[str, Any] | None) -> None:
+        return None

@@ -274,9 +274,13 @@ class RetrievalService:
     ) -> MatchOutcome:
         top = result.top1
         matched = top is not None and top.similarity >= threshold
-        decision_id = self.decisions.add(tenant, matched)
+        # The live FAR windows divide by the default target: a call that asked for another
+        # target FAR is answered and counted, but kept out of them (and so is its feedback).
+        monitored = far == self.model.default_far
+        decision_id = self.decisions.add(tenant, matched, monitored)
         if top is not None:
             self.metrics.decision(tenant, matched, top.similarity)
+        if top is not None and monitored:
             try:
                 self.observer.record_decision(
                     tenant,
@@ -365,6 +369,8 @@ class RetrievalService:
                 f"no recent decision {decision_id[:40]!r} for tenant {tenant_name!r} "
                 f"(the server remembers the last {self.decisions.capacity})",
             )
+        if not decision.monitored:
+            return decision.matched
         try:
             self.observer.record_feedback(tenant_name, decision_id, decision.matched, is_same)
         except ValueError as err:
@@ -423,6 +429,13 @@ class RetrievalService:
         self.keys.forget_tenant(name)
         return removed
 
+    def _restart_monitoring(self, model: ServingModel) -> None:
+        """Windows of the old model's scores say nothing about the new one's FAR."""
+        try:
+            self.observer.model_changed(model.reference_top1)
+        except Exception:  # monitoring must never fail a reload
+            log.exception("observer.model_changed failed")
+
     async def reload(self, model_path: str, calibration_path: str, device: str) -> dict:
         """Load model + calibration together; re-embed galleries first if the model changed.
 
@@ -473,6 +486,8 @@ class RetrievalService:
         self._background.add(closing)
         closing.add_done_callback(self._background.discard)
         self._publish(new)
+        if (new.sha256, new.calibration_sha256) != (old.model.sha256, old.model.calibration_sha256):
+            self._restart_monitoring(new)
         self.metrics.reloads.labels("ok").inc()
         return {
             "model_sha256": new.sha256,

@@ -341,3 +341,23 @@ def test_baseline_without_a_calibration_reference_uses_200_bins_over_minus_one_t
 def test_bad_drift_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LiveMonitor(0.01, registry=CollectorRegistry(), **kwargs)
+
+
+def test_model_changed_starts_the_windows_afresh_with_the_new_reference():
+    old = {"edges": [0.0, 0.25, 0.5, 0.75, 1.0], "counts": [25, 25, 25, 25]}
+    new = {"edges": [0.0, 0.25, 0.5, 0.75, 1.0], "counts": [50, 50, 0, 0]}
+    mon, reg = make(reference_top1=old, min_drift_samples=4, psi_bins=4, min_feedback=1)
+    decide(mon, "t", 4, acc=2, tot=10, top1=0.1)
+    impostor_feedback(mon, "t", accepted=1, total=2)
+    assert value(reg, "tcm_far_label_free", tenant="t") == pytest.approx(0.2)
+    before = value(reg, "tcm_feedback_total", tenant="t", verdict="different")
+
+    mon.model_changed(new)
+    assert mon.tenant_stats("t")["decisions"] == 0  # the old model's decisions are gone
+    assert value(reg, "tcm_far_label_free", tenant="t") is None
+    for s in (0.1, 0.1, 0.3, 0.3):  # exactly the new reference's distribution
+        mon.record_decision("t", f"n{s}", s, False, 0.6, 0, 5)
+    assert value(reg, "tcm_far_label_free", tenant="t") == 0.0
+    assert value(reg, "tcm_score_drift_psi", tenant="t") == pytest.approx(0.0, abs=1e-9)
+    # counters never go backwards, whatever the windows do
+    assert value(reg, "tcm_feedback_total", tenant="t", verdict="different") == before

@@ -614,3 +614,42 @@ def test_mutual_tls(server_assets: Assets, tmp_path: Path) -> None:
             assert code_of(plaintext.list_tenants) == grpc.StatusCode.UNAVAILABLE
     finally:
         server.stop()
+
+
+def test_only_decisions_at_the_monitored_target_enter_the_live_far(
+    auth_server: ServerProcess, server_assets: Assets
+) -> None:
+    """Live FAR ratios divide by the server's target FAR: other targets stay out."""
+    with RetrievalClient(auth_server.address, ADMIN_KEY) as admin:
+        admin.create_tenant("monitored")
+        for i in range(8):
+            admin.enroll("monitored", f"m{i}", server_assets.png(i))
+        at_default = [admin.match("monitored", server_assets.png(i)) for i in range(3)]
+        looser = [admin.match("monitored", server_assets.png(i), target_far=1e-2) for i in (4, 5)]
+        for d in at_default + looser:
+            assert admin.feedback("monitored", d.decision_id, is_same=True) == d.matched
+        stats = admin.get_tenant("monitored")["stats"]
+    assert stats["decisions"] == 3
+    assert stats["genuine_decisions"] == 3
+
+
+def test_reload_restarts_the_live_windows(server_assets: Assets, tmp_path: Path) -> None:
+    from tests.server_fixtures import make_assets
+
+    other = make_assets(tmp_path / "other", server_assets.images, server_assets.labels, seed=1)
+    server = start_server(server_assets, tmp_path / "data", "--no-auth")
+    try:
+        with RetrievalClient(server.address) as client:
+            client.create_tenant("rw")
+            for i in range(5):
+                client.enroll("rw", f"w{i}", server_assets.png(i))
+            for i in range(5):
+                client.match("rw", server_assets.png(i))
+            client.reload()  # same model and calibration: the windows stay
+            assert client.get_tenant("rw")["stats"]["decisions"] == 5
+            client.reload(str(other.model), str(other.calibration))
+            assert client.get_tenant("rw")["stats"]["decisions"] == 0
+            client.match("rw", server_assets.png(1))
+            assert client.get_tenant("rw")["stats"]["decisions"] == 1
+    finally:
+        server.stop()

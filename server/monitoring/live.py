@@ -127,9 +127,7 @@ class LiveMonitor:
         self._drift_reference = drift_reference
         self._baseline_size = baseline_decisions
         self._psi_bins = psi_bins
-        self._edges = (
-            list(reference_top1["edges"]) if reference_top1 else np.linspace(-1, 1, 201).tolist()
-        )
+        self._edges = _bin_edges(reference_top1)
         self._clock = clock
         self._min_feedback = min_feedback
         self._min_pairs = min_label_free_pairs
@@ -190,6 +188,15 @@ class LiveMonitor:
         # tenant (or the set of tenants) lacks the feedback for it.
         terms = self._opis_feedback(stats)[1]
         return {**stats[label], "opis_drift_feedback": terms.get(label, NAN)}
+
+    def model_changed(self, reference_top1: Mapping[str, Any] | None) -> None:
+        """After a reload: drop every window and baseline (they hold the old model's
+        scores) and take the new calibration's histogram as the drift reference.
+        Counters (``tcm_feedback_total``) keep counting: Prometheus expects them monotonic."""
+        with self._lock:
+            self._references = load_references(reference_top1, self._psi_bins)
+            self._edges = _bin_edges(reference_top1)
+            self._tenants.clear()
 
     def reset_drift_baseline(self, tenant: str | None = None) -> None:
         """Start a new baseline (all tenants when None), e.g. after a gallery was rebuilt."""
@@ -398,3 +405,8 @@ class _Collector(Collector):
         )
         opis_family.add_metric(["feedback"], cross["opis_feedback"])
         yield opis_family
+
+
+def _bin_edges(reference_top1: Mapping[str, Any] | None) -> list[float]:
+    """Baseline histograms bin like the calibration reference, else 200 bins over [-1, 1]."""
+    return list(reference_top1["edges"]) if reference_top1 else np.linspace(-1, 1, 201).tolist()
