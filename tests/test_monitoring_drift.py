@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 
 from embedding.defaults import DEFAULT_CALIBRATION
 from server.monitoring import ReferenceHistogram, load_references
@@ -24,8 +23,7 @@ def sample(ref: ReferenceHistogram, n: int, rng: np.random.Generator) -> np.ndar
 
 
 def shipped_references() -> dict[str, ReferenceHistogram]:
-    if not DEFAULT_CALIBRATION.exists():
-        pytest.skip(f"{DEFAULT_CALIBRATION} is not there (python -m calibrate makes it)")
+    assert DEFAULT_CALIBRATION.exists(), f"{DEFAULT_CALIBRATION} is shipped; it is missing"
     raw = json.loads(DEFAULT_CALIBRATION.read_text())
     return load_references(raw["reference"]["top1_similarity"])
 
