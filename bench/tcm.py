@@ -13,8 +13,9 @@ Cases:
   floor        normalise + B x B GEMM + sum, backward: the least any matrix loss can cost
   ours         TCMLoss (computes its own similarity matrix)
   pml          PML ThresholdConsistentMarginLoss (gathers per-pair embeddings)
-  ms, ms+tcm   MultiSimilarityLoss alone / with TCM sharing its matrix: the difference
-               is TCM's own cost when the matrix is shared
+  tcm on shared matrix   TCM from a precomputed similarity matrix (its own cost when a
+               base loss shares its matrix: masks and their backward, no GEMM)
+  ms, ms+tcm   MultiSimilarityLoss alone / with TCM sharing its matrix
   proxy_anchor, contrastive   base losses, for scale
 """
 
@@ -96,6 +97,14 @@ def make_cases(b: int, d: int, m: int, device: torch.device, pml_max: int):
         return (z @ z.T).sum()
 
     ours = TCMLoss()
+    sim0 = F.normalize(emb0) @ F.normalize(emb0).T
+
+    def tcm_on_matrix() -> None:
+        sim = sim0.clone().requires_grad_(True)
+        ours.from_similarity(sim, labels).backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     ms = losses.MultiSimilarityLoss()
     shared = SharedCosineSimilarity()
     ms_shared, tcm_shared = losses.MultiSimilarityLoss(distance=shared), TCMLoss(distance=shared)
@@ -104,6 +113,7 @@ def make_cases(b: int, d: int, m: int, device: torch.device, pml_max: int):
     cases = {
         "floor": step(floor),
         "ours": step(lambda x: ours(x, labels)),
+        "tcm on shared matrix": tcm_on_matrix,
         "ms": step(lambda x: ms(x, labels)),
         "ms+tcm (shared)": step(lambda x: ms_shared(x, labels) + tcm_shared(x, labels)),
         "proxy_anchor": step(lambda x: proxy(x, labels)),
@@ -113,6 +123,34 @@ def make_cases(b: int, d: int, m: int, device: torch.device, pml_max: int):
         pml = losses.ThresholdConsistentMarginLoss()
         cases["pml"] = step(lambda x: pml(x, labels))
     return cases
+
+
+def fresh_process_peak(case: str, b: int, args: argparse.Namespace) -> int:
+    """Peak RSS growth of one case in a new process, so no case reuses another's memory."""
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.tcm",
+        "--one",
+        case,
+        "--sizes",
+        str(b),
+        "--dim",
+        str(args.dim),
+        "--m",
+        str(args.m),
+        "--threads",
+        str(args.threads),
+        "--device",
+        args.device,
+        "--pml-max",
+        str(args.pml_max),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return int(out.strip().splitlines()[-1])
 
 
 def measure(cases: dict[str, Callable[[], None]], repeat: int, peak: PeakMemory):
@@ -130,6 +168,12 @@ def measure(cases: dict[str, Callable[[], None]], repeat: int, peak: PeakMemory)
     return [Measurement(n, statistics.median(samples[n]), peak(fn)) for n, fn in cases.items()]
 
 
+def run_one(case: str, b: int, args: argparse.Namespace, device: torch.device) -> None:
+    """Child of fresh_process_peak: build the case, run it once, print the peak bytes."""
+    cases = make_cases(b, args.dim, args.m, device, args.pml_max)
+    print(PeakMemory(device)(cases[case]))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 512, 2048, 4096])
@@ -141,19 +185,34 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one case, print peak
+    parser.add_argument(
+        "--fresh-memory",
+        action="store_true",
+        help="measure each case's peak memory in its own process (CPU RSS is otherwise "
+        "hidden by memory the allocator kept from earlier cases)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device if torch.cuda.is_available() else "cpu")
+    if args.one:
+        run_one(args.one, args.sizes[0], args, device)
+        return
     print(f"device {device}, torch threads {torch.get_num_threads()}, D={args.dim}, m={args.m}")
     peak = PeakMemory(device)
     for b in args.sizes:
-        results = measure(make_cases(b, args.dim, args.m, device, args.pml_max), args.repeat, peak)
+        cases = make_cases(b, args.dim, args.m, device, args.pml_max)
+        results = measure(cases, args.repeat, peak)
+        if args.fresh_memory:
+            results = [
+                Measurement(r.name, r.seconds, fresh_process_peak(r.name, b, args)) for r in results
+            ]
         print_table(f"B={b}", results, baseline="floor")
         by = {r.name: r for r in results}
-        own = by["ms+tcm (shared)"].seconds - by["ms"].seconds
+        own = by["tcm on shared matrix"].seconds
         print(
-            f"  TCM own cost with shared matrix: {own * 1e3:.2f} ms = "
-            f"{own / by['floor'].seconds:.2f}x floor"
+            f"  TCM own cost on a shared matrix (masks, forward+backward): {own * 1e3:.2f} ms"
+            f" = {own / by['floor'].seconds:.2f}x floor"
         )
         print(f"  ours vs floor: {by['ours'].seconds / by['floor'].seconds:.2f}x")
         if "pml" in by:
