@@ -361,3 +361,21 @@ def test_model_changed_starts_the_windows_afresh_with_the_new_reference():
     assert value(reg, "tcm_score_drift_psi", tenant="t") == pytest.approx(0.0, abs=1e-9)
     # counters never go backwards, whatever the windows do
     assert value(reg, "tcm_feedback_total", tenant="t", verdict="different") == before
+
+
+def test_cross_tenant_opis_gives_each_tenant_its_own_term():
+    """Three unequal tenants, so a mix-up of which term belongs to whom cannot pass."""
+    mon, reg = make(min_feedback=4)
+    # (TAR, FAR) = (3/4, 1/4), (1, 0), (1/2, 0) -> U = 3/4, 1, 2/3 (harmonic mean of TAR, TRR)
+    for tenant, genuine_acc, impostor_acc in (("a", 3, 1), ("b", 4, 0), ("c", 2, 0)):
+        for i in range(4):
+            mon.record_feedback(tenant, f"g{i}", i < genuine_acc, True)
+        impostor_feedback(mon, tenant, accepted=impostor_acc, total=4)
+    u = {"a": 0.75, "b": 1.0, "c": 2 / 3}
+    mean = sum(u.values()) / 3
+    terms = {t: (v - mean) ** 2 for t, v in u.items()}
+    assert value(reg, "tcm_tenant_opis", estimate="feedback") == pytest.approx(
+        sum(terms.values()) / 3
+    )
+    for tenant, term in terms.items():
+        assert mon.tenant_stats(tenant)["opis_drift_feedback"] == pytest.approx(term)
