@@ -184,18 +184,21 @@ class Engine:
         cls, x32 = self.prep.cls, self.prep.x32
         tol = tolerance(self.prep.x.shape[1], self.score_fn)
 
+        merged = [_MergedGrids([c.grids[k] for c in counts]) for k in range(self.prep.n_datasets)]
+
         def take(k: int, rows: np.ndarray, cols: np.ndarray, v: np.ndarray) -> None:
             sel = v >= low - tol
             rows, cols, v = rows[sel], cols[sel], v[sel]
+            m = merged[k]
+            pos = np.searchsorted(m.edges, v - tol, side="right")
+            # a score with a threshold within the error bound is made exact and placed again
+            unsure = np.flatnonzero(pos != np.searchsorted(m.edges, v + tol, side="right"))
+            exact = exact_scores(x32, rows[unsure], cols[unsure])
+            pos[unsure] = np.searchsorted(m.edges, exact, side="right")
             members = np.concatenate([cls[rows], cls[cols]])
-            grids = [c.grids[k] for c in counts]
-            edges = np.sort(np.concatenate([g for g in grids if g is not None]))
-            lo = np.searchsorted(edges, v - tol, side="right")
-            # scores that might lie on either side of some threshold are made exact
-            v = _refine(x32, rows, cols, v, lo != np.searchsorted(edges, v + tol, side="right"))
-            for c, grid in zip(counts, grids, strict=True):
-                if grid is not None:
-                    idx = np.searchsorted(grid, v, side="right")
+            for c, below in zip(counts, m.below, strict=True):
+                if below is not None:
+                    idx = below[pos]
                     c.add_index(np.concatenate([idx, idx]), members)
 
         self._tail_route(first, first.cutoff, take)
@@ -208,6 +211,26 @@ class Engine:
             return
         cut = max(cutoff, SENTINEL_FLOOR)
         self._sweep(lambda b: take(b.dataset, *tail_pairs(b, cut)))
+
+
+class _MergedGrids:
+    """All thresholds of a dataset's grids in one sorted array.
+
+    One search in it places a score among every grid at once: ``below[g][pos]`` is
+    how many thresholds of grid g are <= a score with position ``pos``.
+    """
+
+    def __init__(self, grids: list[np.ndarray | None]) -> None:
+        parts = [g for g in grids if g is not None]
+        edges = np.concatenate(parts) if parts else np.zeros(0)
+        owner = np.concatenate(
+            [np.full(len(g), i) for i, g in enumerate(grids) if g is not None] or [np.zeros(0)]
+        )
+        order = np.argsort(edges, kind="stable")
+        self.edges, owner = edges[order], owner[order]
+        self.below = [
+            None if g is None else np.r_[0, np.cumsum(owner == i)] for i, g in enumerate(grids)
+        ]
 
 
 def tail_pairs(b: Block, cut: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
