@@ -103,8 +103,13 @@ def run(args: argparse.Namespace) -> None:
     from calibrate.prepare import CalibrationInputError
 
     fars = parse_fars(args.target_far)
-    model = _model(args.model)
     sources = args.dataset or ["glyphs"]
+    if args.model is None and any(s.endswith(".npz") for s in sources):
+        raise CliError(
+            "--model is required with precomputed embeddings (.npz): the calibration is "
+            "bound to the model that made them, pass that .onnx file"
+        )
+    model = _model(args.model)
     sets = [_embedded(s, args.split, model, args.device, not args.no_progress) for s in sources]
     try:
         ev = evaluate(
@@ -152,11 +157,27 @@ def _embedded(spec: str, split: str, model: Path, device: str, progress: bool):
 
     try:
         if spec.endswith(".npz"):
-            return load_embeddings(spec)
+            return _check_dim(load_embeddings(spec), spec, model)
         images = load_images(spec, split)
     except (OSError, ValueError, KeyError) as err:
         raise CliError(f"cannot read dataset {spec!r}: {err}") from err
     return _embed(images, model, device, progress)
+
+
+def _check_dim(embedded, spec: str, model: Path):
+    """Precomputed embeddings must come from --model: at least their dimension must match."""
+    from contracts import MetadataError, read_embedder_meta
+
+    try:
+        dim = read_embedder_meta(model).embedding_dim
+    except (MetadataError, ValueError) as err:
+        raise CliError(f"cannot read model {model}: {err}") from err
+    if embedded.embeddings.shape[1] != dim:
+        raise CliError(
+            f"{spec} holds {embedded.embeddings.shape[1]}-d embeddings but {model} makes "
+            f"{dim}-d ones: embed with that model, or pass the model that made them"
+        )
+    return embedded
 
 
 def _embed(images, model: Path, device: str, progress: bool):

@@ -13,12 +13,15 @@ from calibrate.cli import EXIT_BAD_INPUT, main
 from contracts import load_calibration, sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
+DIM = 16  # the embedding size of the linear_model fixture
 
 
-def write_npz(path: Path, n: int = 200, classes: int = 20, seed: int = 0, **extra) -> Path:
+def write_npz(
+    path: Path, n: int = 200, classes: int = 20, seed: int = 0, dim: int = DIM, **extra
+) -> Path:
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, classes, n)
-    x = rng.normal(size=(classes, 8))[labels] + rng.normal(size=(n, 8))
+    x = rng.normal(size=(classes, dim))[labels] + rng.normal(size=(n, dim))
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     arrays = {"embeddings": x.astype(np.float32), "labels": labels, **extra}
     np.savez(path, **arrays)
@@ -59,9 +62,9 @@ def test_cli_on_tiny_glyphs_writes_document_report_and_plots(linear_model, tiny_
     assert "far_vs_threshold.png" in (out.parent / "report.md").read_text()
 
 
-def test_cli_prints_the_table(tmp_path, capsys):
+def test_cli_prints_the_table(linear_model, tmp_path, capsys):
     npz = write_npz(tmp_path / "e.npz", tenants=np.arange(200) % 2)
-    model = fake_model(tmp_path / "fake.onnx")
+    model = linear_model
     assert (
         main(
             [
@@ -96,10 +99,12 @@ def test_cli_prints_the_table(tmp_path, capsys):
         (["--dataset", "{tmp}/nowhere"], "cannot read dataset"),
         (["--far-range", "0.1", "0.01"], "far_range"),
         (["--dataset", "{tmp}/mismatch.npz"], "labels"),
-        (["--model", "{tmp}/garbage.onnx", "--dataset", "glyphs-tiny"], "cannot load model"),
+        (["--model", "{tmp}/garbage.onnx", "--dataset", "glyphs-tiny"], "garbage.onnx"),
+        (["--model", "{tmp}/garbage.onnx"], "cannot read model"),
+        (["--dataset", "{tmp}/dim8.npz"], "8-d embeddings"),
     ],
 )
-def test_bad_input_exits_nonzero_and_writes_nothing(tmp_path, capsys, args, message):
+def test_bad_input_exits_nonzero_and_writes_nothing(linear_model, tmp_path, capsys, args, message):
     write_npz(tmp_path / "good.npz")
     write_npz(tmp_path / "one_class.npz", classes=1)
     bad = np.load(write_npz(tmp_path / "nan.npz"))
@@ -108,7 +113,8 @@ def test_bad_input_exits_nonzero_and_writes_nothing(tmp_path, capsys, args, mess
     np.savez(tmp_path / "nan.npz", embeddings=emb, labels=bad["labels"])
     np.savez(tmp_path / "mismatch.npz", embeddings=emb, labels=bad["labels"][:-3])
     fake_model(tmp_path / "garbage.onnx")
-    model = fake_model(tmp_path / "fake.onnx")
+    write_npz(tmp_path / "dim8.npz", dim=8)
+    model = linear_model
     out = tmp_path / "out" / "c.json"
     base = ["--model", str(model), "--dataset", str(tmp_path / "good.npz"), "--no-progress"]
     argv = base + [a.format(tmp=tmp_path) for a in args] + ["--out", str(out)]
@@ -139,10 +145,10 @@ def test_module_entry_point_help():
         assert flag in run.stdout
 
 
-def test_a_whole_run_never_imports_torch(tmp_path):
+def test_a_whole_run_never_imports_torch(linear_model, tmp_path):
     """Not only the imports: evaluating, bootstrapping, plotting and writing stay torch-free."""
     npz = write_npz(tmp_path / "e.npz", tenants=np.arange(200) % 2)
-    model = fake_model(tmp_path / "m.onnx")
+    model = linear_model
     code = (
         "import sys\n"
         "class Block:\n"
@@ -163,13 +169,30 @@ def test_a_whole_run_never_imports_torch(tmp_path):
     assert (tmp_path / "o" / "c.json").is_file()
 
 
-def test_plots_go_to_their_own_folder(tmp_path):
+def test_plots_go_to_their_own_folder(linear_model, tmp_path):
     npz = write_npz(tmp_path / "e.npz", n=400, classes=40)
     out = tmp_path / "doc" / "c.json"
     plots = tmp_path / "figs"
-    argv = ["--model", str(fake_model(tmp_path / "m.onnx")), "--dataset", str(npz)]
+    argv = ["--model", str(linear_model), "--dataset", str(npz)]
     argv += ["--target-far", "0.01", "--out", str(out), "--plots", str(plots), "--no-progress"]
     assert main(argv) == 0
     assert (plots / "far_vs_threshold.png").is_file()
     assert not list(out.parent.glob("*.png"))
     assert str(plots / "far_vs_threshold.png") in (out.parent / "report.md").read_text()
+
+
+def test_precomputed_embeddings_need_their_model(tmp_path, capsys):
+    npz = write_npz(tmp_path / "e.npz")
+    out = tmp_path / "o" / "c.json"
+    assert main(["--dataset", str(npz), "--out", str(out), "--no-progress"]) == EXIT_BAD_INPUT
+    assert "--model is required" in capsys.readouterr().err
+    assert not out.parent.exists()
+
+
+def test_unloadable_model_for_images(tiny_glyphs, tmp_path, capsys):
+    model = fake_model(tmp_path / "junk.onnx")
+    out = tmp_path / "o" / "c.json"
+    argv = ["--model", str(model), "--dataset", "glyphs-tiny", "--out", str(out), "--no-progress"]
+    assert main(argv) == EXIT_BAD_INPUT
+    assert "cannot load model" in capsys.readouterr().err
+    assert not out.parent.exists()
