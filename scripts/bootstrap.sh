@@ -24,6 +24,6 @@ if [[ ",$extras," == *",train,"* ]]; then
   echo "bootstrap: installing torch==2.13.0 (CPU)" >&2
   "${pip[@]}" torch==2.13.0 >&2
 fi
-echo "bootstrap: installing tcm-retrieval[${extras}]" >&2
+echo "bootstrap: installing tcm-retrieval${extras:+[$extras]}" >&2
 "${pip[@]}" -e ".${extras:+[$extras]}" >&2
 touch "$stamp"
