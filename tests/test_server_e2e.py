@@ -415,41 +415,28 @@ def test_refuses_to_start_on_mismatched_calibration_or_silent_auth(
     other = make_assets(tmp_path / "other", server_assets.images[:50], server_assets.labels[:50], 1)
     env = {"PYTHONPATH": f"{ROOT}:{ROOT / 'protos'}", "PATH": "/usr/bin:/bin"}
     base = [sys.executable, "-m", "server", "--port", "0", "--metrics-port", "0"]
-    mismatch = subprocess.run(
-        [
-            *base,
-            "--no-auth",
-            "--model",
-            str(other.model),
-            "--calibration",
-            str(server_assets.calibration),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=60,
-        check=False,
+
+    def start(*flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*base, *flags],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=60,
+            check=False,
+        )
+
+    mismatch = start(
+        "--no-auth", "--model", str(other.model), "--calibration", str(server_assets.calibration)
     )
     assert mismatch.returncode == 2
     from contracts import sha256_file
 
     assert sha256_file(other.model) in mismatch.stderr
     assert sha256_file(server_assets.model) in mismatch.stderr
-    silent = subprocess.run(
-        [
-            *base,
-            "--model",
-            str(server_assets.model),
-            "--calibration",
-            str(server_assets.calibration),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=60,
-        check=False,
+    silent = start(
+        "--model", str(server_assets.model), "--calibration", str(server_assets.calibration)
     )
     assert silent.returncode == 2 and "--no-auth" in silent.stderr
 
