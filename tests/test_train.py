@@ -183,3 +183,47 @@ def test_sweep_pairs_every_baseline_with_its_tcm_twin() -> None:
     }
     md = table([{"name": "a", "metrics": metrics}])
     assert "| a | 0.5000 | 0.2500 | 0.001 | 0.02 | 0.0001 | 0.01 | n/a |" in md
+
+
+def _brute_map_at_r(emb, labels, tenants) -> float:
+    """MAP@R straight from its definition, one query at a time."""
+    aps = []
+    for q in range(len(emb)):
+        others = [i for i in range(len(emb)) if i != q and tenants[i] == tenants[q]]
+        r = sum(labels[i] == labels[q] for i in others)
+        if r == 0:
+            continue
+        ranked = sorted(others, key=lambda i: -float(emb[q] @ emb[i]))[:r]
+        hits, total = 0, 0.0
+        for rank, i in enumerate(ranked, start=1):
+            if labels[i] == labels[q]:
+                hits += 1
+                total += hits / rank
+        aps.append(total / r)
+    return sum(aps) / len(aps)
+
+
+def test_map_at_r_matches_its_definition_within_tenants():
+    from train.evaluate import map_at_r
+
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(90, 6)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    labels = rng.integers(0, 12, size=90)
+    tenants = labels % 3  # a class lives in one tenant
+    assert map_at_r(emb, labels, tenants) == pytest.approx(_brute_map_at_r(emb, labels, tenants))
+
+
+def test_map_at_r_ignores_neighbours_of_other_tenants():
+    from train.evaluate import map_at_r
+
+    # tenant 1 holds exact copies of tenant 0's images under other classes, so across
+    # tenants a query's best neighbours are impostors; within a tenant the classes are
+    # perfectly separated
+    e = np.eye(4, dtype=np.float32)
+    near = lambda a, b: (e[a] + 0.1 * e[b]) / np.linalg.norm(e[a] + 0.1 * e[b])  # noqa: E731
+    emb = np.stack([e[0], near(0, 2), e[1], near(1, 3), e[0], e[0], e[1], e[1]])
+    labels = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    tenants = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    assert map_at_r(emb, labels, tenants) == 1.0
+    assert map_at_r(emb, labels, np.zeros(8, int)) < 1.0  # one pooled gallery mixes them

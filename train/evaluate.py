@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from calibrate import evaluate as calibrate_evaluate
 from imagesets import EmbeddingSet
@@ -35,29 +34,36 @@ def _blocks(n: int):
         yield slice(start, min(start + BLOCK, n))
 
 
-def _retrieval(emb: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """Recall@1 and MAP@R, leave-one-out (self excluded)."""
-    n = len(emb)
-    _, class_sizes = torch.unique(labels, return_counts=True)
-    r_max = int(class_sizes.max()) - 1
-    hits1, ap_sum, counted = 0, 0.0, 0
-    sizes = torch.bincount(labels)
-    for rows in _blocks(n):
-        sim = emb[rows] @ emb.T
-        sim[torch.arange(rows.stop - rows.start), torch.arange(rows.start, rows.stop)] = -math.inf
-        k = max(1, min(r_max, n - 1))
-        top = sim.topk(k, dim=1).indices
-        correct = labels[top] == labels[rows, None]
-        hits1 += int(correct[:, 0].sum())
-        r = sizes[labels[rows]] - 1
-        pos = torch.arange(1, k + 1)[None, :]
-        in_r = pos <= r[:, None]
-        prec = torch.cumsum(correct.double(), 1) / pos
-        ap = (prec * correct * in_r).sum(1) / r.clamp(min=1)
-        has = r > 0
-        ap_sum += float(ap[has].sum())
-        counted += int(has.sum())
-    return hits1 / n, ap_sum / max(counted, 1)
+def map_at_r(embeddings: np.ndarray, labels: np.ndarray, tenants: np.ndarray) -> float:
+    """MAP@R, leave-one-out, each query ranked against its own tenant only.
+
+    The same protocol as calibrate's Recall@1 and thresholds (pairs never cross
+    tenants): a tenant's gallery is all a deployed query is ever compared with. R is
+    the number of other images of the query's class; queries with R = 0 are skipped.
+    """
+    ap_sum, counted = 0.0, 0
+    for tenant in np.unique(tenants):
+        idx = np.flatnonzero(tenants == tenant)
+        emb, lab = embeddings[idx], labels[idx]
+        _, inverse, counts = np.unique(lab, return_inverse=True, return_counts=True)
+        r = counts[inverse.reshape(-1)] - 1
+        k = int(r.max()) if len(r) else 0
+        if k == 0:
+            continue
+        for rows in _blocks(len(idx)):
+            sim = emb[rows] @ emb.T
+            sim[np.arange(rows.stop - rows.start), np.arange(rows.start, rows.stop)] = -np.inf
+            top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+            order = np.take_along_axis(sim, top, 1).argsort(axis=1, kind="stable")[:, ::-1]
+            top = np.take_along_axis(top, order, 1)
+            correct = lab[top] == lab[rows, None]
+            rr = r[rows]
+            in_r = np.arange(1, k + 1)[None, :] <= rr[:, None]
+            precision = np.cumsum(correct, 1) / np.arange(1, k + 1)[None, :]
+            ap = (precision * correct * in_r).sum(1) / np.maximum(rr, 1)
+            ap_sum += float(ap[rr > 0].sum())
+            counted += int((rr > 0).sum())
+    return ap_sum / max(counted, 1)
 
 
 def evaluate_embeddings(
@@ -83,7 +89,7 @@ def evaluate_embeddings(
     fars = np.array([d.far for d in measured], dtype=np.float64)
     far_min = float(fars.min()) if len(fars) else math.nan
     far_max = float(fars.max()) if len(fars) else math.nan
-    _, map_r = _retrieval(torch.from_numpy(emb), torch.from_numpy(dense))
+    map_r = map_at_r(emb, dense, np.asarray(tenants))
     metrics = {
         "recall_at_1": ev.recall_at_1,
         "map_at_r": map_r,
