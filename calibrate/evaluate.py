@@ -45,19 +45,31 @@ def evaluate(
     device: str = "cpu",
     progress: bool = False,
     block: int = DEFAULT_BLOCK,
+    distributed: bool = False,
 ) -> Evaluation:
     """Calibrate one global threshold per target FAR and measure its consistency.
 
     Datasets are the tenants of one EmbeddingSet, or the sets when several are given;
     pairs never cross datasets. Thresholds are exact order statistics of the impostor
     scores (docs/DESIGN.md); ``bootstrap`` > 0 adds class-bootstrap intervals.
+
+    ``distributed=True`` shares the score blocks among the processes of torch.distributed's
+    default process group (initialised by the caller, e.g. under torchrun with gloo);
+    every process must call this with the same data and gets the same result, equal
+    bit for bit to a single-process run.
     """
     targets = _check_settings(target_fars, far_range, grid_size, beta, eps, bootstrap, block)
     prep = prepare(embeddings)
     score_fn, device_used = score_function(device)
     ranks = _Ranks(prep, targets, far_range, bootstrap > 0)
+    shard = None
+    if distributed:
+        from calibrate.distributed import torch_sharding  # the only route that imports torch
+
+        shard = torch_sharding()
+        progress = progress and shard.rank == 0
     ticker = Ticker(n_blocks(prep, block), progress)  # grows if passes 2-3 must sweep
-    engine = Engine(prep, score_fn, block, ticker)
+    engine = Engine(prep, score_fn, block, ticker, shard)
     try:
         measured = _measure(engine, ranks, grid_size, seed, bootstrap > 0)
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,6 +21,9 @@ from calibrate.sweep import (
     tolerance,
 )
 from calibrate.tail import NBINS, Tail, bin_of
+
+if TYPE_CHECKING:
+    from calibrate.distributed import Sharding
 
 SENTINEL_FLOOR = -3.0  # below every real score, above the -inf of ignored pairs
 SAMPLE_ROWS = 256
@@ -72,7 +76,12 @@ class TailPass:
 
 
 class Engine:
-    """Runs the passes with one score function and block size."""
+    """Runs the passes with one score function and block size.
+
+    With ``shard`` this process sweeps only its share of the blocks, and every pass
+    ends by combining the ranks' accumulators (calibrate/distributed.py), so each
+    rank leaves a pass with the state a single process would have.
+    """
 
     def __init__(
         self,
@@ -80,8 +89,10 @@ class Engine:
         score_fn: ScoreFn,
         block: int,
         tick: Callable[[], None] | None = None,
+        shard: Sharding | None = None,
     ) -> None:
         self.prep, self.score_fn, self.block, self.tick = prep, score_fn, block, tick
+        self.shard = shard
         self.sweeps = 0
 
     def _sweep(self, visit: Callable[[Block], None], collect: bool = False) -> Genuine | None:
@@ -95,6 +106,7 @@ class Engine:
             score_fn=self.score_fn,
             collect_genuine=collect,
             tick=self.tick,
+            shard=self.shard,
         )
 
     def cutoff(self, fraction: float, seed: int) -> float:
@@ -138,17 +150,38 @@ class Engine:
 
         genuine = self._sweep(visit, collect=True)
         assert genuine is not None
+        if self.shard is not None:
+            best = self._reduce_tail_pass(tails, best, cache)
         self._best_below_cutoff(best)
         return TailPass(tails, best, genuine, cache, cutoff)
+
+    def _reduce_tail_pass(self, tails: list[Tail], best: np.ndarray, cache: TailCache):
+        """Sum the tail bins, take the max best impostor, agree on the cache route.
+
+        Each rank's cache holds only its own blocks' tail pairs; passes 2 and 3 read
+        it and reduce their outputs. If any rank dropped its cache, all sweep again.
+        """
+        shard = self.shard
+        assert shard is not None
+        for t in tails:
+            t.counts = shard.sum_(t.counts)
+        dropped = shard.sum_(np.array([0 if cache.kept else 1], np.int64))
+        if int(dropped[0]):
+            cache.parts = None
+        return shard.max_(best)
 
     def _best_below_cutoff(self, best: np.ndarray) -> None:
         """Exact best impostor of the rows that have none in the tail (usually few)."""
         prep = self.prep
         tol = tolerance(prep.x.shape[1], self.score_fn)
+        chunk = -1
         for k in range(prep.n_datasets):
             ds = prep.ds_rows(k)
             missing = ds.start + np.flatnonzero(~np.isfinite(best[ds]))
             for s0 in range(0, len(missing), self.block):
+                chunk += 1
+                if self.shard is not None and not self.shard.owns(chunk):
+                    continue
                 rows = missing[s0 : s0 + self.block]
                 s = np.asarray(self.score_fn(prep.x32[rows], prep.x32[ds]), np.float32)
                 s[prep.cls[rows][:, None] == prep.cls[ds][None, :]] = -np.inf
@@ -156,6 +189,8 @@ class Engine:
                 r, q = nonzero2d(s >= (top - tol)[:, None])
                 v = exact_scores(prep.x32, rows[r], q + ds.start)
                 np.maximum.at(best, rows[r], v)
+        if self.shard is not None and chunk >= 0:
+            best[:] = self.shard.max_(best)
 
     def resolve_pass(self, first: TailPass, bins: set[int], cutoff: float) -> None:
         """Pass 2: exact values (with counts) of the scores in the selected bins."""
@@ -175,6 +210,8 @@ class Engine:
                 tails[k].add_exact(exact[sel], vb[sel])
 
         self._tail_route(first, cutoff, take)
+        if self.shard is not None:
+            _merge_resolved(tails, self.shard.gather([t.resolved for t in tails]))
 
     def grid_pass(self, first: TailPass, counts: list[GridCounts]) -> None:
         """Pass 3: per-class impostor counts at the thresholds of every grid."""
@@ -202,6 +239,9 @@ class Engine:
                     c.add_index(np.concatenate([idx, idx]), members)
 
         self._tail_route(first, first.cutoff, take)
+        if self.shard is not None:
+            for c in counts:
+                c.hist = self.shard.sum_(c.hist)
 
     def _tail_route(self, first: TailPass, cutoff: float, take) -> None:
         """Feed pass 1's tail pairs to ``take``: from the cache, or by sweeping again."""
@@ -211,6 +251,16 @@ class Engine:
             return
         cut = max(cutoff, SENTINEL_FLOOR)
         self._sweep(lambda b: take(b.dataset, *tail_pairs(b, cut)))
+
+
+def _merge_resolved(tails: list[Tail], per_rank: list[list[dict]]) -> None:
+    """Replace each tail's resolved bins by the merge of every rank's (exact, any order)."""
+    for k, t in enumerate(tails):
+        t.resolved = {}
+        for resolved in per_rank:
+            for b in sorted(resolved[k]):
+                v, c = resolved[k][b]
+                t.merge_bin(b, v, c)
 
 
 class _MergedGrids:

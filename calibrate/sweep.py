@@ -23,10 +23,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from calibrate.prepare import NORM_TOLERANCE, Prepared
+
+if TYPE_CHECKING:
+    from calibrate.distributed import Sharding
 
 DEFAULT_BLOCK = 2048
 EXACT_CHUNK = 1 << 15  # pairs recomputed per gather: bounds the gather's memory
@@ -154,12 +158,26 @@ def sweep(
     score_fn: ScoreFn = scores_cpu,
     collect_genuine: bool = False,
     tick: Callable[[], None] | None = None,
+    shard: Sharding | None = None,
 ) -> Genuine | None:
-    """Visit every block of every dataset; return the genuine pairs when asked."""
+    """Visit every block of every dataset; return the genuine pairs when asked.
+
+    With ``shard``, only the blocks this process owns are scored and visited; the
+    genuine pairs (found from the class layout alone, no scores needed) are still
+    collected from every block, so each process returns all of them, in order.
+    """
     found: list[tuple[np.ndarray, np.ndarray]] = []
     tol = tolerance(prep.x.shape[1], score_fn)
+    index = -1
     for k in range(prep.n_datasets):
         for i0, i1, j0, j1 in blocks(prep, k, block):
+            index += 1
+            if shard is not None and not shard.owns(index):
+                if collect_genuine:
+                    _mask_genuine(prep, None, i0, i1, j0, j1, found)
+                if tick is not None:
+                    tick()
+                continue
             s = np.asarray(score_fn(prep.x32[i0:i1], prep.x32[j0:j1]), dtype=np.float32)
             _mask_genuine(prep, s, i0, i1, j0, j1, found if collect_genuine else None)
             if i0 == j0:
@@ -198,14 +216,14 @@ def _lower(n: int) -> np.ndarray:
 
 def _mask_genuine(
     prep: Prepared,
-    s: np.ndarray,
+    s: np.ndarray | None,
     i0: int,
     i1: int,
     j0: int,
     j1: int,
     found: list | None,
 ) -> None:
-    """Set same-class scores to -inf, collecting each genuine pair (i < j) once."""
+    """Set same-class scores to -inf (unless ``s`` is None), collecting each genuine pair once."""
     first = np.searchsorted(prep.class_stop, max(i0, j0), side="right")
     last = np.searchsorted(prep.class_start, min(i1, j1), side="left")
     for c in range(first, last):
@@ -215,4 +233,5 @@ def _mask_genuine(
             continue
         if found is not None:
             found.append(_pairs_in(a0, a1, b0, b1))
-        s[a0 - i0 : a1 - i0, b0 - j0 : b1 - j0] = -np.inf
+        if s is not None:
+            s[a0 - i0 : a1 - i0, b0 - j0 : b1 - j0] = -np.inf
