@@ -8,6 +8,7 @@ exits non-zero with a message and leaves no file behind.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -68,6 +69,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of sampling and bootstrap")
     p.add_argument("--block", type=int, default=DEFAULT_BLOCK, help="rows per score block")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="share the pair counting among the processes of torchrun (torch.distributed, "
+        "gloo); same numbers as one process, only rank 0 prints and writes",
+    )
     return p
 
 
@@ -92,16 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except CliError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if not args.distributed or os.environ.get("RANK", "0") == "0":  # one message per run
+            print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
 
 
 def run(args: argparse.Namespace) -> None:
-    from calibrate.evaluate import evaluate
-    from calibrate.outputs import write_outputs
-    from calibrate.prepare import CalibrationInputError
-
     fars = parse_fars(args.target_far)
     sources = args.dataset or ["glyphs"]
     if args.model is None and any(s.endswith(".npz") for s in sources):
@@ -109,8 +113,28 @@ def run(args: argparse.Namespace) -> None:
             "--model is required with precomputed embeddings (.npz): the calibration is "
             "bound to the model that made them, pass that .onnx file"
         )
+    rank, joined = _join_group() if args.distributed else (0, False)
+    try:
+        _run_on(args, fars, sources, rank)
+    finally:
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run_on(args: argparse.Namespace, fars: list[float], sources: list[str], rank: int) -> None:
+    from calibrate.evaluate import evaluate
+    from calibrate.outputs import write_outputs
+    from calibrate.prepare import CalibrationInputError
+
+    progress = not args.no_progress and rank == 0
     model = _model(args.model)
-    sets = [_embedded(s, args.split, model, args.device, not args.no_progress) for s in sources]
+
+    def embed_all():
+        return [_embedded(s, args.split, model, args.device, progress) for s in sources]
+
+    sets = _from_rank0(embed_all) if args.distributed else embed_all()
     try:
         ev = evaluate(
             sets[0] if len(sets) == 1 else sets,
@@ -122,19 +146,56 @@ def run(args: argparse.Namespace) -> None:
             bootstrap=args.bootstrap,
             seed=args.seed,
             device=args.device,
-            progress=not args.no_progress,
+            progress=progress,
             block=args.block,
+            distributed=args.distributed,
         )
     except (CalibrationInputError, ValueError) as err:
         raise CliError(str(err)) from err
     bad = [t for t in ev.targets if not t.measurable]
     if bad:
         raise CliError("; ".join(t.warnings[0] for t in bad) + ". Nothing was written.")
+    if rank != 0:
+        return
     from calibrate.report import table
 
     print(table(ev))
     written = write_outputs(ev, model, sources, args.out, args.plots)
     print("\nwrote " + ", ".join(str(p) for p in written))
+
+
+def _join_group() -> tuple[int, bool]:
+    """(rank, joined here): torchrun's group, joined with gloo unless the caller did."""
+    try:
+        import torch.distributed as dist
+    except ImportError as err:
+        raise CliError("--distributed needs torch: pip install '.[train]'") from err
+    joined = not dist.is_initialized()
+    if joined:
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise CliError(
+                "--distributed runs under torchrun, e.g. "
+                "torchrun --nproc_per_node 2 -m calibrate --distributed --target-far 0.001"
+            )
+        dist.init_process_group("gloo")
+    return dist.get_rank(), joined
+
+
+def _from_rank0(make):
+    """Rank 0 embeds the datasets once and sends them to every rank (same inputs everywhere)."""
+    import torch.distributed as dist
+
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", make())
+        except CliError as err:
+            box[0] = ("error", str(err))
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise CliError(value)
+    return value
 
 
 def _model(path: str | None) -> Path:

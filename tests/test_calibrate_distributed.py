@@ -11,16 +11,23 @@ sweep the blocks again).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import pickle
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from calibrate import evaluate
+from calibrate.cli import EXIT_BAD_INPUT, main
 from tests.test_calibrate import make_set, tied_set
+
+ROOT = Path(__file__).resolve().parents[1]
 
 torch = pytest.importorskip("torch")
 
@@ -122,3 +129,40 @@ def test_distributed_without_a_process_group_says_what_to_do() -> None:
         pytest.skip("a process group is already running")
     with pytest.raises(RuntimeError, match="torchrun"):
         evaluate(make_set(n=100), distributed=True)
+
+
+@pytest.mark.slow
+def test_torchrun_cli_writes_the_single_process_document(linear_model, tmp_path: Path) -> None:
+    from tests.test_calibrate_cli import write_npz
+
+    data = [write_npz(tmp_path / "a.npz", n=300, seed=1), write_npz(tmp_path / "b.npz", seed=2)]
+    common = ["--model", str(linear_model), "--target-far", "0.01", "--block", "40"]
+    common += ["--bootstrap", "10", "--no-progress"]
+    for d in data:
+        common += ["--dataset", str(d)]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    dist_out, one_out = tmp_path / "dist" / "c.json", tmp_path / "one" / "c.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", str(WORLD), "-m", "calibrate"]
+    got = subprocess.run(
+        [*cmd, "--distributed", *common, "--out", str(dist_out)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert got.returncode == 0, got.stderr
+    assert main([*common, "--out", str(one_out)]) == 0
+    assert got.stdout.count("wrote ") == 1  # only rank 0 prints and writes
+    want_doc, got_doc = json.loads(one_out.read_text()), json.loads(dist_out.read_text())
+    want_doc.pop("created_at"), got_doc.pop("created_at")
+    assert got_doc == want_doc
+
+
+def test_cli_distributed_outside_torchrun_says_how(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("RANK", raising=False)
+    out = tmp_path / "o" / "c.json"
+    assert main(["--distributed", "--target-far", "0.01", "--out", str(out)]) == EXIT_BAD_INPUT
+    assert not out.exists()
