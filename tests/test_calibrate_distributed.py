@@ -41,6 +41,7 @@ def _cases():
     rand = make_set(n=500, seed=6)
     tied = tied_set(n=300, seed=1)
     two = [make_set(n=260, classes=30, tenants=1, dim=4, seed=3), tied_set(n=200, seed=4)]
+    deep = make_set(n=600, classes=60, seed=8)
     fars = (0.001, 0.05)
     return [
         ("random-cached", rand, dict(target_fars=fars, bootstrap=20, block=64), None),
@@ -48,6 +49,8 @@ def _cases():
         ("tied-cached", tied, dict(target_fars=(0.01, 0.1), block=37), None),
         ("tied-streamed", tied, dict(target_fars=(0.01, 0.1), block=37), 0),
         ("two-sets", two, dict(target_fars=fars, bootstrap=10, block=50), None),
+        # a high sampled cutoff: ~350 rows have no impostor in the tail, found in chunks
+        ("high-cutoff", deep, dict(target_fars=(0.001,), far_range=(1e-4, 2e-3), block=32), 0),
     ]
 
 
