@@ -8,6 +8,7 @@ and impostor queries with feedback -> read the live FAR the server exports, and
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -91,8 +92,20 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
     )
 
 
+def _stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM both unwind through the cleanup that stops every child.
+
+    A shell starts background jobs with SIGINT ignored and Python then keeps it ignored,
+    and SIGTERM would end the demo without unwinding at all: either way the children,
+    which run in their own sessions, would be left behind.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
+    _stop_on_signals()
     try:
         return run(config)
     except KeyboardInterrupt:

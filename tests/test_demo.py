@@ -6,6 +6,8 @@ import math
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -183,3 +185,39 @@ def test_demo_end_to_end_tiny(tmp_path):
         assert totals and all(total > 0 for total in totals), row
     assert "server (exit code 0)" in out.stdout  # drained and stopped cleanly
     assert "demo finished" in out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_demo_interrupted_while_serving_leaves_nothing_behind(tmp_path, sig):
+    """Ctrl-C or SIGTERM during ``--serve`` stops the server before the demo exits."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'protos'}"}
+    out = tmp_path / "demo"
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "demo", "--tiny", "--serve", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        lines = []
+        for line in demo.stdout:
+            lines.append(line)
+            if "press Ctrl-C" in line:
+                break
+        assert "press Ctrl-C" in lines[-1], "".join(lines[-30:])
+        ready = (out / "logs" / "server.log").read_text()
+        port = int(re.search(r"serving retrieval\.v1 on [\d.]+:(\d+)", ready).group(1))
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass  # the server is up
+        demo.send_signal(sig)
+        rest = demo.communicate(timeout=60)[0]
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+    assert demo.returncode == 130, rest
+    assert "every process it started has been stopped" in rest
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
