@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from demo.processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -72,12 +73,6 @@ def rule_groups() -> list[dict[str, Any]]:
 
 def recording_names() -> set[str]:
     return {r["record"] for g in rule_groups() for r in g["rules"] if "record" in r}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PrometheusProcess:

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import pickle
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ import pytest
 
 from calibrate import evaluate
 from calibrate.cli import EXIT_BAD_INPUT, main
+from demo.processes import free_port
 from tests.test_calibrate import make_set, tied_set
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,12 +84,6 @@ def _worker(rank: int, port: int, out: str) -> None:
     (Path(out) / f"rank{rank}.pkl").write_bytes(pickle.dumps(results))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _same(a, b, path: str = "") -> None:
     """Exact equality of nested results (NaN equals NaN, -0.0 equals 0.0 only as floats)."""
     if dataclasses.is_dataclass(a) and not isinstance(a, type):
@@ -116,7 +110,7 @@ def _same(a, b, path: str = "") -> None:
 def test_two_gloo_processes_equal_one_bit_for_bit(tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     want = [_run(case, distributed=False) for case in _cases()]
     for rank in range(WORLD):
         got = pickle.loads((tmp_path / f"rank{rank}.pkl").read_bytes())

@@ -3,10 +3,11 @@ global batch, both with our gather and with PML's DistributedLossWrapper (which 
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
+
+from demo.processes import free_port
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("pytorch_metric_learning")
@@ -69,16 +70,10 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_distributed_loss_equals_single_process(tmp_path: Path) -> None:
     import torch.multiprocessing as mp
 
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     x, labels, weight = _global_batch()
     model = _model(weight)
     tcm, ms = _losses()
