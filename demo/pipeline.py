@@ -21,6 +21,7 @@ from demo.report import TenantOutcome, attach_live, scrape, table
 from demo.traffic import TenantPlan, plan_tenant, png_bytes
 from embedding.defaults import require_default_model
 from imagesets import ImageSet, load_images
+from server.client import MatchResult, RetrievalClient
 
 PYTHON = sys.executable
 
@@ -136,8 +137,6 @@ def start_prometheus(
 
 def send_traffic(address: str, config: DemoConfig) -> list[TenantOutcome]:
     """Enrol each tenant's gallery, then query it and tell the server the truth."""
-    from server.client import RetrievalClient
-
     images = load_images(config.dataset, split="test")
     plans = [
         plan_tenant(
@@ -159,14 +158,14 @@ def send_traffic(address: str, config: DemoConfig) -> list[TenantOutcome]:
         return [run_tenant(client, images, plan) for plan in plans]
 
 
-def run_tenant(client: object, images: ImageSet, plan: TenantPlan) -> TenantOutcome:
+def run_tenant(client: RetrievalClient, images: ImageSet, plan: TenantPlan) -> TenantOutcome:
     client.create_tenant(plan.tenant)
     for item_id, label, row in plan.gallery:
         client.enroll(plan.tenant, item_id, png_bytes(images, row), label=label)
     label_of = {item_id: label for item_id, label, _ in plan.gallery}
     outcome = TenantOutcome(plan.tenant, gallery=len(plan.gallery))
 
-    def query(index: int) -> tuple[int, object]:
+    def query(index: int) -> tuple[int, MatchResult]:
         return index, client.match(plan.tenant, png_bytes(images, plan.queries[index].index))
 
     # Concurrent callers let the server micro-batch, as real traffic would.
