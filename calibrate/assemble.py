@@ -13,6 +13,7 @@ from calibrate.prepare import Prepared
 from calibrate.results import DatasetAtTarget, DatasetResult, Evaluation, Opis, TargetResult
 from calibrate.sweep import Genuine
 from calibrate.tail import Tail
+from scorenorm import ScoreHistogram
 
 FEW_ERRORS = 30  # fewer accepted impostors than this: the FAR rests on too few errors
 TOP1_EDGES = np.linspace(-1.0, 1.0, 201)
@@ -116,6 +117,7 @@ def assemble(m: Measured, *, beta: float, eps: float, settings: dict[str, Any]) 
         },
         embedding_dim=int(prep.x.shape[1]),
         far_curves=far_curves,
+        global_tail=ScoreHistogram(m.pool.counts.copy(), int(m.pool.total)),
     )
 
 

@@ -12,11 +12,13 @@ import os
 import sys
 from pathlib import Path
 
+import scorenorm
 from calibrate.device import DEVICES
 from calibrate.sweep import DEFAULT_BLOCK
 
 DEFAULT_OUT = Path("out/calibrate/calibration.json")
 EXIT_BAD_INPUT = 2
+EXIT_CHECK_FAILED = 3  # --check: a tenant's FAR interval lies outside [target/2, 2 target]
 
 
 class CliError(Exception):
@@ -70,6 +72,36 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--block", type=int, default=DEFAULT_BLOCK, help="rows per score block")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument(
+        "--normalize",
+        default=scorenorm.DEFAULT,
+        type=scorenorm.choice(servable_only=True),
+        metavar="{" + ",".join(scorenorm.names(servable_only=True)) + "}",
+        help="score normalisation the threshold is served with (default "
+        f"{scorenorm.DEFAULT}): records it and the global impostor tail it needs, and "
+        "reports each dataset's FAR raw and normalised on held-out classes",
+    )
+    p.add_argument(
+        "--check",
+        type=Path,
+        metavar="CALIBRATION.json",
+        help="measure a deployed calibration on new --dataset data without recalibrating; "
+        f"exits {EXIT_CHECK_FAILED} when a dataset's FAR interval lies outside "
+        "[target/2, 2 target]",
+    )
+    p.add_argument(
+        "--target-fpir",
+        type=float,
+        metavar="F",
+        help="calibrate for a per-search false positive identification rate F at "
+        "--gallery-size N instead of a per-pair FAR (per-pair a = 1 - (1 - F)^(1/N))",
+    )
+    p.add_argument(
+        "--gallery-size",
+        type=int,
+        metavar="N",
+        help="also measure each dataset's FPIR with galleries of N items (held-out classes)",
+    )
+    p.add_argument(
         "--distributed",
         action="store_true",
         help="share the pair counting among the processes of torchrun (torch.distributed, "
@@ -94,10 +126,17 @@ def parse_fars(values: list[str] | None) -> list[float]:
     return fars
 
 
+class CheckFailedError(Exception):
+    """--check found a dataset off target; the table above says which."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         run(args)
+    except CheckFailedError as err:
+        print(f"check failed: {err}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
     except CliError as err:
         if not args.distributed or os.environ.get("RANK", "0") == "0":  # one message per run
             print(f"error: {err}", file=sys.stderr)
@@ -106,7 +145,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> None:
-    fars = parse_fars(args.target_far)
+    if args.check is not None:
+        from calibrate.check import run_check
+
+        run_check(args)
+        return
+    fars = _operating_points(args)
     sources = args.dataset or ["glyphs"]
     if args.model is None and any(s.endswith(".npz") for s in sources):
         raise CliError(
@@ -123,6 +167,29 @@ def run(args: argparse.Namespace) -> None:
             dist.destroy_process_group()
 
 
+def _operating_points(args: argparse.Namespace) -> list[float]:
+    """Per-pair target FARs: --target-far, or the one a --target-fpir implies at N items."""
+    if args.gallery_size is not None and args.gallery_size < 1:
+        raise CliError(f"--gallery-size must be >= 1 items, got {args.gallery_size}")
+    if args.target_fpir is None:
+        return parse_fars(args.target_far)
+    if args.gallery_size is None:
+        raise CliError("--target-fpir needs --gallery-size N: FPIR is per search of N items")
+    if args.target_far:
+        raise CliError("give --target-far (per pair) or --target-fpir (per search), not both")
+    from calibrate.fpir import per_pair_far
+
+    try:
+        return [per_pair_far(args.target_fpir, args.gallery_size)]
+    except ValueError as err:
+        raise CliError(str(err)) from err
+
+
+def tail_level(fars: list[float], far_range: tuple[float, float]) -> float:
+    """The shallowest tail level the normalisation maps: twice the loosest FAR reported."""
+    return min(0.5, 2 * max(*fars, far_range[1]))
+
+
 def _run_on(args: argparse.Namespace, fars: list[float], sources: list[str], rank: int) -> None:
     from calibrate.evaluate import evaluate
     from calibrate.outputs import write_outputs
@@ -135,9 +202,11 @@ def _run_on(args: argparse.Namespace, fars: list[float], sources: list[str], ran
         return [_embedded(s, args.split, model, args.device, progress) for s in sources]
 
     sets = _from_rank0(embed_all) if args.distributed else embed_all()
+    data = sets[0] if len(sets) == 1 else sets
+    level = tail_level(fars, tuple(args.far_range))
     try:
         ev = evaluate(
-            sets[0] if len(sets) == 1 else sets,
+            data,
             fars,
             far_range=tuple(args.far_range),
             grid_size=args.grid_size,
@@ -149,6 +218,7 @@ def _run_on(args: argparse.Namespace, fars: list[float], sources: list[str], ran
             progress=progress,
             block=args.block,
             distributed=args.distributed,
+            tail_level=level,
         )
     except (CalibrationInputError, ValueError) as err:
         raise CliError(str(err)) from err
@@ -158,9 +228,14 @@ def _run_on(args: argparse.Namespace, fars: list[float], sources: list[str], ran
     if rank != 0:
         return
     from calibrate.report import table
+    from calibrate.serving import Served, serving_report
 
+    settings = scorenorm.TailSettings(top_level=level)
+    served = Served(args.normalize, settings, args.gallery_size, args.target_fpir)
+    extra = serving_report(data, ev, served, seed=args.seed, bootstrap=max(args.bootstrap, 200))
     print(table(ev))
-    written = write_outputs(ev, model, sources, args.out, args.plots)
+    print(extra.text())
+    written = write_outputs(ev, model, sources, args.out, args.plots, extra)
     print("\nwrote " + ", ".join(str(p) for p in written))
 
 

@@ -25,7 +25,7 @@ from calibrate.prepare import Prepared, prepare
 from calibrate.progress import Ticker
 from calibrate.results import Evaluation
 from calibrate.sweep import DEFAULT_BLOCK, n_blocks
-from calibrate.tail import Tail, TailTooShortError, pooled
+from calibrate.tail import Tail, TailTooShortError, bin_of, pooled
 from imagesets import EmbeddingSet
 
 BOOT_GRID = 512  # thresholds at which the bootstrap counts pairs
@@ -46,6 +46,8 @@ def evaluate(
     progress: bool = False,
     block: int = DEFAULT_BLOCK,
     distributed: bool = False,
+    tail_level: float | None = None,
+    thresholds: Sequence[float] | None = None,
 ) -> Evaluation:
     """Calibrate one global threshold per target FAR and measure its consistency.
 
@@ -57,11 +59,17 @@ def evaluate(
     default process group (initialised by the caller, e.g. under torchrun with gloo);
     every process must call this with the same data and gets the same result, equal
     bit for bit to a single-process run.
+
+    ``tail_level``: bin the pooled impostor tail at least down to this upper-tail level
+    (``Evaluation.global_tail``, the F_G of score normalisation). ``thresholds``: one
+    deployed similarity threshold per target FAR; everything is then measured at
+    those instead of calibrating new ones (``python -m calibrate --check``).
     """
     targets = _check_settings(target_fars, far_range, grid_size, beta, eps, bootstrap, block)
+    fixed = _check_fixed(thresholds, targets)
     prep = prepare(embeddings)
     score_fn, device_used = score_function(device)
-    ranks = _Ranks(prep, targets, far_range, bootstrap > 0)
+    ranks = _Ranks(prep, targets, far_range, bootstrap > 0, tail_level)
     shard = None
     if distributed:
         from calibrate.distributed import torch_sharding  # the only route that imports torch
@@ -71,7 +79,7 @@ def evaluate(
     ticker = Ticker(n_blocks(prep, block), progress)  # grows if passes 2-3 must sweep
     engine = Engine(prep, score_fn, block, ticker, shard)
     try:
-        measured = _measure(engine, ranks, grid_size, seed, bootstrap > 0)
+        measured = _measure(engine, ranks, grid_size, seed, bootstrap > 0, fixed)
     finally:
         ticker.close()
     if bootstrap > 0:
@@ -87,9 +95,13 @@ def evaluate(
     return assemble(measured, beta=beta, eps=eps, settings=settings)
 
 
-def _measure(engine: Engine, ranks: _Ranks, grid_size: int, seed: int, boot: bool) -> Measured:
+def _measure(
+    engine: Engine, ranks: _Ranks, grid_size: int, seed: int, boot: bool, fixed: list[float] | None
+) -> Measured:
     prep = engine.prep
     cutoff = engine.cutoff(ranks.deepest_fraction(), seed)
+    if fixed:  # counts at a deployed threshold need every score above it binned
+        cutoff = min(cutoff, float(np.nextafter(np.float32(min(fixed)), np.float32(-np.inf))))
     first = engine.tail_pass(cutoff)
     try:
         bins = _bins(first.tails, ranks)
@@ -97,6 +109,8 @@ def _measure(engine: Engine, ranks: _Ranks, grid_size: int, seed: int, boot: boo
         cutoff = SENTINEL_FLOOR
         first = engine.tail_pass(cutoff)
         bins = _bins(first.tails, ranks)
+    if fixed:
+        bins |= {int(b) for b in bin_of(np.asarray(fixed))}
     engine.resolve_pass(first, bins, cutoff)
     pool = pooled(first.tails)
     pool_t = _thresholds(pool, ranks.pool_k)
@@ -106,7 +120,7 @@ def _measure(engine: Engine, ranks: _Ranks, grid_size: int, seed: int, boot: boo
     own_grids = [
         None if _range(ts) is None else threshold_grid(*_range(ts), grid_size) for ts in ds_t
     ]
-    global_t = [pool_t[f"target{j}"] for j in range(len(ranks.targets))]
+    global_t = fixed or [pool_t[f"target{j}"] for j in range(len(ranks.targets))]
     target_grid = np.unique([t for t in global_t if t is not None]).astype(np.float64)
     boot_grid = None
     if boot and pool_t["boot"] is not None:
@@ -184,6 +198,17 @@ def _check_settings(target_fars, far_range, grid_size, beta, eps, bootstrap, blo
     return targets
 
 
+def _check_fixed(thresholds: Sequence[float] | None, targets: list[float]) -> list[float] | None:
+    if thresholds is None:
+        return None
+    fixed = [float(t) for t in thresholds]
+    if len(fixed) != len(targets):
+        raise ValueError(f"{len(fixed)} thresholds for {len(targets)} target FARs: give one each")
+    if not all(-1.0 <= t <= 1.0 + 1e-6 for t in fixed):
+        raise ValueError(f"thresholds must be similarities in [-1, 1], got {fixed}")
+    return fixed
+
+
 def allowed_errors(far: float, pairs: int) -> int:
     """k = floor(a M), with a read as the decimal it prints as (0.29 * 100 is 29, not 28)."""
     return math.floor(Fraction(repr(float(far))) * pairs)
@@ -196,7 +221,7 @@ class _Ranks:
     bootstrap grid. A rank with k < 1 is not measurable on that data.
     """
 
-    def __init__(self, prep: Prepared, targets, far_range, boot: bool) -> None:
+    def __init__(self, prep: Prepared, targets, far_range, boot: bool, tail_level=None) -> None:
         self.m_ds = [prep.impostor_pairs(k) for k in range(prep.n_datasets)]
         self.m = sum(self.m_ds)
         self.targets = list(targets)
@@ -207,6 +232,8 @@ class _Ranks:
             self.fars["boot"] = min(0.5, 4 * max(*targets, far_range[1]))
         self.pool_k = self._ks(self.m, boot)
         self.ds_k = [self._ks(m, False) for m in self.m_ds]
+        if tail_level is not None:  # only the pooled tail must reach it (global_tail)
+            self.pool_k["tail_level"] = allowed_errors(min(float(tail_level), 0.5), self.m)
 
     def _ks(self, m: int, top: bool) -> dict[str, int]:
         ks = {name: allowed_errors(a, m) for name, a in self.fars.items()}

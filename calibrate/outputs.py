@@ -12,6 +12,7 @@ from pathlib import Path
 from calibrate.plots import render
 from calibrate.report import markdown
 from calibrate.results import Evaluation
+from calibrate.serving import ServingReport
 from contracts import CalibrationDoc, atomic_write_bytes, atomic_write_text, save_calibration
 from contracts.files import sha256_file
 
@@ -22,16 +23,24 @@ def write_outputs(
     sources: list[str],
     out: Path,
     plots_dir: Path | None = None,
+    serving: ServingReport | None = None,
 ) -> list[Path]:
     """calibration JSON at ``out``, report.md next to it, PNGs in ``plots_dir`` (or next)."""
-    doc = CalibrationDoc(ev.to_document(sha256_file(model), model.name))
+    raw = ev.to_document(
+        sha256_file(model),
+        model.name,
+        normalization=serving.normalization_section() if serving else None,
+        held_out=serving.held_out_rows() if serving else None,
+        fpir=serving.fpir_rows() if serving else None,
+    )
+    doc = CalibrationDoc(raw)
     for d, src in zip(doc.raw["datasets"], _source_per_dataset(ev, sources), strict=True):
         d["source"] = src
-    pngs = render(ev)
+    pngs = render(ev, serving)
     out = Path(out)
     plots = Path(plots_dir) if plots_dir else out.parent
     rel = [_relative(plots / name, out.parent) for name in pngs]
-    report = markdown(ev, str(model), sources, rel)
+    report = markdown(ev, str(model), sources, rel, serving.text() if serving else "")
     written = []
     for name, data in pngs.items():
         written.append(atomic_write_bytes(plots / name, data))

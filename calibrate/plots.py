@@ -7,18 +7,24 @@ else has succeeded.
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from calibrate.results import Evaluation
 
+if TYPE_CHECKING:
+    from calibrate.serving import ServingReport
 
-def render(ev: Evaluation) -> dict[str, bytes]:
+
+def render(ev: Evaluation, serving: ServingReport | None = None) -> dict[str, bytes]:
     """{file name: PNG bytes}; empty when the calibration range was not measurable."""
     import matplotlib
 
     matplotlib.use("Agg")
     out = {}
+    if serving is not None and serving.held_out:
+        out["far_raw_vs_normalized.png"] = far_raw_vs_normalized(serving)
     if ev.far_curves:
         out["far_vs_threshold.png"] = _far(ev)
     if ev.grid is not None:
@@ -90,4 +96,32 @@ def _utility_classes(ev: Evaluation) -> bytes:
     ax.set_ylabel("per-class utility")
     ax.set_title(f"Utility per class ({len(u)} classes), OPIS {ev.overall.opis:.2e}")
     ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def far_raw_vs_normalized(serving: ServingReport) -> bytes:
+    """Per dataset FAR / target at the global threshold, raw vs normalised, with intervals."""
+    import matplotlib.pyplot as plt
+
+    results = serving.held_out or []
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 4.2), squeeze=False)
+    for ax, r in zip(axes[0], results, strict=True):
+        names = [d.name for d in r.datasets]
+        x = np.arange(len(names))
+        for dx, key, color in ((-0.18, "raw", "tab:gray"), (0.18, "normalized", "tab:blue")):
+            far = [getattr(d, key) for d in r.datasets]
+            y = np.array([np.nan if f.far is None else f.far / r.target_far for f in far])
+            lo = np.array([np.nan if f.ci is None else f.ci[0] / r.target_far for f in far])
+            hi = np.array([np.nan if f.ci is None else f.ci[1] / r.target_far for f in far])
+            err = np.vstack([np.maximum(y - lo, 0), np.maximum(hi - y, 0)])
+            label = "raw" if key == "raw" else serving.served.method
+            ax.errorbar(x + dx, y, yerr=err, fmt="o", color=color, capsize=3, label=label)
+        ax.axhline(1.0, color="black", linewidth=1)
+        ax.axhspan(0.5, 2.0, color="tab:green", alpha=0.08, label="[a/2, 2a]")
+        ax.set_yscale("log")
+        ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
+        ax.set_title(f"target FAR {r.target_far:g}")
+        ax.set_ylabel("FAR / target on held-out classes")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("One global threshold: each dataset's FAR, raw and normalised (95% CI)")
     return _png(fig)

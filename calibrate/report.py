@@ -74,7 +74,9 @@ def _consistency(ev: Evaluation) -> str:
     return "\n".join(lines)
 
 
-def markdown(ev: Evaluation, model: str, sources: list[str], plots: list[str]) -> str:
+def markdown(
+    ev: Evaluation, model: str, sources: list[str], plots: list[str], serving: str = ""
+) -> str:
     """A short report that embeds the plots (paths relative to the report)."""
     parts = [
         "# Calibration report",
@@ -84,7 +86,7 @@ def markdown(ev: Evaluation, model: str, sources: list[str], plots: list[str]) -
         f"Settings: {ev.settings}",
         "",
         "```",
-        table(ev),
+        table(ev) + serving,
         "```",
         "",
     ]

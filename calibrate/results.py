@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from contracts.calibration import SCHEMA_NAME, SCHEMA_VERSION
+from scorenorm import ScoreHistogram
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,9 @@ class Evaluation:
     top1_counts: dict[str, np.ndarray]
     embedding_dim: int
     far_curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+    # The pooled impostor scores above the engine's cutoff, binned, out of all pairs:
+    # the global distribution F_G that score normalisation maps each tenant onto.
+    global_tail: ScoreHistogram | None = field(default=None, repr=False)
 
     def target(self, target_far: float) -> TargetResult:
         for t in self.targets:
@@ -161,8 +165,33 @@ class Evaluation:
                 return t
         raise KeyError(f"target FAR {target_far:g} was not evaluated")
 
-    def to_document(self, model_sha256: str, model_file: str | None = None) -> dict[str, Any]:
-        """The calibration document (validate and write with contracts.save_calibration)."""
+    def to_document(
+        self,
+        model_sha256: str,
+        model_file: str | None = None,
+        normalization: dict[str, Any] | None = None,
+        held_out: dict[float, dict[str, dict]] | None = None,
+        fpir: dict[float, dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """The calibration document (validate and write with contracts.save_calibration).
+
+        ``normalization``: {"method", "settings"} to record with the global tail;
+        ``held_out``: {target: {dataset: entry}} from calibrate/normalized.py;
+        ``fpir``: {target: entry} from calibrate/serving.py.
+        """
+        doc = self._document(model_sha256, model_file)
+        if normalization is not None and self.global_tail is not None:
+            doc["normalization"] = {**normalization, "global_tail": self.global_tail.to_json()}
+        for t in doc["targets"]:
+            if held_out:
+                rows = _at(held_out, t["target_far"]) or {}
+                for d in t["datasets"]:
+                    d["held_out"] = rows.get(d["name"])
+            if fpir:
+                t["fpir"] = _at(fpir, t["target_far"])
+        return doc
+
+    def _document(self, model_sha256: str, model_file: str | None) -> dict[str, Any]:
         return {
             "schema": SCHEMA_NAME,
             "schema_version": SCHEMA_VERSION,
@@ -201,6 +230,10 @@ class Evaluation:
                 }
             },
         }
+
+
+def _at(by_target: dict[float, Any], target: float) -> Any:
+    return next((v for k, v in by_target.items() if np.isclose(k, target, rtol=1e-9)), None)
 
 
 def _threshold(similarity: float | None) -> dict[str, float] | None:

@@ -23,13 +23,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-NBINS = 1 << 12
+# The project's one binning (scorenorm): the global tail a calibration stores for the
+# server's score normalisation is this histogram, so the bins must be the same.
+from scorenorm.histogram import NBINS, bin_of
 
-
-def bin_of(values: np.ndarray) -> np.ndarray:
-    """Monotone equal-width bin index over [-1, 1]; out-of-range scores go to the ends."""
-    idx = np.floor((values.astype(np.float64) + 1.0) * (NBINS / 2))
-    return np.clip(idx, 0, NBINS - 1).astype(np.int64)
+__all__ = ["NBINS", "Tail", "TailTooShortError", "bin_of", "pooled"]
 
 
 class TailTooShortError(Exception):

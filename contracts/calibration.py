@@ -17,9 +17,14 @@ from typing import Any
 
 from contracts.files import atomic_write_text, sha256_file
 from contracts.schema import NUMBER, Check, ListOf, MapOf, Opt, SchemaError, validate
+from scorenorm import ScoreHistogram, TailSettings
+from scorenorm.histogram import NBINS
 
 SCHEMA_NAME = "tcm-retrieval.calibration"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Version 1 had no ``normalization`` section; such documents still serve raw scores.
+READABLE_VERSIONS = (1, 2)
+MAKE_NORMALIZABLE = "python -m calibrate --normalize tenant-tail --model MODEL.onnx"
 
 
 class CalibrationError(ValueError):
@@ -47,6 +52,14 @@ _THRESHOLD = {
     "distance": Check(NUMBER, lambda v: -1e-6 <= v <= 2 + 1e-6, "must lie in [0, 2]"),
 }
 
+_HELD_OUT_FAR = {
+    "far": Opt(_prob()),
+    "far_ratio": Opt(NUMBER),
+    "ci": Opt(_interval(_prob())),
+    "accepted": _count(),
+    "pairs": _count(),
+}
+
 _DATASET_AT_TARGET = {
     "name": str,
     "measurable": bool,
@@ -58,6 +71,15 @@ _DATASET_AT_TARGET = {
     "far_ratio": Opt(NUMBER),
     "threshold": Opt(_THRESHOLD),
     "threshold_drift": Opt(NUMBER),
+    # on held-out classes, raw and tenant-tail normalised (calibrate/normalized.py)
+    "held_out": Opt(
+        {
+            "raw": _HELD_OUT_FAR,
+            "normalized": _HELD_OUT_FAR,
+            "shift": Opt(NUMBER),
+            "active_galleries": _count(),
+        }
+    ),
 }
 
 _TARGET = {
@@ -83,6 +105,17 @@ _TARGET = {
     "warnings": ListOf(str),
     "datasets": ListOf(_DATASET_AT_TARGET),
     "classes": Opt(ListOf(dict)),
+    # 1:N: false positive identification rate per search at a gallery size (held out)
+    "fpir": Opt(
+        {
+            "gallery_size": Check(int, lambda v: v >= 1, "must be >= 1"),
+            "target_fpir": Opt(_prob()),
+            "independent_pairs_fpir": _prob(),
+            "datasets": ListOf(
+                {"name": str, "gallery_size": _count(), "raw": dict, "normalized": Opt(dict)}
+            ),
+        }
+    ),
 }
 
 _OPIS = {"opis": Opt(NUMBER), "eps_opis": Opt(NUMBER)}
@@ -90,7 +123,9 @@ _OPIS = {"opis": Opt(NUMBER), "eps_opis": Opt(NUMBER)}
 _SPEC = {
     "schema": Check(str, lambda v: v == SCHEMA_NAME, f"must be '{SCHEMA_NAME}'"),
     "schema_version": Check(
-        int, lambda v: v == SCHEMA_VERSION, f"this build reads schema_version {SCHEMA_VERSION}"
+        int,
+        lambda v: v in READABLE_VERSIONS,
+        f"this build reads schema_version {', '.join(map(str, READABLE_VERSIONS))}",
     ),
     "created_at": str,
     "model": {
@@ -133,7 +168,34 @@ _SPEC = {
     "reference": Opt(
         {"top1_similarity": Opt({"edges": ListOf(NUMBER, 2), "counts": MapOf(ListOf(_count()))})}
     ),
+    # What score normalisation needs (scorenorm/): the method the calibration was made
+    # for, its settings, and the pooled impostor tail F_G every tenant is mapped onto.
+    "normalization": Opt(
+        {
+            "method": str,
+            "settings": {
+                "min_errors": Check(int, lambda v: v >= 1, "must be >= 1"),
+                "top_level": Check(NUMBER, lambda v: 0 < v < 1, "must lie in (0, 1)"),
+                "levels_per_decade": Check(int, lambda v: v >= 1, "must be >= 1"),
+            },
+            "global_tail": {
+                "bins": Check(int, lambda v: v == NBINS, f"must be {NBINS}"),
+                "first_bin": _count(),
+                "counts": ListOf(_count()),
+                "pairs": _count(),
+            },
+        }
+    ),
 }
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """The document's normalisation section, parsed."""
+
+    method: str
+    settings: TailSettings
+    global_tail: ScoreHistogram
 
 
 @dataclass(frozen=True)
@@ -166,6 +228,29 @@ class CalibrationDoc:
     @property
     def model_sha256(self) -> str:
         return self.raw["model"]["sha256"]
+
+    def normalization(self) -> Normalization | None:
+        """The global tail and settings, or None for a document made without them."""
+        raw = self.raw.get("normalization")
+        if not raw:
+            return None
+        return Normalization(
+            raw["method"],
+            TailSettings(**raw["settings"]),
+            ScoreHistogram.from_json(raw["global_tail"]),
+        )
+
+    def require_normalization(self, method: str) -> Normalization:
+        """The section a server needs to serve ``method``; refuses with the command to run."""
+        found = self.normalization()
+        if found is None:
+            raise CalibrationError(
+                f"--normalize {method} needs the global impostor tail in the calibration "
+                f"document, and this one has none (schema_version "
+                f"{self.raw['schema_version']}); make one with `{MAKE_NORMALIZABLE}`, or "
+                "serve raw scores with --normalize none"
+            )
+        return found
 
     @property
     def dataset_names(self) -> list[str]:

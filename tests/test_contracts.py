@@ -159,7 +159,7 @@ def test_calibration_document_round_trip(tmp_path):
         ),
         (lambda d: d["targets"][0].update(target_far=0), r"targets\[0\]\.target_far"),
         (lambda d: d["model"].update(sha256="XYZ"), r"model\.sha256"),
-        (lambda d: d.update(schema_version=2), "schema_version"),
+        (lambda d: d.update(schema_version=3), "schema_version"),
         (lambda d: d["settings"].pop("grid_size"), r"settings\.grid_size: required"),
         (lambda d: d["datasets"][0].update(images=-1), r"datasets\[0\]\.images"),
         (lambda d: d["targets"][0].update(measurable="true"), r"targets\[0\]\.measurable"),
