@@ -80,11 +80,9 @@ def test_report_states_each_goal_as_met_or_missed(study):
 def test_command_writes_report_and_figure(linear_model, tmp_path, capsys):
     npz = tmp_path / "tails.npz"
     save_npz(tenants_with_tails(per_class=8), npz)
-    code = main(
-        ["--model", f"lin={linear_model}", "--dataset", str(npz), "--splits", "1"]
-        + ["--target-far", "0.01", "--bootstrap", "5", "--gallery-sizes", ""]
-        + ["--methods", "tenant-tail", "--out", str(tmp_path / "out")]
-    )
+    data = ["--model", f"lin={linear_model}", "--dataset", str(npz), "--splits", "1"]
+    settings = ["--target-far", "0.01", "--bootstrap", "5", "--gallery-sizes", ""]
+    code = main([*data, *settings, "--methods", "tenant-tail", "--out", str(tmp_path / "out")])
     assert code == 0
     assert "### lin" in (tmp_path / "out" / "report.md").read_text()
     assert (tmp_path / "out" / "per_tenant_far.png").stat().st_size > 0
