@@ -70,10 +70,19 @@ def _match_response(outcome: MatchOutcome) -> pb.MatchResponse:
         threshold=outcome.threshold,
         target_far=outcome.target_far,
         neighbors=[
-            pb.Neighbor(item_id=h.item_id, label=h.label, similarity=h.similarity)
+            pb.Neighbor(
+                item_id=h.item_id,
+                label=h.label,
+                similarity=h.similarity,
+                score=outcome.score(h.similarity),
+            )
             for h in outcome.result.neighbors
         ],
         gallery_size=outcome.gallery_size,
+        score=outcome.score(top.similarity) if top else 0.0,
+        raw_threshold=outcome.raw_threshold,
+        normalization=outcome.normalization,
+        normalization_active=outcome.mapping.active,
     )
 
 

@@ -20,14 +20,17 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, start_http_server
 
+import scorenorm
 from embedding.defaults import DEFAULT_CALIBRATION, DEFAULT_MODEL
 from server.auth import KeyRing
+from server.gallery import TailOptions
 from server.imaging import ImageLimits
 from server.metrics import ServerMetrics
 from server.model import ServingModel
 from server.monitoring.labels import TenantLabels
 from server.observer import DecisionObserver, NullObserver
 from server.service import RetrievalService, ServiceConfig
+from server.tail_stats import DEFAULT_CAPACITY
 
 log = logging.getLogger("server")
 
@@ -70,6 +73,27 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="faiss OpenMP threads per search (1 suits micro-batches; more for huge galleries)",
+    )
+    n = p.add_argument_group("score normalisation (scorenorm/, docs/CONSISTENCY.md)")
+    n.add_argument(
+        "--normalize",
+        type=scorenorm.choice(servable_only=True),
+        default=None,
+        metavar="{" + ",".join(scorenorm.names(servable_only=True)) + "}",
+        help="map each tenant's scores onto the calibration's scale before the threshold "
+        "(default: what the calibration document was made for; none for older documents)",
+    )
+    n.add_argument(
+        "--tail-sample",
+        type=int,
+        default=DEFAULT_CAPACITY,
+        help="gallery items per tenant whose pairs estimate its impostor tail",
+    )
+    n.add_argument(
+        "--online-tail-weight",
+        type=float,
+        default=0.5,
+        help="most weight sampled query-gallery pairs may get in a tenant's tail (0 = off)",
     )
     m = p.add_argument_group("live monitoring (server/monitoring, docs/MONITORING.md)")
     m.add_argument(
@@ -164,7 +188,12 @@ async def serve(args: argparse.Namespace) -> int:
     else:
         keys = KeyRing.from_file(args.api_keys)
     model = ServingModel.load(
-        args.model, args.calibration, args.device, args.target_far, args.embed_threads
+        args.model,
+        args.calibration,
+        args.device,
+        args.target_far,
+        args.embed_threads,
+        args.normalize,
     )
     registry = CollectorRegistry()
     labels = TenantLabels(args.max_tenant_labels)  # one mapping for serving and monitoring
@@ -177,6 +206,8 @@ async def serve(args: argparse.Namespace) -> int:
         index=args.index,
         search_threads=args.search_threads,
         limits=ImageLimits(args.max_image_bytes, args.max_image_pixels),
+        normalize=args.normalize,
+        tail=TailOptions(args.tail_sample, args.online_tail_weight),
     )
     service = RetrievalService(model, args.data_dir, keys, observer, metrics, config)
     await service.start()

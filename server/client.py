@@ -42,6 +42,7 @@ class Neighbor:
     item_id: str
     label: str
     similarity: float
+    score: float = 0.0  # on the normalised scale
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,10 @@ class MatchResult:
     distance: float = 0.0
     target_far: float = 0.0
     neighbors: list[Neighbor] = field(default_factory=list)
+    score: float = 0.0  # the top-1 on the normalised scale: matched = score >= threshold
+    raw_threshold: float = 0.0  # the tenant's raw similarity that clears threshold
+    normalization: str = "none"
+    normalization_active: bool = False
 
     @classmethod
     def from_proto(cls, r: pb.MatchResponse) -> MatchResult:
@@ -67,7 +72,11 @@ class MatchResult:
             r.label,
             r.distance,
             r.target_far,
-            [Neighbor(n.item_id, n.label, n.similarity) for n in r.neighbors],
+            [Neighbor(n.item_id, n.label, n.similarity, n.score) for n in r.neighbors],
+            r.score,
+            r.raw_threshold,
+            r.normalization or "none",
+            r.normalization_active,
         )
 
 
@@ -189,6 +198,11 @@ class RetrievalClient:
             "target_far": info.target_far,
             "threshold": info.threshold,
             "stats": dict(info.stats),
+            "normalization": info.normalization or "none",
+            "normalization_active": info.normalization_active,
+            "tail_pairs": info.tail_pairs,
+            "normalization_min_pairs": info.normalization_min_pairs,
+            "raw_threshold": info.raw_threshold,
         }
 
     def remove(self, tenant: str, item_ids: list[str] | str) -> pb.RemoveResponse:

@@ -25,7 +25,9 @@ import faiss
 import numpy as np
 
 from contracts.files import atomic_write_bytes
+from scorenorm import ScoreHistogram, TailMap, TailSettings, build_map
 from server.ann import HnswTopK
+from server.tail_stats import DEFAULT_CAPACITY, Entry, TenantTail, item_hash
 from server.wal import WriteAheadLog, read_records
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 INDEX_KINDS = ("flat", "hnsw")
 SNAPSHOT = "snapshot.npz"
 WAL = "wal.log"
+ONLINE_TAIL = "online_tail.npz"  # the online window of the tail statistics (soft state)
 # faiss uses BLAS (much faster for a batch of queries) only from this many queries on;
 # the default (20) leaves small micro-batches on the slow path.
 faiss.cvar.distance_compute_blas_threshold = 4
@@ -100,7 +103,13 @@ class Gallery:
     """Thread-safe; open with :meth:`Gallery.open`. Mutations are durable on return."""
 
     def __init__(
-        self, directory: Path, dim: int, model_sha256: str, snapshot_every: int, index: str = "flat"
+        self,
+        directory: Path,
+        dim: int,
+        model_sha256: str,
+        snapshot_every: int,
+        index: str = "flat",
+        tail: TailOptions | None = None,
     ) -> None:
         if index not in INDEX_KINDS:
             raise ValueError(f"index must be one of {INDEX_KINDS}, got {index!r}")
@@ -129,6 +138,10 @@ class Gallery:
         self._wal: WriteAheadLog | None = None
         self._ann = HnswTopK(dim) if index == "hnsw" else None
         self.reembedded = 0  # items re-embedded by open() because the model changed
+        self._tail_options = tail or TailOptions()
+        self._hash_of = np.zeros(0, np.int64)  # faiss id -> item_hash(item_id)
+        self.tail = self._tail_options.new(dim)
+        self._map_cache: tuple[tuple, TailMap] | None = None
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -140,11 +153,13 @@ class Gallery:
         embed=None,
         snapshot_every: int = 1000,
         index: str = "flat",
+        tail: TailOptions | None = None,
     ) -> Gallery:
         """Load snapshot + log. Items embedded by another model are re-embedded with
         ``embed(list_of_image_bytes) -> (n, dim) float32``; without it that is an error.
-        ``index``: "flat" (exact) or "hnsw" (approximate top-k, see server/ann.py)."""
-        gallery = cls(directory, dim, model_sha256, snapshot_every, index)
+        ``index``: "flat" (exact) or "hnsw" (approximate top-k, see server/ann.py).
+        ``tail``: the sample behind the tenant's normalisation statistics."""
+        gallery = cls(directory, dim, model_sha256, snapshot_every, index, tail)
         directory.mkdir(parents=True, exist_ok=True)
         state = _load_snapshot(directory / SNAPSHOT)
         entries: dict[str, tuple[int, Item, np.ndarray, str]] = state["entries"]
@@ -178,6 +193,7 @@ class Gallery:
             log.info("%s: re-embedded %d items for model %s", directory, len(stale), model_sha256)
         gallery.reembedded = len(stale)
         gallery._apply_add([(fid, item, vec) for fid, item, vec, _ in entries.values()])
+        gallery._restore_online_tail()
         gallery._wal = WriteAheadLog(directory / WAL)
         gallery._since_snapshot = replayed
         if stale or replayed >= snapshot_every:
@@ -264,6 +280,7 @@ class Gallery:
             self._identities.clear()
             self.model_sha256 = model_sha256
             self._ann = HnswTopK(self.dim) if self.index == "hnsw" else None
+            self.tail = self._tail_options.new(self.dim)  # the new model's scores, from scratch
             self._apply_add(entries)
 
     # ------------------------------------------------------------------ search
@@ -373,6 +390,7 @@ class Gallery:
                 meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
             )
             atomic_write_bytes(self.directory / SNAPSHOT, buffer.getvalue())
+            self._save_online_tail()
             if self._wal is not None:
                 self._wal.reset()
             self._since_snapshot = 0
@@ -414,18 +432,29 @@ class Gallery:
             grown = np.full(max(2 * len(self._code_of), int(ids.max()) + 1, 64), -1, np.int64)
             grown[: len(self._code_of)] = self._code_of
             self._code_of = grown
-        for fid, item, _ in entries:
+        if ids.max() >= len(self._hash_of):
+            grown = np.zeros(len(self._code_of), np.int64)
+            grown[: len(self._hash_of)] = self._hash_of
+            self._hash_of = grown
+        tail_entries = []
+        for fid, item, vector in entries:
             key = identity(item.item_id, item.label)
             self._code_of[fid] = self._codes.setdefault(key, len(self._codes))
+            self._hash_of[fid] = item_hash(item.item_id)
             self._items[fid] = item
             self._ids[item.item_id] = fid
             self._identities[identity(item.item_id, item.label)] += 1
+            tail_entries.append(
+                Entry(fid, int(self._hash_of[fid]), vector, int(self._code_of[fid]))
+            )
+        self.tail.add(tail_entries)
         self._gpu_dirty = True
 
     def _apply_remove(self, fids: list[int]) -> None:
         if not fids:
             return
         self._index.remove_ids(np.asarray(fids, np.int64))
+        left = self.tail.remove(fids)
         if self._ann is not None:
             self._ann.remove(fids)
             if self._ann.needs_rebuild():
@@ -441,7 +470,79 @@ class Gallery:
             self._identities[key] -= 1
             if not self._identities[key]:
                 del self._identities[key]
+        if left:
+            self._refill_tail(left)
         self._gpu_dirty = True
+
+    def _refill_tail(self, n: int) -> None:
+        """Members were removed: the ``n`` non-members with the smallest hashes join, so
+        the sample stays the bottom-k of the current items (O(N) numpy, and only when a
+        removed item was a member)."""
+        fids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+        outside = fids[[not self.tail.is_member(int(f)) for f in fids]] if len(fids) else fids
+        if not len(outside):
+            return
+        pick = outside[np.argsort(self._hash_of[outside], kind="stable")[:n]]
+        self.tail.refill(
+            [
+                Entry(
+                    int(f),
+                    int(self._hash_of[f]),
+                    self._index.reconstruct(int(f)),
+                    int(self._code_of[f]),
+                )
+                for f in pick
+            ]
+        )
+
+    # ------------------------------------------------------------- normalisation
+    def tail_map(self, global_tail: ScoreHistogram, settings: TailSettings) -> TailMap:
+        """This tenant's tenant-tail map, rebuilt only when its statistics changed."""
+        with self._lock:
+            key = (self.tail.version, id(global_tail), settings)
+            if self._map_cache is None or self._map_cache[0] != key:
+                self._map_cache = (key, build_map(self.tail.histogram(), global_tail, settings))
+            return self._map_cache[1]
+
+    def observe(self, queries: np.ndarray, matched_item_ids: list[str | None]) -> None:
+        """Online tail samples of served queries (see server/tail_stats.py)."""
+        with self._lock:
+            codes = [
+                None if i is None or i not in self._ids else int(self._code_of[self._ids[i]])
+                for i in matched_item_ids
+            ]
+            self.tail.observe(np.asarray(queries, np.float32), codes)
+
+    def _save_online_tail(self) -> None:
+        state = self.tail.online_state()
+        if not state:
+            return
+        buffer = io.BytesIO()
+        np.savez(buffer, model=np.frombuffer(self.model_sha256.encode(), np.uint8), **state)
+        atomic_write_bytes(self.directory / ONLINE_TAIL, buffer.getvalue())
+
+    def _restore_online_tail(self) -> None:
+        path = self.directory / ONLINE_TAIL
+        if not path.exists():
+            return
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if data["model"].tobytes().decode() != self.model_sha256:
+                    return  # another model's scores: start the window afresh
+                self.tail.restore_online({k: data[k] for k in data.files if k != "model"})
+        except Exception as err:  # soft state: a damaged file only costs the window
+            log.warning("%s: ignoring unreadable online tail (%s)", path, err)
+
+
+@dataclass(frozen=True)
+class TailOptions:
+    """How a gallery samples itself for its tenant's normalisation statistics."""
+
+    capacity: int = DEFAULT_CAPACITY
+    online_weight: float = 0.5
+
+    def new(self, dim: int) -> TenantTail:
+        return TenantTail(dim, self.capacity, self.online_weight)
 
 
 # ------------------------------------------------------------------ encoding

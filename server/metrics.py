@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
@@ -38,6 +39,52 @@ class _GalleryItems(Collector):
         for label, size in totals.items():
             family.add_metric([label], size)
         yield family
+
+
+@dataclass(frozen=True)
+class TenantNormalization:
+    """What ``tcm_norm_*`` exports for one tenant."""
+
+    active: bool
+    tail_pairs: int
+    shift: float  # raw threshold - served threshold at the default target FAR
+
+
+class _Normalization(Collector):
+    """``tcm_norm_active``, ``tcm_norm_tail_pairs``, ``tcm_norm_threshold_shift`` per tenant.
+
+    Tenants sharing the overflow label ``other`` are summed (active maps, pairs) and
+    their shifts averaged.
+    """
+
+    def __init__(
+        self, stats: Callable[[], dict[str, TenantNormalization]], labels: TenantLabels
+    ) -> None:
+        self._stats = stats
+        self._labels = labels
+
+    def collect(self):
+        groups: dict[str, list[TenantNormalization]] = defaultdict(list)
+        for tenant, value in self._stats().items():
+            groups[self._labels.label(tenant)].append(value)
+        active = GaugeMetricFamily(
+            "tcm_norm_active", "tenants whose score normalisation map is active", labels=["tenant"]
+        )
+        pairs = GaugeMetricFamily(
+            "tcm_norm_tail_pairs",
+            "impostor pairs behind the tenant's tail statistics",
+            labels=["tenant"],
+        )
+        shift = GaugeMetricFamily(
+            "tcm_norm_threshold_shift",
+            "tenant's raw similarity threshold minus the served threshold (default target)",
+            labels=["tenant"],
+        )
+        for label, values in sorted(groups.items()):
+            active.add_metric([label], sum(v.active for v in values))
+            pairs.add_metric([label], sum(v.tail_pairs for v in values))
+            shift.add_metric([label], sum(v.shift for v in values) / len(values))
+        yield from (active, pairs, shift)
 
 
 class ServerMetrics:
@@ -107,6 +154,10 @@ class ServerMetrics:
     def watch_galleries(self, sizes: Callable[[], dict[str, int]]) -> None:
         """Export ``tcm_gallery_items`` from ``sizes()`` (tenant -> items) at scrape time."""
         self.registry.register(_GalleryItems(sizes, self.labels))
+
+    def watch_normalization(self, stats: Callable[[], dict[str, TenantNormalization]]) -> None:
+        """Export the per-tenant ``tcm_norm_*`` gauges from ``stats()`` at scrape time."""
+        self.registry.register(_Normalization(stats, self.labels))
 
     def decision(self, tenant: str, matched: bool, top1: float) -> None:
         label = self.labels.label(tenant)

@@ -8,7 +8,7 @@ threshold that means nothing for its model.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ from contracts import CalibrationDoc, load_calibration, sha256_file
 from contracts.calibration import Target
 from embedding import OnnxEmbedder
 from server.imaging import ImageLimits, to_model_input
+from server.normalization import ServedNormalization
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class ServingModel:
     calibration_sha256: str
     default_far: float
     threads: int = 0
+    normalization: ServedNormalization = field(default_factory=lambda: ServedNormalization("none"))
 
     @classmethod
     def load(
@@ -39,19 +41,23 @@ class ServingModel:
         device: str,
         default_far: float,
         threads: int = 0,
+        normalize: str | None = None,
     ) -> ServingModel:
         """Load and cross-check; raises ValueError/CalibrationError with what to do.
-        ``threads``: onnxruntime intra-op threads (0 = its default, one per core)."""
+        ``threads``: onnxruntime intra-op threads (0 = its default, one per core).
+        ``normalize``: score normalisation (None = what the calibration was made for)."""
         calibration = load_calibration(calibration_path)
+        normalization = ServedNormalization.resolve(calibration, normalize)
         embedder = OnnxEmbedder(model_path, device=device, threads=threads)
         calibration.check_model(model_path, sha256=embedder.sha256)
         calibration.target(default_far)  # raises naming the calibrated targets
         log.info(
-            "model %s (sha256 %s) on %s, calibration %s",
+            "model %s (sha256 %s) on %s, calibration %s, normalisation %s",
             model_path,
             embedder.sha256[:12],
             embedder.providers[0],
             calibration_path,
+            normalization.method,
         )
         return cls(
             embedder,
@@ -61,6 +67,7 @@ class ServingModel:
             sha256_file(calibration_path),
             default_far,
             threads,
+            normalization,
         )
 
     @property

@@ -30,12 +30,13 @@ import grpc
 import numpy as np
 
 from contracts import CalibrationError
+from scorenorm import TailMap
 from server.auth import KeyRing, Principal, hash_key, new_key
 from server.batcher import MicroBatcher, QueueFullError
 from server.decisions import DecisionStore
-from server.gallery import Item, SearchResult, StaleModelError, describe_index
+from server.gallery import Item, SearchResult, StaleModelError, TailOptions, describe_index
 from server.imaging import ImageError, ImageLimits, header_pixels, to_model_input
-from server.metrics import ServerMetrics
+from server.metrics import ServerMetrics, TenantNormalization
 from server.model import ServingModel
 from server.observer import DecisionObserver
 from server.tenants import TenantError, TenantRegistry, check_name
@@ -67,6 +68,8 @@ class ServiceConfig:
     index: str = "flat"  # or "hnsw": approximate top-k for large galleries
     search_threads: int = 1  # faiss OpenMP threads per search
     limits: ImageLimits = field(default_factory=ImageLimits)
+    normalize: str | None = None  # score normalisation; None = the calibration's own
+    tail: TailOptions = field(default_factory=TailOptions)
 
 
 @dataclass
@@ -74,9 +77,20 @@ class MatchOutcome:
     decision_id: str
     matched: bool
     result: SearchResult
-    threshold: float
+    threshold: float  # on the normalised scale (= raw similarity without normalisation)
     target_far: float
     gallery_size: int
+    mapping: TailMap  # the tenant's score map the decision used
+    normalization: str  # its method name
+
+    @property
+    def raw_threshold(self) -> float:
+        """The tenant's raw similarity that clears ``threshold`` after mapping."""
+        return float(self.mapping.inverse(self.threshold))
+
+    def score(self, similarity: float) -> float:
+        """A raw similarity on the calibration's (normalised) scale."""
+        return float(self.mapping(similarity))
 
 
 @dataclass
@@ -116,6 +130,7 @@ class RetrievalService:
             embed=lambda images: model.embed_images(images, config.limits),
             snapshot_every=config.snapshot_every,
             index=config.index,
+            tail=config.tail,
         )
 
     # -------------------------------------------------------------- lifecycle
@@ -130,6 +145,7 @@ class RetrievalService:
         self._state = self._new_state(self._first_model)
         self._publish(self._first_model)
         self.metrics.watch_galleries(self.tenants.sizes)
+        self.metrics.watch_normalization(self.normalization_stats)
 
     async def close(self) -> None:
         """Drain the batcher and close the galleries (snapshot + close their logs)."""
@@ -243,16 +259,7 @@ class RetrievalService:
                 raise ServiceError(Code.INVALID_ARGUMENT, str(err)) from err
             decoded = await self._decode(images, state.model)
             good = [d for d in decoded if not isinstance(d, str)]
-            sha, threshold = state.model.sha256, target.threshold
-
-            def search(embeddings: np.ndarray, sha=sha, threshold=threshold) -> list[SearchResult]:
-                started = time.perf_counter()
-                found = tenant.gallery.search(embeddings, k, threshold, sha)
-                per_image = (time.perf_counter() - started) / len(embeddings)
-                for _ in range(len(embeddings)):
-                    self.metrics.stage_seconds.labels("search").observe(per_image)
-                return found
-
+            search = functools.partial(self._search, tenant, state.model, target.threshold, k)
             try:
                 results = await self._embed(state, good, search) if good else []
             except StaleModelError:
@@ -263,17 +270,46 @@ class RetrievalService:
                 ServiceError(Code.INVALID_ARGUMENT, d)
                 if isinstance(d, str)
                 else self._decide(
-                    tenant_name, next(found), target.threshold, target.target_far, size
+                    tenant_name, *next(found), target.threshold, target.target_far, size
                 )
                 for d in decoded
             ]
         raise ServiceError(Code.UNAVAILABLE, "model reloaded repeatedly during the call; retry")
 
+    def _search(
+        self, tenant, model: ServingModel, threshold: float, k: int, embeddings: np.ndarray
+    ) -> list[tuple[SearchResult, TailMap, str]]:
+        """In the embedding thread: the tenant's map, search at its raw threshold (so the
+        label-free counts are of normalised scores), and the online tail samples."""
+        started = time.perf_counter()
+        norm = model.normalization
+        mapping = norm.mapping(tenant.gallery)
+        raw = float(mapping.inverse(threshold))
+        found = tenant.gallery.search(embeddings, k, raw, model.sha256)
+        per_image = (time.perf_counter() - started) / len(embeddings)
+        for _ in range(len(embeddings)):
+            self.metrics.stage_seconds.labels("search").observe(per_image)
+        if norm.enabled:
+            # matched at the default target decides which identity a sample leaves out
+            default = float(mapping.inverse(model.target(0).threshold))
+            matched = [
+                r.top1.item_id if r.top1 and r.top1.similarity >= default else None for r in found
+            ]
+            tenant.gallery.observe(embeddings, matched)
+        return [(r, mapping, norm.method) for r in found]
+
     def _decide(
-        self, tenant: str, result: SearchResult, threshold: float, far: float, size: int
+        self,
+        tenant: str,
+        result: SearchResult,
+        mapping: TailMap,
+        method: str,
+        threshold: float,
+        far: float,
+        size: int,
     ) -> MatchOutcome:
         top = result.top1
-        matched = top is not None and top.similarity >= threshold
+        matched = top is not None and float(mapping(top.similarity)) >= threshold
         # The live FAR windows divide by the default target: a call that asked for another
         # target FAR is answered and counted, but kept out of them (and so is its feedback).
         monitored = far == self.model.default_far
@@ -293,7 +329,7 @@ class RetrievalService:
                 )
             except Exception:  # monitoring must never fail a Match
                 log.exception("observer.record_decision failed")
-        return MatchOutcome(decision_id, matched, result, threshold, far, size)
+        return MatchOutcome(decision_id, matched, result, threshold, far, size, mapping, method)
 
     # ------------------------------------------------------------- mutations
     async def enroll(
@@ -387,13 +423,32 @@ class RetrievalService:
                 stats[key] = float(value)
         except Exception:
             log.exception("observer.tenant_stats failed")
+        norm = model.normalization
+        mapping = norm.mapping(tenant.gallery)
         return {
             "tenant": tenant_name,
             "gallery_size": tenant.gallery.size,
             "target_far": target.target_far,
             "threshold": target.threshold,
             "stats": stats,
+            "normalization": norm.method,
+            "normalization_active": mapping.active,
+            "tail_pairs": mapping.pairs if norm.enabled else tenant.gallery.tail.gallery.total,
+            "raw_threshold": float(mapping.inverse(target.threshold)),
+            "normalization_min_pairs": norm.settings.min_pairs() if norm.settings else 0,
         }
+
+    def normalization_stats(self) -> dict[str, TenantNormalization]:
+        """Per tenant: is its map active, its tail sample, its threshold shift (metrics)."""
+        model = self.model
+        norm, threshold = model.normalization, model.target(0).threshold
+        out = {}
+        for tenant in self.tenants.all():
+            mapping = norm.mapping(tenant.gallery)
+            out[tenant.name] = TenantNormalization(
+                mapping.active, tenant.gallery.tail.gallery.total, mapping.shift(threshold)
+            )
+        return out
 
     # ------------------------------------------------------------------ admin
     async def create_tenant(self, name: str) -> str:
@@ -456,6 +511,7 @@ class RetrievalService:
                     device,
                     old.model.default_far,
                     old.model.threads,
+                    self.config.normalize,
                 )
             except (ValueError, FileNotFoundError, RuntimeError) as err:
                 self.metrics.reloads.labels("error").inc()

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from contracts.files import atomic_write_text, fsync_dir
-from server.gallery import Gallery
+from server.gallery import Gallery, TailOptions
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,11 @@ class TenantRegistry:
         embed: Callable[[list[bytes]], np.ndarray] | None = None,
         snapshot_every: int = 1000,
         index: str = "flat",
+        tail: TailOptions | None = None,
     ) -> None:
         self.root = root / "tenants"
         self.index = index
+        self.tail = tail
         self.dim = dim
         self.model_sha256 = model_sha256
         self.embed = embed
@@ -78,9 +80,7 @@ class TenantRegistry:
             if not meta.is_file() or not NAME.match(directory.name):
                 continue
             raw = json.loads(meta.read_text(encoding="utf-8"))
-            gallery = Gallery.open(
-                directory, self.dim, self.model_sha256, self.embed, self.snapshot_every, self.index
-            )
+            gallery = self._open(directory)
             self._tenants[directory.name] = Tenant(directory.name, gallery, raw.get("keys", []))
 
     def create(self, name: str, key_hash: str | None) -> Tenant:
@@ -92,15 +92,24 @@ class TenantRegistry:
             if directory.exists():  # leftovers of a crash before tenant.json was written
                 shutil.rmtree(directory)
             directory.mkdir(parents=True)
-            gallery = Gallery.open(
-                directory, self.dim, self.model_sha256, self.embed, self.snapshot_every, self.index
-            )
+            gallery = self._open(directory)
             keys = [key_hash] if key_hash else []
             record = {"name": name, "created_at": time.time(), "keys": keys}
             atomic_write_text(directory / TENANT_FILE, json.dumps(record) + "\n")
             tenant = Tenant(name, gallery, keys)
             self._tenants[name] = tenant
             return tenant
+
+    def _open(self, directory: Path) -> Gallery:
+        return Gallery.open(
+            directory,
+            self.dim,
+            self.model_sha256,
+            self.embed,
+            self.snapshot_every,
+            self.index,
+            self.tail,
+        )
 
     def delete(self, name: str) -> int:
         """Remove the tenant and its data; returns how many items it had."""

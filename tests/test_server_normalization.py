@@ -1,0 +1,152 @@
+"""Score normalisation in the served path: a real server, a real normalised calibration.
+
+The calibration is made by ``python -m calibrate`` (tenant-tail, with the global tail)
+for the tiny linear model on glyph images; the server starts from it, so Match maps
+every tenant's scores through that tenant's own tail statistics.
+"""
+
+from __future__ import annotations
+
+import signal
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calibrate.cli import main as calibrate_main
+from contracts import load_calibration
+from server.client import RetrievalClient
+from tests import server_fixtures
+from tests.server_fixtures import Assets, ServerProcess, start_server
+
+server_assets = server_fixtures.server_assets
+
+
+@pytest.fixture(scope="module")
+def normalised(server_assets: Assets, tmp_path_factory) -> Assets:
+    """server_assets with a calibration made by the calibrate CLI (tenant-tail)."""
+    out = tmp_path_factory.mktemp("norm-cal") / "calibration.json"
+    data = ["--model", str(server_assets.model), "--dataset", "glyphs-tiny"]
+    code = calibrate_main([*data, "--target-far", "0.01,0.05", "--out", str(out), "--no-progress"])
+    assert code == 0
+    doc = load_calibration(out)
+    assert doc.normalization().method == "tenant-tail"
+    return Assets(
+        server_assets.model,
+        out,
+        server_assets.keys,
+        server_assets.images,
+        server_assets.labels,
+        server_assets.embeddings,
+        {t.target_far: t.threshold for t in doc.targets()},
+    )
+
+
+def serve(assets: Assets, data_dir: Path, *extra: str) -> ServerProcess:
+    return start_server(assets, data_dir, "--no-auth", "--target-far", "0.01", *extra)
+
+
+def enroll(client: RetrievalClient, tenant: str, assets: Assets, rows: range) -> None:
+    items = [(f"{tenant}-{i}", assets.png(i), str(assets.labels[i])) for i in rows]
+    for start in range(0, len(items), 100):
+        results, _ = client.enroll_many(tenant, items[start : start + 100])
+        assert all(r.ok for r in results)
+
+
+def test_cold_start_runs_the_identity_then_the_map_activates(normalised, tmp_path):
+    server = serve(normalised, tmp_path)
+    try:
+        with RetrievalClient(server.address) as client:
+            client.create_tenant("shop")
+            enroll(client, "shop", normalised, range(10))
+            info = client.get_tenant("shop")
+            assert info["normalization"] == "tenant-tail"
+            assert not info["normalization_active"]  # 10 items: far too few pairs
+            assert info["tail_pairs"] < info["normalization_min_pairs"]
+            r = client.match("shop", normalised.png(300))
+            assert not r.normalization_active
+            assert r.score == pytest.approx(r.similarity)  # the identity map
+            assert r.raw_threshold == pytest.approx(r.threshold)
+
+            enroll(client, "shop", normalised, range(10, 260))
+            info = client.get_tenant("shop")
+            assert info["normalization_active"]
+            assert info["tail_pairs"] >= info["normalization_min_pairs"]
+            r = client.match("shop", normalised.png(300), top_k=5)
+            assert r.normalization == "tenant-tail" and r.normalization_active
+            assert r.raw_threshold != pytest.approx(r.threshold)
+            # the decision is on the normalised score, and equals the raw one at the
+            # tenant's raw threshold; neighbours keep their order on both scales
+            assert r.matched == (r.score >= r.threshold)
+            assert r.matched == (r.similarity >= r.raw_threshold)
+            sims = [n.similarity for n in r.neighbors]
+            scores = [n.score for n in r.neighbors]
+            assert np.all(np.diff(sims) <= 0) and np.all(np.diff(scores) <= 0)
+            assert info["raw_threshold"] == pytest.approx(r.raw_threshold, abs=2e-3)
+    finally:
+        server.stop()
+
+
+def metric(url: str, name: str, tenant: str) -> float:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith(f'{name}{{tenant="{tenant}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} for {tenant} not exported")
+
+
+def test_statistics_survive_sigkill_and_are_exported(normalised, tmp_path):
+    server = serve(normalised, tmp_path)
+    with RetrievalClient(server.address) as client:
+        client.create_tenant("durable")
+        enroll(client, "durable", normalised, range(0, 300))
+        client.remove("durable", [f"durable-{i}" for i in range(0, 300, 7)])
+        before = client.get_tenant("durable")
+    assert metric(server.metrics_url, "tcm_norm_active", "durable") == 1
+    assert metric(server.metrics_url, "tcm_norm_tail_pairs", "durable") == before["tail_pairs"]
+    shift = metric(server.metrics_url, "tcm_norm_threshold_shift", "durable")
+    assert shift == pytest.approx(before["raw_threshold"] - before["threshold"], abs=1e-5)
+    server.stop(signal.SIGKILL)
+    again = serve(normalised, tmp_path)
+    try:
+        with RetrievalClient(again.address) as client:
+            after = client.get_tenant("durable")
+        assert after["tail_pairs"] == before["tail_pairs"]
+        assert after["raw_threshold"] == pytest.approx(before["raw_threshold"], abs=1e-7)
+    finally:
+        again.stop()
+
+
+def test_normalize_none_serves_raw_scores(normalised, tmp_path):
+    server = serve(normalised, tmp_path, "--normalize", "none")
+    try:
+        with RetrievalClient(server.address) as client:
+            client.create_tenant("raw")
+            enroll(client, "raw", normalised, range(200))
+            r = client.match("raw", normalised.png(300))
+            assert r.normalization == "none" and r.score == pytest.approx(r.similarity)
+            assert r.raw_threshold == pytest.approx(r.threshold)
+    finally:
+        server.stop()
+
+
+def test_a_document_without_the_tail_refuses_the_normalised_mode(server_assets, tmp_path):
+    """server_assets' calibration is schema 1: raw serving works, tenant-tail is refused."""
+    with pytest.raises(RuntimeError, match="python -m calibrate --normalize tenant-tail"):
+        files = [
+            "--model",
+            str(server_assets.model),
+            "--calibration",
+            str(server_assets.calibration),
+        ]
+        ServerProcess(
+            [*files, "--data-dir", str(tmp_path), "--no-auth", "--normalize", "tenant-tail"]
+        )
+    assert not (Path(tmp_path) / "tenants").exists()
+
+
+def test_an_unknown_or_offline_mode_is_a_usage_error(normalised, tmp_path):
+    for mode in ("zscore", "as-norm"):
+        with pytest.raises(RuntimeError, match="--normalize"):
+            serve(normalised, tmp_path, "--normalize", mode)
