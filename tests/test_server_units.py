@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import struct
 import threading
 from pathlib import Path
 
@@ -76,6 +77,27 @@ def test_pixel_bomb_is_refused_before_decoding() -> None:
     assert len(bomb) < LIMITS.max_bytes
     with pytest.raises(ImageError, match="pixels, the limit"):
         decode(bomb, 1, LIMITS)
+
+
+def test_a_tiff_tag_of_the_wrong_type_is_refused_not_raised() -> None:
+    """Issue 12: StripOffsets (273) typed as ASCII made Pillow raise TypeError."""
+    data = bytearray(encode(grey(8), "TIFF"))
+    order = "<" if data[:2] == b"II" else ">"
+    ifd = struct.unpack_from(order + "I", data, 4)[0]
+    entries = struct.unpack_from(order + "H", data, ifd)[0]
+    tags = [struct.unpack_from(order + "H", data, ifd + 2 + 12 * i)[0] for i in range(entries)]
+    assert 273 in tags
+    outcomes = set()
+    for i in range(entries):
+        for kind in range(20):  # every TIFF field type, and some that are not
+            bad = bytearray(data)
+            struct.pack_into(order + "H", bad, ifd + 2 + 12 * i + 2, kind)
+            try:
+                decode(bytes(bad), 1, LIMITS)
+                outcomes.add("decoded")
+            except ImageError:
+                outcomes.add("refused")
+    assert outcomes == {"decoded", "refused"}  # no other exception escaped
 
 
 def test_unsupported_format_and_mode() -> None:
