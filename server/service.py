@@ -42,7 +42,10 @@ from server.tenants import TenantError, TenantRegistry, check_name
 
 log = logging.getLogger(__name__)
 
-ITEM_ID = re.compile(r"^[^\x00-\x1f\x7f]{1,256}$")  # any text without control characters
+# Any text without control characters (C0, DEL, C1), matched against the WHOLE id
+# (fullmatch: ``$`` would let a trailing newline through).
+ITEM_ID = re.compile(r"[^\x00-\x1f\x7f-\x9f]{1,256}")
+LABEL = re.compile(r"[^\x00-\x1f\x7f-\x9f]{0,256}")
 Code = grpc.StatusCode
 _DECODE_THREADS = 2
 INLINE_DECODE_PIXELS = 64 * 64  # e.g. up to four 32x32 images: ~1 ms measured, on the loop
@@ -310,13 +313,17 @@ class RetrievalService:
             )
         errors: list[ServiceError | None] = [None] * len(items)
         for n, (item_id, label, _) in enumerate(items):
-            if not ITEM_ID.match(item_id):
+            if not ITEM_ID.fullmatch(item_id):
                 errors[n] = ServiceError(
                     Code.INVALID_ARGUMENT,
                     f"item_id {item_id[:40]!r} must be 1-256 characters without control characters",
                 )
-            elif len(label) > 256:
-                errors[n] = ServiceError(Code.INVALID_ARGUMENT, "label longer than 256 characters")
+            elif not LABEL.fullmatch(label):
+                errors[n] = ServiceError(
+                    Code.INVALID_ARGUMENT,
+                    f"label {label[:40]!r} must be at most 256 characters without control "
+                    "characters",
+                )
         assert self._mutations is not None
         async with self._mutations:  # a reload cannot switch models under us
             tenant = self.tenant(tenant_name)  # it may have been deleted while we waited

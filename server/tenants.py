@@ -25,7 +25,9 @@ from server.gallery import Gallery
 
 log = logging.getLogger(__name__)
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Matched against the WHOLE name (fullmatch): ``$`` would also accept a trailing newline,
+# and the name becomes a folder name.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 TENANT_FILE = "tenant.json"
 
 
@@ -34,7 +36,7 @@ class TenantError(ValueError):
 
 
 def check_name(name: str) -> str:
-    if not NAME.match(name or ""):
+    if not isinstance(name, str) or not NAME.fullmatch(name):
         raise TenantError(
             f"invalid tenant name {name!r}: use 1-64 letters, digits, '_', '-', '.', "
             "starting with a letter or digit"
@@ -75,7 +77,7 @@ class TenantRegistry:
         self.root.mkdir(parents=True, exist_ok=True)
         for directory in sorted(self.root.iterdir()):
             meta = directory / TENANT_FILE
-            if not meta.is_file() or not NAME.match(directory.name):
+            if not meta.is_file() or not NAME.fullmatch(directory.name):
                 continue
             raw = json.loads(meta.read_text(encoding="utf-8"))
             gallery = Gallery.open(

@@ -199,10 +199,16 @@ def test_bad_requests(auth_server: ServerProcess, server_assets: Assets) -> None
         assert code_of(lambda: client.match_batch("req", [])) == invalid
         assert code_of(lambda: client.remove("req", [])) == invalid
         assert code_of(lambda: client.create_tenant("../etc")) == invalid
+        assert code_of(lambda: client.create_tenant("req\n")) == invalid  # issue 12
+        assert "req\n" not in client.list_tenants()
         assert code_of(lambda: client.create_tenant("req")) == grpc.StatusCode.ALREADY_EXISTS
-        results, size = client.enroll_many("req", [("ok", image, ""), ("bad\nid", image, "")])
-        assert [r.ok for r in results] == [True, False] and size == 1
-        assert results[1].error.code == "INVALID_ARGUMENT"
+        results, size = client.enroll_many(
+            "req",
+            [("ok", image, ""), ("bad\nid", image, ""), ("trailing\n", image, ""),
+             ("labelled", image, "bad\nlabel")],
+        )  # fmt: skip
+        assert [r.ok for r in results] == [True, False, False, False] and size == 1
+        assert {r.error.code for r in results[1:]} == {"INVALID_ARGUMENT"}
         with pytest.raises(ItemRefusedError) as err:
             client.enroll("req", "ok", image)
         assert err.value.code == "ALREADY_EXISTS"

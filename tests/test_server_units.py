@@ -19,6 +19,7 @@ from server.batcher import MicroBatcher, QueueFullError
 from server.cli import parse_args
 from server.decisions import DecisionStore
 from server.imaging import ImageError, ImageLimits, decode
+from server.tenants import TenantError, check_name
 
 LIMITS = ImageLimits(max_bytes=1 << 20, max_pixels=1_000_000)
 
@@ -157,6 +158,39 @@ def test_batcher_refuses_beyond_its_queue_and_skips_cancelled() -> None:
 
     asyncio.run(scenario())
     assert calls == [2]
+
+
+# -------------------------------------------------------------------- names
+@pytest.mark.parametrize(
+    "name", ["name\n", "a\nb", "../etc", ".hidden", "", "a/b", "x" * 65, "tab\t", "é"]
+)
+def test_tenant_names_are_checked_whole(name: str) -> None:
+    with pytest.raises(TenantError, match="invalid tenant name"):
+        check_name(name)
+
+
+def test_a_tenant_folder_with_a_newline_is_not_loaded(tmp_path: Path) -> None:
+    from server.tenants import TenantRegistry
+
+    registry = TenantRegistry(tmp_path, 4, "sha")
+    registry.create("ok", None)
+    odd = tmp_path / "tenants" / "odd\n"
+    odd.mkdir()
+    (odd / "tenant.json").write_text(json.dumps({"name": "odd\n", "keys": []}))
+    again = TenantRegistry(tmp_path, 4, "sha")
+    again.load_all()
+    assert again.names() == ["ok"]
+
+
+@pytest.mark.parametrize(
+    ("item_id", "ok"),
+    [("a", True), ("é/ü 1.png", True), ("x" * 256, True), ("id\n", False), ("a\x00", False),
+     ("\x85", False), ("", False), ("x" * 257, False)],
+)  # fmt: skip
+def test_item_ids_are_checked_whole(item_id: str, ok: bool) -> None:
+    from server.service import ITEM_ID
+
+    assert bool(ITEM_ID.fullmatch(item_id)) is ok
 
 
 # --------------------------------------------------------------------- keys
