@@ -2,7 +2,7 @@
 
 :class:`RetrievalService` owns the serving state (model + its micro-batcher), the
 tenants, the decision store and the observer. Errors are :class:`ServiceError` with
-the gRPC status code the caller should see; app.py only translates. Blocking work
+the gRPC status code the caller should see; server/interceptor.py translates. Blocking work
 (decoding, onnxruntime, faiss, fsync) runs in thread pools so the event loop keeps
 serving.
 
@@ -33,6 +33,7 @@ from contracts import CalibrationError
 from server.auth import KeyRing, Principal, hash_key, new_key
 from server.batcher import MicroBatcher, QueueFullError
 from server.decisions import DecisionStore
+from server.errors import StatusError
 from server.gallery import Item, SearchResult, StaleModelError, describe_index
 from server.imaging import ImageError, ImageLimits, header_pixels, to_model_input
 from server.metrics import ServerMetrics
@@ -51,11 +52,8 @@ _DECODE_THREADS = 2
 INLINE_DECODE_PIXELS = 64 * 64  # e.g. up to four 32x32 images: ~1 ms measured, on the loop
 
 
-class ServiceError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class ServiceError(StatusError):
+    """A refusal of the service (bad input, unknown tenant, full queue, ...)."""
 
 
 @dataclass(frozen=True)

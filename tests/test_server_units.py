@@ -259,3 +259,52 @@ def test_malformed_config_is_a_usage_error(tmp_path: Path, content: str, capsys)
         parse_args(["--config", str(config)])
     assert err.value.code == 2
     assert "--config" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------- admission, rates
+def test_admission_counts_calls_and_bytes_and_hints_the_mean_hold() -> None:
+    from server.admission import Admission, AdmissionLimits, OverloadedError
+
+    admission = Admission(AdmissionLimits(max_calls=2, max_bytes=100))
+    first = admission.admit(60)
+    with pytest.raises(OverloadedError, match="request bytes") as err:
+        admission.admit(50)
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    second = admission.admit(40)
+    with pytest.raises(OverloadedError, match="2 calls in progress"):
+        admission.admit(1)
+    admission.release(first)
+    admission.release(first)  # a ticket is handed back once only
+    assert (admission.calls, admission.bytes) == (1, 40)
+    admission.release(second)
+    assert (admission.calls, admission.bytes) == (0, 0)
+    assert 0.01 <= admission.retry_after() <= 5.0
+    alone = admission.admit(1000)  # larger than the budget, but nothing else runs
+    admission.release(alone)
+
+
+def test_token_bucket_refills_at_its_rate_and_bounds_memory() -> None:
+    from server.ratelimit import RateLimitedError, TenantRateLimiter
+
+    now = [0.0]
+    limiter = TenantRateLimiter(rate=10, burst=5, clock=lambda: now[0], max_buckets=3)
+    for _ in range(5):
+        limiter.acquire("a", 1)
+    with pytest.raises(RateLimitedError) as err:
+        limiter.acquire("a", 1)
+    assert err.value.retry_after == pytest.approx(0.1)
+    now[0] += 0.25  # 2.5 tokens back
+    limiter.acquire("a", 2)
+    with pytest.raises(RateLimitedError):
+        limiter.acquire("a", 1)
+    limiter.refund("a", 1)
+    limiter.acquire("a", 1)
+    limiter.acquire("b", 20)  # larger than the burst: runs on a full bucket, leaves debt
+    with pytest.raises(RateLimitedError) as err:
+        limiter.acquire("b", 1)
+    assert err.value.retry_after == pytest.approx(1.6)  # from -15 back to 1 token
+    for name in "cdefgh":
+        limiter.acquire(name, 1)
+    assert len(limiter) <= 3
+    with pytest.raises(ValueError, match="rate"):
+        TenantRateLimiter(0)
