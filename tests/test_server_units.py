@@ -308,3 +308,19 @@ def test_token_bucket_refills_at_its_rate_and_bounds_memory() -> None:
     assert len(limiter) <= 3
     with pytest.raises(ValueError, match="rate"):
         TenantRateLimiter(0)
+
+
+# ------------------------------------------------------------------ replies
+def test_reply_scores_stay_in_their_domain() -> None:
+    """float32 inner products of an image with itself gave similarity 1.0000004 and
+    distance -3.6e-07 (issue 12): the reply clamps both."""
+    from server.app import _match_response
+    from server.gallery import Hit, SearchResult
+    from server.service import MatchOutcome
+
+    hits = [Hit("a", "x", 1.0000004), Hit("b", "y", -1.0000002)]
+    reply = _match_response(MatchOutcome("d", True, SearchResult(hits, 0, 1), 0.9, 1e-3, 2))
+    assert reply.similarity == 1.0 and reply.distance == 0.0
+    assert [n.similarity for n in reply.neighbors] == [1.0, -1.0]
+    far = _match_response(MatchOutcome("d", False, SearchResult(hits[::-1], 0, 1), 0.9, 1e-3, 2))
+    assert far.similarity == -1.0 and far.distance == 2.0
