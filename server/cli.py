@@ -5,7 +5,8 @@ Prints one line when ready::
     serving retrieval.v1 on HOST:PORT, metrics on http://HOST:MPORT/metrics
 
 SIGTERM/SIGINT drain in-flight calls, then flush and close the galleries; SIGHUP
-reloads model + calibration from the paths given at start.
+reloads model + calibration from the paths given at start and re-reads the API keys
+(which are also re-read whenever their files change, see server/keys.py).
 Exit status 2 = refused to start (bad flag, config, model, calibration or key file).
 """
 
@@ -27,6 +28,7 @@ from server.audit import AuditLog
 from server.auth import KeyRing
 from server.imaging import ImageLimits
 from server.interceptor import RetrievalInterceptor
+from server.keys import KeyReloader
 from server.metrics import ServerMetrics
 from server.model import ServingModel
 from server.monitoring.labels import TenantLabels
@@ -92,6 +94,12 @@ def parser() -> argparse.ArgumentParser:
     )
     o.add_argument(
         "--audit-log", type=Path, help="JSON lines of Admin calls (default: DATA_DIR/audit.log)"
+    )
+    o.add_argument(
+        "--keys-poll-seconds",
+        type=float,
+        default=2.0,
+        help="re-read changed key files this often (0 = only on SIGHUP)",
     )
     p.add_argument("--max-image-bytes", type=int, default=8 << 20)
     p.add_argument("--max-image-pixels", type=int, default=16_000_000)
@@ -248,8 +256,13 @@ async def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     background: set[asyncio.Task] = set()
+    reloader = KeyReloader(keys, args.api_keys, args.data_dir) if keys.enabled else None
+    if reloader is not None and args.keys_poll_seconds > 0:
+        background.add(loop.create_task(reloader.watch(args.keys_poll_seconds)))
 
     def on_hup() -> None:
+        if reloader is not None:
+            reloader.poll(force=True)
         task = loop.create_task(_reload(service, args.device))
         background.add(task)
         task.add_done_callback(background.discard)

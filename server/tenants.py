@@ -44,6 +44,23 @@ def check_name(name: str) -> str:
     return name
 
 
+def read_tenant_keys(directory: Path) -> list[str]:
+    """The key hashes in ``directory``/tenant.json (FileNotFoundError when none)."""
+    raw = json.loads((directory / TENANT_FILE).read_text(encoding="utf-8"))
+    keys = raw.get("keys", [])
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise ValueError(f"{directory / TENANT_FILE}: 'keys' must be a list of key hashes")
+    return keys
+
+
+def write_tenant_keys(directory: Path, keys: list[str]) -> None:
+    """Replace the key hashes of a tenant.json atomically (readers see old or new)."""
+    path = directory / TENANT_FILE
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    raw["keys"] = keys
+    atomic_write_text(path, json.dumps(raw) + "\n")
+
+
 @dataclass
 class Tenant:
     name: str
