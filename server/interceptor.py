@@ -71,6 +71,17 @@ def cost(request: Any) -> int:
     return 1
 
 
+def _parse(deserialize: Callable[[bytes], Any] | None, raw: bytes) -> Any:
+    """The request message, or INVALID_ARGUMENT when the bytes are not one."""
+    if deserialize is None:
+        return raw
+    try:
+        return deserialize(raw)
+    except Exception as err:  # DecodeError, or whatever a parser raises on hostile bytes
+        message = f"malformed request message ({type(err).__name__}: {err})"
+        raise StatusError(Code.INVALID_ARGUMENT, message[:300]) from err
+
+
 @dataclass
 class _Call:
     route: Route
@@ -114,16 +125,17 @@ class RetrievalInterceptor(grpc.aio.ServerInterceptor):
         route = self._routes.get(method)
         if handler is None or route is None:
             return handler  # health, reflection, unknown methods: gRPC answers them itself
+        # Requests arrive as raw bytes and are parsed here: gRPC would answer UNKNOWN for a
+        # message that does not parse (e.g. bad UTF-8 in a string), this says INVALID_ARGUMENT.
+        parse = functools.partial(_parse, handler.request_deserializer)
         if handler.unary_unary is not None:
             wrapped = grpc.unary_unary_rpc_method_handler(
-                functools.partial(self._unary, route, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                functools.partial(self._unary, route, parse, handler.unary_unary),
                 response_serializer=handler.response_serializer,
             )
         elif handler.stream_stream is not None:
             wrapped = grpc.stream_stream_rpc_method_handler(
-                functools.partial(self._stream, route, handler.stream_stream),
-                request_deserializer=handler.request_deserializer,
+                functools.partial(self._stream, route, parse, handler.stream_stream),
                 response_serializer=handler.response_serializer,
             )
         else:  # retrieval.v1 has no client- or server-streaming-only RPC
@@ -132,10 +144,11 @@ class RetrievalInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     # ----------------------------------------------------------------- shapes
-    async def _unary(self, route: Route, behaviour, request, context):
-        call = _Call(route, context, request=request)
+    async def _unary(self, route: Route, parse, behaviour, raw: bytes, context):
+        call = _Call(route, context)
         try:
-            ticket = self._admit(call, request)
+            request = call.request = parse(raw)
+            ticket = self._admit(call, request, len(raw))
             try:
                 return await behaviour(request, context)
             finally:
@@ -145,16 +158,17 @@ class RetrievalInterceptor(grpc.aio.ServerInterceptor):
         finally:
             await self._finish(call)
 
-    async def _stream(self, route: Route, behaviour, request_iterator, context) -> AsyncIterator:
-        """Each request message is checked and admitted as the servicer reads it; its
-        slot is held until the servicer yields its answer (MatchStream answers in order)."""
+    async def _stream(self, route: Route, parse, behaviour, raw_iterator, context) -> AsyncIterator:
+        """Each request message is parsed, checked and admitted as the servicer reads it;
+        its slot is held until the servicer yields its answer (MatchStream answers in order)."""
         call = _Call(route, context)
         held: list[Ticket] = []
 
         async def admitted():
-            async for request in request_iterator:
+            async for raw in raw_iterator:
                 self._release_all(held)
-                held.append(self._admit(call, request))
+                request = parse(raw)
+                held.append(self._admit(call, request, len(raw)))
                 yield request
 
         try:
@@ -168,7 +182,7 @@ class RetrievalInterceptor(grpc.aio.ServerInterceptor):
             await self._finish(call)
 
     # ------------------------------------------------------------------ steps
-    def _admit(self, call: _Call, request) -> Ticket | None:
+    def _admit(self, call: _Call, request, size: int) -> Ticket | None:
         """Auth, then the tenant's rate limit, then admission; raises StatusError."""
         admin = call.route.admin
         tenant = None if admin else request.tenant
@@ -183,7 +197,7 @@ class RetrievalInterceptor(grpc.aio.ServerInterceptor):
                 self.admission.rejected("tenant_rate")
                 raise
         try:
-            return self.admission.admit(request.ByteSize())
+            return self.admission.admit(size)
         except StatusError:
             if self.limiter is not None:
                 self.limiter.refund(tenant, units)

@@ -331,3 +331,28 @@ def test_cost_counts_images() -> None:
     assert cost(pb.EnrollRequest(items=[pb.EnrollItem()] * 3)) == 3
     assert cost(pb.MatchBatchRequest()) == 1
     assert cost(pb.RemoveRequest(item_ids=["a", "b"])) == 1
+
+
+def test_a_message_that_does_not_parse_is_invalid_argument(tmp_path: Path) -> None:
+    """Bad UTF-8 in a string field: gRPC itself would answer UNKNOWN."""
+    bad = b"\x0a\x05\xff\xfe\xfd\xfc\xfb"  # field 1 (tenant), 5 bytes that are not UTF-8
+
+    async def scenario(h: Harness) -> None:
+        match = h.channel.unary_unary("/retrieval.v1.Retrieval/Match")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await match(bad, metadata=key(ADMIN))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "malformed request message" in err.value.details()
+        stream = h.channel.stream_stream("/retrieval.v1.Retrieval/MatchStream")(
+            metadata=key(ADMIN)
+        )
+        await stream.write(pb.MatchRequest(tenant="a").SerializeToString())
+        assert pb.MatchResponse.FromString(await stream.read()).item_id == "a"
+        await stream.write(bad)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stream.read()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert h.count("Match", "INVALID_ARGUMENT") == 1
+        assert h.admission.calls == 0
+
+    run(tmp_path, scenario)
