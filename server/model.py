@@ -42,6 +42,11 @@ class ServingModel:
     ) -> ServingModel:
         """Load and cross-check; raises ValueError/CalibrationError with what to do.
         ``threads``: onnxruntime intra-op threads (0 = its default, one per core)."""
+        for path in (model_path, calibration_path):
+            # not a directory, device or FIFO: /dev/zero would be read forever (Reload
+            # takes these paths from an admin call)
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{path}: no such regular file")
         calibration = load_calibration(calibration_path)
         embedder = OnnxEmbedder(model_path, device=device, threads=threads)
         calibration.check_model(model_path, sha256=embedder.sha256)
