@@ -21,6 +21,18 @@ from server.imaging import ImageLimits, to_model_input
 log = logging.getLogger(__name__)
 
 
+def _require_regular_file(path: Path) -> None:
+    """Not a directory, device or FIFO (/dev/zero would be read forever) and a name the
+    OS takes: Reload gets these paths from an admin call."""
+    try:
+        regular = path.is_file()
+    except (OSError, ValueError) as err:  # name too long, NUL byte, ...
+        why = getattr(err, "strerror", None) or str(err)[:100]
+        raise FileNotFoundError(f"{str(path)[:200]!r}: not a usable path ({why})") from err
+    if not regular:
+        raise FileNotFoundError(f"{str(path)[:200]}: no such regular file")
+
+
 @dataclass
 class ServingModel:
     embedder: OnnxEmbedder
@@ -43,10 +55,7 @@ class ServingModel:
         """Load and cross-check; raises ValueError/CalibrationError with what to do.
         ``threads``: onnxruntime intra-op threads (0 = its default, one per core)."""
         for path in (model_path, calibration_path):
-            # not a directory, device or FIFO: /dev/zero would be read forever (Reload
-            # takes these paths from an admin call)
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"{path}: no such regular file")
+            _require_regular_file(Path(path))
         calibration = load_calibration(calibration_path)
         embedder = OnnxEmbedder(model_path, device=device, threads=threads)
         calibration.check_model(model_path, sha256=embedder.sha256)

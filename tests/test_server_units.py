@@ -324,3 +324,15 @@ def test_reply_scores_stay_in_their_domain() -> None:
     assert [n.similarity for n in reply.neighbors] == [1.0, -1.0]
     far = _match_response(MatchOutcome("d", False, SearchResult(hits[::-1], 0, 1), 0.9, 1e-3, 2))
     assert far.similarity == -1.0 and far.distance == 2.0
+
+
+@pytest.mark.parametrize("path", ["/dev/zero", "/tmp", "x" * 5000, "a\x00b", "/nonexistent"])
+def test_model_paths_must_be_regular_files(path: str) -> None:
+    """Reload takes these paths from an admin call: /dev/zero would be read forever and a
+    too long name raised OSError (INTERNAL); found by the request fuzzer."""
+    from embedding.defaults import DEFAULT_CALIBRATION, DEFAULT_MODEL
+    from server.model import ServingModel
+
+    for model, calibration in ((path, DEFAULT_CALIBRATION), (DEFAULT_MODEL, path)):
+        with pytest.raises(FileNotFoundError):
+            ServingModel.load(model, calibration, "cpu", 1e-3)
