@@ -23,6 +23,7 @@ they answer even when the server is at capacity.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
 import time
@@ -44,6 +45,19 @@ log = logging.getLogger(__name__)
 
 Code = grpc.StatusCode
 _RETRYABLE = (Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE)
+DISK_FULL_RETRY_AFTER = 5.0  # seconds: space comes back by an operator, not by itself
+
+
+class DiskFullError(StatusError):
+    """The data disk is full: the write was refused and nothing changed."""
+
+    def __init__(self, err: OSError) -> None:
+        super().__init__(
+            Code.RESOURCE_EXHAUSTED,
+            f"the server's data disk is full ({err.strerror}); nothing was written. "
+            "Retry once the operator has freed space",
+            DISK_FULL_RETRY_AFTER,
+        )
 
 
 @dataclass(frozen=True)
@@ -91,6 +105,7 @@ class _Call:
     message: str = ""
     principal: Principal | None = None
     request: Any = None
+    finished: bool = False
 
 
 class RetrievalInterceptor(grpc.aio.ServerInterceptor):
@@ -220,7 +235,7 @@ class RetrievalInterceptor(grpc.aio.ServerInterceptor):
                 call.principal = err.principal
             trailers: tuple = ()
             if err.code == Code.RESOURCE_EXHAUSTED and not isinstance(
-                err, (OverloadedError, RateLimitedError)
+                err, (OverloadedError, RateLimitedError, DiskFullError)
             ):
                 self.admission.rejected("queue")  # from inside the service: embedding queue
             if err.code in _RETRYABLE:
@@ -228,6 +243,7 @@ class RetrievalInterceptor(grpc.aio.ServerInterceptor):
                 trailers = retry_trailers(
                     err.code, err.message, self.admission.retry_after() if wait is None else wait
                 )
+            await self._finish(call)  # before the status goes out: abort() sends it at once
             await context.abort(err.code, err.message, trailers)
         if isinstance(err, (asyncio.CancelledError, GeneratorExit)):
             remaining = context.time_remaining()
@@ -239,12 +255,22 @@ class RetrievalInterceptor(grpc.aio.ServerInterceptor):
             raise err
         if not isinstance(err, Exception):  # KeyboardInterrupt, SystemExit
             raise err
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            # gRPC's own definition of RESOURCE_EXHAUSTED names a full file system. The
+            # write-ahead log cut the refused write off again: nothing changed.
+            log.error("%s refused: the data disk is full (%s)", call.route.method, err)
+            await self._fail(call, DiskFullError(err))
         call.code = Code.INTERNAL
         call.message = f"internal error in {call.route.method}; see the server log"
         log.error("%s failed", call.route.method, exc_info=err)
+        await self._finish(call)
         await context.abort(call.code, call.message)
 
     async def _finish(self, call: _Call) -> None:
+        """Count, time and audit the call, once."""
+        if call.finished:
+            return
+        call.finished = True
         method = call.route.method
         self.metrics.requests.labels(method, call.code.name).inc()
         self.metrics.request_seconds.labels(method).observe(time.perf_counter() - call.started)

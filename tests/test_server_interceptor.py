@@ -10,6 +10,7 @@ metrics once per call and the audit log.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -46,6 +47,8 @@ class Scripted(rpc.RetrievalServicer, rpc.AdminServicer):
             raise RuntimeError("a bug")
         if tenant == "busy":
             raise StatusError(grpc.StatusCode.RESOURCE_EXHAUSTED, "embedding queue full")
+        if tenant == "full":
+            raise OSError(errno.ENOSPC, "No space left on device")
         if tenant == "slow":
             self.started += 1
             await self.release.wait()
@@ -354,5 +357,17 @@ def test_a_message_that_does_not_parse_is_invalid_argument(tmp_path: Path) -> No
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert h.count("Match", "INVALID_ARGUMENT") == 1
         assert h.admission.calls == 0
+
+    run(tmp_path, scenario)
+
+
+def test_a_full_disk_is_resource_exhausted_with_a_clear_message(tmp_path: Path) -> None:
+    async def scenario(h: Harness) -> None:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await h.stub.Match(pb.MatchRequest(tenant="full"), metadata=key(ADMIN))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "data disk is full" in err.value.details()
+        assert retry_after_of(err.value) == 5.0
+        assert h.rejections("queue") == 0  # not an overload
 
     run(tmp_path, scenario)
