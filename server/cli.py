@@ -294,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # Pillow logs oddities of hostile files at ERROR (e.g. a TIFF claiming 65535 samples
+    # per pixel): the caller gets the refusal, and an attacker must not fill the log.
+    logging.getLogger("PIL").setLevel(logging.CRITICAL)
     if not args.no_auth and args.api_keys is None:
         print(
             "error: pass --api-keys FILE, or --no-auth to run without authentication "
