@@ -12,6 +12,8 @@ import signal
 import sys
 from pathlib import Path
 
+import grpc
+
 from demo.pipeline import DemoConfig, run
 
 DEFAULT_TENANTS = ("latin", "greek", "cyrillic", "math")
@@ -111,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ndemo: interrupted; every process it started has been stopped", file=sys.stderr)
         return 130
+    except grpc.RpcError as err:  # an expected status: say which, not a traceback
+        print(f"demo: the server answered {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ so the demo exercises exactly what is shipped and nothing demo-specific.
 from __future__ import annotations
 
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -110,13 +111,22 @@ def calibrate(model: Path, config: DemoConfig) -> Path:
     return out
 
 
+def fresh_data_dir(directory: Path) -> Path:
+    """The demo enrols the same tenants every run: start from empty galleries, and say so."""
+    if directory.exists():
+        shutil.rmtree(directory)
+        print(f"demo: removed the previous run's galleries in {directory}", flush=True)
+    return directory
+
+
 def start_server(
     processes: ProcessGroup, model: Path, calibration: Path, config: DemoConfig
 ) -> Endpoints:
     port, metrics_port = free_port(), free_port()
+    data_dir = fresh_data_dir(config.out / "server")
     argv = [PYTHON, "-m", "server", "--model", str(model), "--calibration", str(calibration)]
     argv += ["--target-far", repr(config.target_far), "--port", str(port)]
-    argv += ["--metrics-port", str(metrics_port), "--data-dir", str(config.out / "server")]
+    argv += ["--metrics-port", str(metrics_port), "--data-dir", str(data_dir)]
     argv += ["--device", config.device, "--no-auth"]
     banner(f"serve: {shlex.join(['python', *argv[1:]])}")
     processes.start("server", argv)

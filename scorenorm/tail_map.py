@@ -76,11 +76,13 @@ class TailMap:
 
     def __call__(self, scores: np.ndarray | float) -> np.ndarray:
         """Normalised scores on the global scale (same shape, float64)."""
-        return np.interp(np.asarray(scores, dtype=np.float64), self.raw, self.norm)
+        s = np.asarray(scores, dtype=np.float64)
+        return np.interp(s, self.raw, self.norm) if self.active else s  # identity: exact
 
     def inverse(self, normalised: np.ndarray | float) -> np.ndarray:
         """The raw similarity that maps to ``normalised``: the tenant's raw threshold."""
-        return np.interp(np.asarray(normalised, dtype=np.float64), self.norm, self.raw)
+        t = np.asarray(normalised, dtype=np.float64)
+        return np.interp(t, self.norm, self.raw) if self.active else t
 
     def shift(self, threshold: float) -> float:
         """raw threshold - global threshold: how much lower (negative) or higher this

@@ -1,17 +1,15 @@
-"""gRPC plumbing: servicers for retrieval.v1, health, reflection, auth and call metrics.
+"""gRPC plumbing: servicers for retrieval.v1, health, reflection, and the server options.
 
-Each handler authorises the call (server/auth.py), delegates to
-:class:`~server.service.RetrievalService` and turns a :class:`ServiceError` into the
-status code it carries. Every finished call is counted in ``tcm_requests_total`` and
-timed in ``tcm_request_duration_seconds``.
+The servicers only translate between protobuf messages and
+:class:`~server.service.RetrievalService`; auth, rate limits, admission control,
+error mapping, metrics and the audit log live in ONE interceptor
+(server/interceptor.py), the same for the unary RPCs and MatchStream.
 """
 
 # ruff: noqa: N802  (gRPC method names come from the generated base classes)
 from __future__ import annotations
 
-import functools
 import logging
-import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -20,60 +18,46 @@ from grpc_reflection.v1alpha import reflection
 from retrieval.v1 import retrieval_pb2 as pb
 from retrieval.v1 import retrieval_pb2_grpc as rpc
 
-from server.auth import AuthError
+from server.interceptor import RetrievalInterceptor
 from server.service import MatchOutcome, RetrievalService, ServiceError
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 64 << 20
 SERVICES = ("retrieval.v1.Retrieval", "retrieval.v1.Admin")
+# Calls that arrived but that the event loop has not picked up yet wait in gRPC core,
+# which CANCELs them (the client learns nothing) once this backlog passes its soft limit
+# (randomly, more the closer to the hard one). The library default (1000) was reached by
+# 2,000 concurrent calls; admission control (server/admission.py) is meant to answer
+# instead, with RESOURCE_EXHAUSTED and a retry hint, so the backlog limit is raised well
+# above what the loop leaves waiting and stays only as a memory backstop: a pending
+# call holds its headers and at most one HTTP/2 flow-control window of its message.
+MAX_PENDING_CALLS = 20_000  # the default of --max-pending-calls
 
 
-def _handler(method: str, admin: bool = False):
-    """Auth + error translation + metrics around a unary handler ``(self, request, ctx)``."""
-
-    def wrap(fn):
-        @functools.wraps(fn)
-        async def handle(self, request, context: grpc.aio.ServicerContext):
-            started = time.perf_counter()
-            code = grpc.StatusCode.OK
-            try:
-                tenant = None if admin else request.tenant
-                self.service.keys.authorize(context.invocation_metadata(), tenant, admin)
-                return await fn(self, request, context)
-            except (ServiceError, AuthError) as err:
-                code = err.code
-                await context.abort(err.code, str(err))
-            except Exception:
-                code = grpc.StatusCode.INTERNAL
-                log.exception("%s failed", method)
-                await context.abort(code, f"internal error in {method}; see the server log")
-            finally:
-                metrics = self.service.metrics
-                metrics.requests.labels(method, code.name).inc()
-                metrics.request_seconds.labels(method).observe(time.perf_counter() - started)
-
-        return handle
-
-    return wrap
+def similarity_in_domain(similarity: float) -> float:
+    """Cosine similarity clamped to [-1, 1]: float32 rounding gives e.g. 1.0000004 for an
+    image against itself, and a client must never see a distance below 0."""
+    return min(1.0, max(-1.0, similarity))
 
 
 def _match_response(outcome: MatchOutcome) -> pb.MatchResponse:
     top = outcome.result.top1
+    similarity = similarity_in_domain(top.similarity) if top else 0.0
     return pb.MatchResponse(
         decision_id=outcome.decision_id,
         matched=outcome.matched,
         label=top.label if top else "",
         item_id=top.item_id if top else "",
-        similarity=top.similarity if top else 0.0,
-        distance=1.0 - top.similarity if top else 0.0,
+        similarity=similarity,
+        distance=1.0 - similarity if top else 0.0,  # in [0, 2]
         threshold=outcome.threshold,
         target_far=outcome.target_far,
         neighbors=[
             pb.Neighbor(
                 item_id=h.item_id,
                 label=h.label,
-                similarity=h.similarity,
+                similarity=similarity_in_domain(h.similarity),
                 score=outcome.score(h.similarity),
             )
             for h in outcome.result.neighbors
@@ -90,8 +74,7 @@ class RetrievalServicer(rpc.RetrievalServicer):
     def __init__(self, service: RetrievalService) -> None:
         self.service = service
 
-    @_handler("Match")
-    async def Match(self, request, context):
+    async def _match_one(self, request: pb.MatchRequest) -> pb.MatchResponse:
         (outcome,) = await self.service.match(
             request.tenant, [request.image], request.top_k, request.target_far
         )
@@ -99,7 +82,9 @@ class RetrievalServicer(rpc.RetrievalServicer):
             raise outcome
         return _match_response(outcome)
 
-    @_handler("MatchBatch")
+    async def Match(self, request, context):
+        return await self._match_one(request)
+
     async def MatchBatch(self, request, context):
         outcomes = await self.service.match(
             request.tenant, list(request.images), request.top_k, request.target_far
@@ -116,26 +101,9 @@ class RetrievalServicer(rpc.RetrievalServicer):
         self, request_iterator, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.MatchResponse]:
         """One response per request, in order; the first error ends the stream."""
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        metrics = self.service.metrics
-        try:
-            async for request in request_iterator:
-                self.service.keys.authorize(context.invocation_metadata(), request.tenant)
-                (outcome,) = await self.service.match(
-                    request.tenant, [request.image], request.top_k, request.target_far
-                )
-                if isinstance(outcome, ServiceError):
-                    raise outcome
-                yield _match_response(outcome)
-        except (ServiceError, AuthError) as err:
-            code = err.code
-            await context.abort(err.code, str(err))
-        finally:
-            metrics.requests.labels("MatchStream", code.name).inc()
-            metrics.request_seconds.labels("MatchStream").observe(time.perf_counter() - started)
+        async for request in request_iterator:
+            yield await self._match_one(request)
 
-    @_handler("Enroll")
     async def Enroll(self, request, context):
         items = [(i.item_id, i.label, i.image) for i in request.items]
         errors, size = await self.service.enroll(request.tenant, items, request.replace)
@@ -151,17 +119,14 @@ class RetrievalServicer(rpc.RetrievalServicer):
         ]
         return pb.EnrollResponse(results=results, gallery_size=size)
 
-    @_handler("Remove")
     async def Remove(self, request, context):
         removed, missing, size = await self.service.remove(request.tenant, list(request.item_ids))
         return pb.RemoveResponse(removed=len(removed), not_found=missing, gallery_size=size)
 
-    @_handler("Feedback")
     async def Feedback(self, request, context):
         matched = await self.service.feedback(request.tenant, request.decision_id, request.is_same)
         return pb.FeedbackResponse(matched=matched)
 
-    @_handler("GetTenant")
     async def GetTenant(self, request, context):
         return pb.TenantInfo(**self.service.tenant_info(request.tenant))
 
@@ -171,36 +136,43 @@ class AdminServicer(rpc.AdminServicer):
         self.service = service
         self.device = device
 
-    @_handler("CreateTenant", admin=True)
     async def CreateTenant(self, request, context):
         key = await self.service.create_tenant(request.tenant)
         return pb.CreateTenantResponse(tenant=request.tenant, api_key=key)
 
-    @_handler("DeleteTenant", admin=True)
     async def DeleteTenant(self, request, context):
         removed = await self.service.delete_tenant(request.tenant)
         return pb.DeleteTenantResponse(removed_items=removed)
 
-    @_handler("ListTenants", admin=True)
     async def ListTenants(self, request, context):
         return pb.ListTenantsResponse(tenants=self.service.tenants.names())
 
-    @_handler("Reload", admin=True)
     async def Reload(self, request, context):
         done = await self.service.reload(request.model_path, request.calibration_path, self.device)
         return pb.ReloadResponse(**done)
 
 
 def build_server(
-    service: RetrievalService, device: str
+    service: RetrievalService,
+    device: str,
+    interceptor: RetrievalInterceptor | None = None,
+    max_pending_calls: int = MAX_PENDING_CALLS,
 ) -> tuple[grpc.aio.Server, health.HealthServicer]:
-    """A grpc.aio server with retrieval.v1, grpc.health.v1 and reflection (not yet bound)."""
+    """A grpc.aio server with retrieval.v1, grpc.health.v1 and reflection (not yet bound).
+
+    ``interceptor`` defaults to auth + admission with default limits and no rate
+    limits or audit log (the CLI builds one from its flags).
+    """
+    interceptor = interceptor or RetrievalInterceptor(service.keys, service.metrics)
     server = grpc.aio.server(
+        interceptors=[interceptor],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),
             ("grpc.so_reuseport", 0),
-        ]
+            ("grpc.server.max_pending_requests", max_pending_calls),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * max_pending_calls),
+        ],
     )
     rpc.add_RetrievalServicer_to_server(RetrievalServicer(service), server)
     rpc.add_AdminServicer_to_server(AdminServicer(service, device), server)

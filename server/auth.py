@@ -18,21 +18,29 @@ import hmac
 import json
 import secrets
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
+
+from server.errors import StatusError
 
 METADATA_KEY = "x-api-key"
 _PREFIX = "sha256:"
 
 
-class AuthError(Exception):
-    """Refused call: ``code`` is UNAUTHENTICATED or PERMISSION_DENIED."""
+class AuthError(StatusError):
+    """Refused call: ``code`` is UNAUTHENTICATED or PERMISSION_DENIED.
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+    ``principal`` is the key's owner when the key was known (PERMISSION_DENIED), so
+    the audit log can say who tried.
+    """
+
+    def __init__(
+        self, code: grpc.StatusCode, message: str, principal: Principal | None = None
+    ) -> None:
+        super().__init__(code, message)
+        self.principal = principal
 
 
 def hash_key(key: str) -> str:
@@ -56,56 +64,92 @@ def _as_hash(entry: str) -> str:
 class Principal:
     admin: bool
     tenant: str | None
+    # Names the key in the audit log without revealing it: the first 12 hex digits of
+    # the stored hash, which an operator finds in the key file or tenant.json.
+    key_id: str = ""
+
+
+AUTH_OFF = Principal(True, None, "auth-off")
+
+
+def key_id(key_hash: str) -> str:
+    return key_hash[: len(_PREFIX) + 12]
+
+
+def read_key_file(path: Path) -> list[tuple[str, Principal]]:
+    """(hash, principal) entries of a key file; errors name the file and what is wrong."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise ValueError(f"API key file not found: {path}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(raw, dict) or set(raw) - {"admin", "tenants"}:
+        raise ValueError(f'{path}: expected {{"admin": [...], "tenants": {{name: [...]}}}}')
+    admin, tenants = raw.get("admin", []), raw.get("tenants", {})
+    if not isinstance(admin, list) or not isinstance(tenants, dict):
+        raise ValueError(f'{path}: "admin" must be a list and "tenants" an object')
+    entries = [(_as_hash(str(entry)), Principal(True, None)) for entry in admin]
+    for tenant, keys in tenants.items():
+        if not isinstance(keys, list):
+            raise ValueError(f"{path}: keys of tenant {tenant!r} must be a list")
+        entries += [(_as_hash(str(entry)), Principal(False, tenant)) for entry in keys]
+    if not entries:
+        raise ValueError(f"{path}: holds no keys; add an admin key or run with --no-auth")
+    return entries
 
 
 class KeyRing:
-    """Hashed keys of admins and tenants; thread-safe."""
+    """Hashed keys of admins and tenants, grouped by where they come from; thread-safe.
+
+    Sources (``"file"`` for the key file, ``"tenant:<name>"`` for a tenant's
+    tenant.json) are replaced whole by :meth:`set_source`, which is how keys are
+    rotated while the server runs (server/keys.py re-reads them when they change).
+    """
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
+        self._sources: dict[str, list[tuple[str, Principal]]] = {}
         self._entries: list[tuple[str, Principal]] = []
         self._lock = threading.Lock()
 
     @classmethod
     def from_file(cls, path: Path) -> KeyRing:
         """Read a key file; errors name the file and what is wrong."""
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as err:
-            raise ValueError(f"API key file not found: {path}") from err
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from err
-        if not isinstance(raw, dict) or set(raw) - {"admin", "tenants"}:
-            raise ValueError(f'{path}: expected {{"admin": [...], "tenants": {{name: [...]}}}}')
-        admin, tenants = raw.get("admin", []), raw.get("tenants", {})
-        if not isinstance(admin, list) or not isinstance(tenants, dict):
-            raise ValueError(f'{path}: "admin" must be a list and "tenants" an object')
         ring = cls(enabled=True)
-        for entry in admin:
-            ring.add(_as_hash(str(entry)), Principal(True, None))
-        for tenant, keys in tenants.items():
-            if not isinstance(keys, list):
-                raise ValueError(f"{path}: keys of tenant {tenant!r} must be a list")
-            for entry in keys:
-                ring.add(_as_hash(str(entry)), Principal(False, tenant))
-        if not ring._entries:
-            raise ValueError(f"{path}: holds no keys; add an admin key or run with --no-auth")
+        ring.set_source("file", read_key_file(path))
         return ring
 
-    def add(self, key_hash: str, principal: Principal) -> None:
+    def set_source(self, source: str, entries: list[tuple[str, Principal]]) -> None:
+        """Replace every key of ``source`` (keys not listed any more stop working now)."""
         with self._lock:
-            self._entries.append((key_hash, principal))
+            self._sources[source] = [(h, replace(p, key_id=key_id(h))) for h, p in entries]
+            self._rebuild()
+
+    def add(self, key_hash: str, principal: Principal) -> None:
+        """Add one key; a tenant's key joins that tenant's source."""
+        source = f"tenant:{principal.tenant}" if principal.tenant else "runtime"
+        with self._lock:
+            entry = (key_hash, replace(principal, key_id=key_id(key_hash)))
+            self._sources.setdefault(source, []).append(entry)
+            self._rebuild()
 
     def forget_tenant(self, tenant: str) -> None:
         with self._lock:
-            self._entries = [(h, p) for h, p in self._entries if p.tenant != tenant]
+            self._sources.pop(f"tenant:{tenant}", None)
+            for source, entries in self._sources.items():
+                self._sources[source] = [(h, p) for h, p in entries if p.tenant != tenant]
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        self._entries = [e for entries in self._sources.values() for e in entries]
 
     def identify(self, key: str) -> Principal | None:
         """The key's owner; compares against every stored hash in constant time."""
         presented = hash_key(key).encode()
         found = None
         with self._lock:
-            entries = list(self._entries)
+            entries = self._entries  # replaced, never mutated in place
         for stored, principal in entries:
             if hmac.compare_digest(stored.encode(), presented) and found is None:
                 found = principal
@@ -113,10 +157,10 @@ class KeyRing:
 
     def authorize(
         self, metadata: tuple | None, tenant: str | None = None, admin: bool = False
-    ) -> None:
-        """Raise :class:`AuthError` unless the call's key may act on ``tenant`` / as admin."""
+    ) -> Principal:
+        """The caller, if its key may act on ``tenant`` / as admin; else :class:`AuthError`."""
         if not self.enabled:
-            return
+            return AUTH_OFF
         keys = [v for k, v in (metadata or ()) if k == METADATA_KEY]
         if not keys:
             raise AuthError(
@@ -126,10 +170,15 @@ class KeyRing:
         if principal is None:
             raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "unknown API key")
         if principal.admin:
-            return
+            return principal
         if admin:
-            raise AuthError(grpc.StatusCode.PERMISSION_DENIED, "this call needs an admin key")
+            raise AuthError(
+                grpc.StatusCode.PERMISSION_DENIED, "this call needs an admin key", principal
+            )
         if tenant is not None and principal.tenant != tenant:
             raise AuthError(
-                grpc.StatusCode.PERMISSION_DENIED, f"this key does not grant tenant {tenant!r}"
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"this key does not grant tenant {tenant!r}",
+                principal,
             )
+        return principal

@@ -5,7 +5,8 @@ Prints one line when ready::
     serving retrieval.v1 on HOST:PORT, metrics on http://HOST:MPORT/metrics
 
 SIGTERM/SIGINT drain in-flight calls, then flush and close the galleries; SIGHUP
-reloads model + calibration from the paths given at start.
+reloads model + calibration from the paths given at start and re-reads the API keys
+(which are also re-read whenever their files change, see server/keys.py).
 Exit status 2 = refused to start (bad flag, config, model, calibration or key file).
 """
 
@@ -22,13 +23,19 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 import scorenorm
 from embedding.defaults import DEFAULT_CALIBRATION, DEFAULT_MODEL
+from server.admission import Admission, AdmissionLimits, OverloadMetrics
+from server.app import MAX_PENDING_CALLS, build_server
+from server.audit import AuditLog
 from server.auth import KeyRing
 from server.gallery import TailOptions
 from server.imaging import ImageLimits
+from server.interceptor import RetrievalInterceptor
+from server.keys import KeyReloader
 from server.metrics import ServerMetrics
 from server.model import ServingModel
 from server.monitoring.labels import TenantLabels
 from server.observer import DecisionObserver, NullObserver
+from server.ratelimit import TenantRateLimiter
 from server.service import RetrievalService, ServiceConfig
 from server.tail_stats import DEFAULT_CAPACITY
 
@@ -60,6 +67,43 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=64, help="images per onnxruntime call")
     p.add_argument("--max-delay-ms", type=float, default=2.0, help="wait for a batch to fill")
     p.add_argument("--max-queue", type=int, default=2048, help="queued images before refusing")
+    o = p.add_argument_group("overload and abuse (docs/RELIABILITY.md)")
+    o.add_argument(
+        "--max-inflight",
+        type=int,
+        default=256,
+        help="calls (stream messages) worked on at once; beyond: RESOURCE_EXHAUSTED + retry hint",
+    )
+    o.add_argument(
+        "--max-inflight-bytes",
+        type=int,
+        default=256 << 20,
+        help="request bytes worked on at once; beyond: RESOURCE_EXHAUSTED + retry hint",
+    )
+    o.add_argument(
+        "--max-pending-calls",
+        type=int,
+        default=MAX_PENDING_CALLS,
+        help="gRPC core backlog of calls not yet picked up (a memory backstop)",
+    )
+    o.add_argument(
+        "--tenant-rate",
+        type=float,
+        default=0.0,
+        help="images per second per tenant (0 = no per-tenant limit)",
+    )
+    o.add_argument(
+        "--tenant-burst", type=float, help="per-tenant bucket depth in images (default: the rate)"
+    )
+    o.add_argument(
+        "--audit-log", type=Path, help="JSON lines of Admin calls (default: DATA_DIR/audit.log)"
+    )
+    o.add_argument(
+        "--keys-poll-seconds",
+        type=float,
+        default=2.0,
+        help="re-read changed key files this often (0 = only on SIGHUP)",
+    )
     p.add_argument("--max-image-bytes", type=int, default=8 << 20)
     p.add_argument("--max-image-pixels", type=int, default=16_000_000)
     p.add_argument(
@@ -211,10 +255,17 @@ async def serve(args: argparse.Namespace) -> int:
     )
     service = RetrievalService(model, args.data_dir, keys, observer, metrics, config)
     await service.start()
-
-    from server.app import build_server
-
-    server, health = build_server(service, args.device)
+    audit = AuditLog(args.audit_log or args.data_dir / "audit.log")
+    interceptor = RetrievalInterceptor(
+        keys,
+        metrics,
+        Admission(
+            AdmissionLimits(args.max_inflight, args.max_inflight_bytes), OverloadMetrics(registry)
+        ),
+        TenantRateLimiter(args.tenant_rate, args.tenant_burst) if args.tenant_rate > 0 else None,
+        audit,
+    )
+    server, health = build_server(service, args.device, interceptor, args.max_pending_calls)
     credentials = tls_credentials(args)
     address = f"{args.host}:{args.port}"
     if credentials is None:
@@ -235,19 +286,27 @@ async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    reloading: set[asyncio.Task] = set()
+    background: set[asyncio.Task] = set()
+    reloader = KeyReloader(keys, args.api_keys, args.data_dir) if keys.enabled else None
+    if reloader is not None and args.keys_poll_seconds > 0:
+        background.add(loop.create_task(reloader.watch(args.keys_poll_seconds)))
 
     def on_hup() -> None:
+        if reloader is not None:
+            reloader.poll(force=True)
         task = loop.create_task(_reload(service, args.device))
-        reloading.add(task)
-        task.add_done_callback(reloading.discard)
+        background.add(task)
+        task.add_done_callback(background.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop.wait()
     log.info("shutting down: draining in-flight calls (up to %.0f s)", args.grace)
     health.enter_graceful_shutdown()
     await server.stop(args.grace)
+    for task in background:
+        task.cancel()
     await service.close()
+    audit.close()
     http.shutdown()
     log.info("stopped cleanly")
     return 0
@@ -266,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # Pillow logs oddities of hostile files at ERROR (e.g. a TIFF claiming 65535 samples
+    # per pixel): the caller gets the refusal, and an attacker must not fill the log.
+    logging.getLogger("PIL").setLevel(logging.CRITICAL)
     if not args.no_auth and args.api_keys is None:
         print(
             "error: pass --api-keys FILE, or --no-auth to run without authentication "

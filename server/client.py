@@ -34,6 +34,8 @@ import grpc
 from retrieval.v1 import retrieval_pb2 as pb
 from retrieval.v1 import retrieval_pb2_grpc as rpc
 
+from server.errors import retry_after_of
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -219,6 +221,15 @@ class RetrievalClient:
         self.close()
 
 
+def status_of(err: grpc.RpcError) -> dict:
+    """The status of a failed call as the CLI prints it: code, message, retry hint."""
+    out = {"code": err.code().name, "error": err.details()}
+    wait = retry_after_of(err)
+    if wait is not None:
+        out["retry_after_s"] = wait
+    return out
+
+
 # ---------------------------------------------------------------------- CLI
 def image_files(paths: list[Path]) -> Iterator[tuple[str, Path, str]]:
     """(item_id, file, folder label) for files and, recursively, images in folders."""
@@ -293,9 +304,7 @@ def _run(args: argparse.Namespace, client: RetrievalClient) -> int:
             try:
                 r = client.match(args.tenant, file.read_bytes(), args.top_k, args.target_far)
             except grpc.RpcError as err:
-                print(
-                    json.dumps({"file": str(file), "code": err.code().name, "error": err.details()})
-                )
+                print(json.dumps({"file": str(file), **status_of(err)}))
                 status = 1
                 continue
             line = {"file": str(file), **r.__dict__}
@@ -320,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         ) as client:
             return _run(args, client)
     except grpc.RpcError as err:
-        print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+        status = status_of(err)
+        hint = f" (retry after {status['retry_after_s']} s)" if "retry_after_s" in status else ""
+        print(f"error: {status['code']}: {status['error']}{hint}", file=sys.stderr)
         return 1
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -400,7 +400,7 @@ class Gallery:
         with self._write:
             if self._wal is not None:
                 if self._wal.size():
-                    self.snapshot()
+                    self._try_snapshot()
                 self._wal.close()
                 self._wal = None
 
@@ -418,7 +418,15 @@ class Gallery:
         self._gpu_dirty = True
         self._since_snapshot += records
         if self._since_snapshot >= self.snapshot_every:
+            self._try_snapshot()
+
+    def _try_snapshot(self) -> None:
+        """A snapshot only shortens replay: when it fails (disk full) the log still holds
+        everything, so the acknowledged write stands and the next write tries again."""
+        try:
             self.snapshot()
+        except OSError as err:
+            log.warning("%s: snapshot failed, the log keeps everything: %s", self.directory, err)
 
     def _apply_add(self, entries: list[tuple[int, Item, np.ndarray]]) -> None:
         if not entries:

@@ -22,6 +22,18 @@ from server.normalization import ServedNormalization
 log = logging.getLogger(__name__)
 
 
+def _require_regular_file(path: Path) -> None:
+    """Not a directory, device or FIFO (/dev/zero would be read forever) and a name the
+    OS takes: Reload gets these paths from an admin call."""
+    try:
+        regular = path.is_file()
+    except (OSError, ValueError) as err:  # name too long, NUL byte, ...
+        why = getattr(err, "strerror", None) or str(err)[:100]
+        raise FileNotFoundError(f"{str(path)[:200]!r}: not a usable path ({why})") from err
+    if not regular:
+        raise FileNotFoundError(f"{str(path)[:200]}: no such regular file")
+
+
 @dataclass
 class ServingModel:
     embedder: OnnxEmbedder
@@ -46,6 +58,8 @@ class ServingModel:
         """Load and cross-check; raises ValueError/CalibrationError with what to do.
         ``threads``: onnxruntime intra-op threads (0 = its default, one per core).
         ``normalize``: score normalisation (None = what the calibration was made for)."""
+        for path in (model_path, calibration_path):
+            _require_regular_file(Path(path))
         calibration = load_calibration(calibration_path)
         normalization = ServedNormalization.resolve(calibration, normalize)
         embedder = OnnxEmbedder(model_path, device=device, threads=threads)

@@ -2,7 +2,7 @@
 
 :class:`RetrievalService` owns the serving state (model + its micro-batcher), the
 tenants, the decision store and the observer. Errors are :class:`ServiceError` with
-the gRPC status code the caller should see; app.py only translates. Blocking work
+the gRPC status code the caller should see; server/interceptor.py translates. Blocking work
 (decoding, onnxruntime, faiss, fsync) runs in thread pools so the event loop keeps
 serving.
 
@@ -34,6 +34,7 @@ from scorenorm import TailMap
 from server.auth import KeyRing, Principal, hash_key, new_key
 from server.batcher import MicroBatcher, QueueFullError
 from server.decisions import DecisionStore
+from server.errors import StatusError
 from server.gallery import Item, SearchResult, StaleModelError, TailOptions, describe_index
 from server.imaging import ImageError, ImageLimits, header_pixels, to_model_input
 from server.metrics import ServerMetrics, TenantNormalization
@@ -43,17 +44,17 @@ from server.tenants import TenantError, TenantRegistry, check_name
 
 log = logging.getLogger(__name__)
 
-ITEM_ID = re.compile(r"^[^\x00-\x1f\x7f]{1,256}$")  # any text without control characters
+# Any text without control characters (C0, DEL, C1), matched against the WHOLE id
+# (fullmatch: ``$`` would let a trailing newline through).
+ITEM_ID = re.compile(r"[^\x00-\x1f\x7f-\x9f]{1,256}")
+LABEL = re.compile(r"[^\x00-\x1f\x7f-\x9f]{0,256}")
 Code = grpc.StatusCode
 _DECODE_THREADS = 2
 INLINE_DECODE_PIXELS = 64 * 64  # e.g. up to four 32x32 images: ~1 ms measured, on the loop
 
 
-class ServiceError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class ServiceError(StatusError):
+    """A refusal of the service (bad input, unknown tenant, full queue, ...)."""
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,8 @@ class MatchOutcome:
         return float(self.mapping.inverse(self.threshold))
 
     def score(self, similarity: float) -> float:
-        """A raw similarity on the calibration's (normalised) scale."""
-        return float(self.mapping(similarity))
+        """A raw similarity on the calibration's (normalised) scale, in [-1, 1]."""
+        return min(1.0, max(-1.0, float(self.mapping(similarity))))
 
 
 @dataclass
@@ -309,7 +310,8 @@ class RetrievalService:
         size: int,
     ) -> MatchOutcome:
         top = result.top1
-        matched = top is not None and float(mapping(top.similarity)) >= threshold
+        # the tenant's raw threshold: the same comparison the label-free counts made
+        matched = top is not None and top.similarity >= float(mapping.inverse(threshold))
         # The live FAR windows divide by the default target: a call that asked for another
         # target FAR is answered and counted, but kept out of them (and so is its feedback).
         monitored = far == self.model.default_far
@@ -346,13 +348,17 @@ class RetrievalService:
             )
         errors: list[ServiceError | None] = [None] * len(items)
         for n, (item_id, label, _) in enumerate(items):
-            if not ITEM_ID.match(item_id):
+            if not ITEM_ID.fullmatch(item_id):
                 errors[n] = ServiceError(
                     Code.INVALID_ARGUMENT,
                     f"item_id {item_id[:40]!r} must be 1-256 characters without control characters",
                 )
-            elif len(label) > 256:
-                errors[n] = ServiceError(Code.INVALID_ARGUMENT, "label longer than 256 characters")
+            elif not LABEL.fullmatch(label):
+                errors[n] = ServiceError(
+                    Code.INVALID_ARGUMENT,
+                    f"label {label[:40]!r} must be at most 256 characters without control "
+                    "characters",
+                )
         assert self._mutations is not None
         async with self._mutations:  # a reload cannot switch models under us
             tenant = self.tenant(tenant_name)  # it may have been deleted while we waited

@@ -25,7 +25,9 @@ from server.gallery import Gallery, TailOptions
 
 log = logging.getLogger(__name__)
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Matched against the WHOLE name (fullmatch): ``$`` would also accept a trailing newline,
+# and the name becomes a folder name.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 TENANT_FILE = "tenant.json"
 
 
@@ -34,12 +36,29 @@ class TenantError(ValueError):
 
 
 def check_name(name: str) -> str:
-    if not NAME.match(name or ""):
+    if not isinstance(name, str) or not NAME.fullmatch(name):
         raise TenantError(
             f"invalid tenant name {name!r}: use 1-64 letters, digits, '_', '-', '.', "
             "starting with a letter or digit"
         )
     return name
+
+
+def read_tenant_keys(directory: Path) -> list[str]:
+    """The key hashes in ``directory``/tenant.json (FileNotFoundError when none)."""
+    raw = json.loads((directory / TENANT_FILE).read_text(encoding="utf-8"))
+    keys = raw.get("keys", [])
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise ValueError(f"{directory / TENANT_FILE}: 'keys' must be a list of key hashes")
+    return keys
+
+
+def write_tenant_keys(directory: Path, keys: list[str]) -> None:
+    """Replace the key hashes of a tenant.json atomically (readers see old or new)."""
+    path = directory / TENANT_FILE
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    raw["keys"] = keys
+    atomic_write_text(path, json.dumps(raw) + "\n")
 
 
 @dataclass
@@ -77,7 +96,7 @@ class TenantRegistry:
         self.root.mkdir(parents=True, exist_ok=True)
         for directory in sorted(self.root.iterdir()):
             meta = directory / TENANT_FILE
-            if not meta.is_file() or not NAME.match(directory.name):
+            if not meta.is_file() or not NAME.fullmatch(directory.name):
                 continue
             raw = json.loads(meta.read_text(encoding="utf-8"))
             gallery = self._open(directory)

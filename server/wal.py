@@ -73,13 +73,28 @@ class WriteAheadLog:
             fsync_dir(path.parent)
 
     def append(self, payloads: Iterable[bytes]) -> None:
-        """Write ``payloads`` and fsync; when this returns they survive a crash."""
+        """Write ``payloads`` and fsync; when this returns they survive a crash.
+
+        When a write or the fsync fails (disk full, I/O error) the group is cut off
+        again before the error is raised: a partly written record left at the end
+        would otherwise end replay there and hide every record appended after it once
+        space returns. Nothing of a failed group was acknowledged.
+        """
         blob = b"".join(_encode(p) for p in payloads)
+        start = os.lseek(self._fd, 0, os.SEEK_END)  # O_APPEND: this group starts here
         view = memoryview(blob)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
-        os.fsync(self._fd)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            os.fsync(self._fd)
+        except OSError:
+            try:
+                os.ftruncate(self._fd, start)
+                os.fsync(self._fd)
+            except OSError:  # then replay drops the torn group: still nothing acknowledged
+                log.exception("%s: could not cut off a failed append", self.path)
+            raise
 
     def reset(self) -> None:
         """Empty the log once a snapshot holds everything it said."""

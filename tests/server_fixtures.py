@@ -206,6 +206,25 @@ class ServerProcess:
         return "".join(self.stderr)
 
 
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def make_pki(directory: Path, ca: str = "test-ca") -> Path:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (openssl CLI)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={ca}",
+             "-keyout", "ca.key", "-out", "ca.pem", cwd=directory)  # fmt: skip
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name, ext in (("server", ["-extfile", "san.ext"]), ("client", [])):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+                 "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=directory)  # fmt: skip
+        sign = ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2"]
+        _openssl("x509", "-req", "-in", f"{name}.csr", *sign, "-out", f"{name}.pem", *ext,
+                 cwd=directory)  # fmt: skip
+    return directory
+
+
 @pytest.fixture(scope="session")
 def server_assets(tmp_path_factory: pytest.TempPathFactory, tiny_glyphs) -> Assets:
     """400 glyph images (seeded choice) with a model and calibration measured on them."""

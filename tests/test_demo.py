@@ -185,6 +185,37 @@ def test_demo_end_to_end_tiny(tmp_path):
         assert totals and all(total > 0 for total in totals), row
     assert "server (exit code 0)" in out.stdout  # drained and stopped cleanly
     assert "demo finished" in out.stdout
+    # a user's first command runs again in the same checkout (issue 12: ALREADY_EXISTS)
+    again = subprocess.run(
+        [sys.executable, "-m", "demo", "--tiny", "--out", str(tmp_path / "demo")],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=600, check=False,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert "removed the previous run's galleries" in again.stdout
+    assert "demo finished" in again.stdout
+
+
+def test_demo_prints_a_grpc_status_not_a_traceback(monkeypatch, capsys):
+    import grpc
+
+    import demo.__main__ as entry
+
+    class Refused(grpc.RpcError):
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.ALREADY_EXISTS
+
+        def details(self) -> str:
+            return "tenant 'latin' already exists"
+
+    def refuse(config):
+        raise Refused()
+
+    monkeypatch.setattr(entry, "run", refuse)
+    monkeypatch.setattr(entry, "_stop_on_signals", lambda: None)  # keep pytest's handlers
+    assert entry.main(["--tiny"]) == 1
+    err = capsys.readouterr().err
+    assert "ALREADY_EXISTS: tenant 'latin' already exists" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.slow

@@ -249,3 +249,28 @@ def test_search_does_not_wait_for_a_slow_fsync(tmp_path: Path) -> None:
     release.set()
     writer.join(10)
     assert gallery.get("late") is not None
+
+
+def test_a_failed_snapshot_does_not_fail_an_acknowledged_write(tmp_path: Path, monkeypatch):
+    """Disk full while snapshotting: the log already holds the write, so it stands (and
+    close() still closes the log); the next write tries the snapshot again."""
+    import errno
+
+    import server.gallery
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    rng = np.random.default_rng(5)
+    v = unit(rng, 6)
+    gallery = Gallery.open(tmp_path, DIM, SHA, snapshot_every=2)
+    monkeypatch.setattr(server.gallery, "atomic_write_bytes", full)
+    assert gallery.add(items(6)[:3], v[:3], SHA) == [None] * 3  # a snapshot is due: it fails
+    gallery.close()
+    monkeypatch.undo()
+    again = Gallery.open(tmp_path, DIM, SHA, snapshot_every=2)
+    assert again.size == 3  # replayed from the log
+    again.add(items(6)[3:], v[3:], SHA)  # this time the snapshot is written
+    assert (tmp_path / "snapshot.npz").exists()
+    again.close()
+    assert Gallery.open(tmp_path, DIM, SHA).size == 6

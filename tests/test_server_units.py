@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import struct
 import threading
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from server.batcher import MicroBatcher, QueueFullError
 from server.cli import parse_args
 from server.decisions import DecisionStore
 from server.imaging import ImageError, ImageLimits, decode
+from server.tenants import TenantError, check_name
 
 LIMITS = ImageLimits(max_bytes=1 << 20, max_pixels=1_000_000)
 
@@ -78,6 +80,27 @@ def test_pixel_bomb_is_refused_before_decoding() -> None:
         decode(bomb, 1, LIMITS)
 
 
+def test_a_tiff_tag_of_the_wrong_type_is_refused_not_raised() -> None:
+    """Issue 12: StripOffsets (273) typed as ASCII made Pillow raise TypeError."""
+    data = bytearray(encode(grey(8), "TIFF"))
+    order = "<" if data[:2] == b"II" else ">"
+    ifd = struct.unpack_from(order + "I", data, 4)[0]
+    entries = struct.unpack_from(order + "H", data, ifd)[0]
+    tags = [struct.unpack_from(order + "H", data, ifd + 2 + 12 * i)[0] for i in range(entries)]
+    assert 273 in tags
+    outcomes = set()
+    for i in range(entries):
+        for kind in range(20):  # every TIFF field type, and some that are not
+            bad = bytearray(data)
+            struct.pack_into(order + "H", bad, ifd + 2 + 12 * i + 2, kind)
+            try:
+                decode(bytes(bad), 1, LIMITS)
+                outcomes.add("decoded")
+            except ImageError:
+                outcomes.add("refused")
+    assert outcomes == {"decoded", "refused"}  # no other exception escaped
+
+
 def test_unsupported_format_and_mode() -> None:
     with pytest.raises(ImageError, match="not an image in a supported format"):
         decode(encode(grey(), "PPM"), 1, LIMITS)
@@ -135,6 +158,39 @@ def test_batcher_refuses_beyond_its_queue_and_skips_cancelled() -> None:
 
     asyncio.run(scenario())
     assert calls == [2]
+
+
+# -------------------------------------------------------------------- names
+@pytest.mark.parametrize(
+    "name", ["name\n", "a\nb", "../etc", ".hidden", "", "a/b", "x" * 65, "tab\t", "é"]
+)
+def test_tenant_names_are_checked_whole(name: str) -> None:
+    with pytest.raises(TenantError, match="invalid tenant name"):
+        check_name(name)
+
+
+def test_a_tenant_folder_with_a_newline_is_not_loaded(tmp_path: Path) -> None:
+    from server.tenants import TenantRegistry
+
+    registry = TenantRegistry(tmp_path, 4, "sha")
+    registry.create("ok", None)
+    odd = tmp_path / "tenants" / "odd\n"
+    odd.mkdir()
+    (odd / "tenant.json").write_text(json.dumps({"name": "odd\n", "keys": []}))
+    again = TenantRegistry(tmp_path, 4, "sha")
+    again.load_all()
+    assert again.names() == ["ok"]
+
+
+@pytest.mark.parametrize(
+    ("item_id", "ok"),
+    [("a", True), ("é/ü 1.png", True), ("x" * 256, True), ("id\n", False), ("a\x00", False),
+     ("\x85", False), ("", False), ("x" * 257, False)],
+)  # fmt: skip
+def test_item_ids_are_checked_whole(item_id: str, ok: bool) -> None:
+    from server.service import ITEM_ID
+
+    assert bool(ITEM_ID.fullmatch(item_id)) is ok
 
 
 # --------------------------------------------------------------------- keys
@@ -203,3 +259,87 @@ def test_malformed_config_is_a_usage_error(tmp_path: Path, content: str, capsys)
         parse_args(["--config", str(config)])
     assert err.value.code == 2
     assert "--config" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------- admission, rates
+def test_admission_counts_calls_and_bytes_and_hints_the_mean_hold() -> None:
+    from server.admission import Admission, AdmissionLimits, OverloadedError
+
+    admission = Admission(AdmissionLimits(max_calls=2, max_bytes=100))
+    first = admission.admit(60)
+    with pytest.raises(OverloadedError, match="request bytes") as err:
+        admission.admit(50)
+    assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    second = admission.admit(40)
+    with pytest.raises(OverloadedError, match="2 calls in progress"):
+        admission.admit(1)
+    admission.release(first)
+    admission.release(first)  # a ticket is handed back once only
+    assert (admission.calls, admission.bytes) == (1, 40)
+    admission.release(second)
+    assert (admission.calls, admission.bytes) == (0, 0)
+    assert 0.01 <= admission.retry_after() <= 5.0
+    alone = admission.admit(1000)  # larger than the budget, but nothing else runs
+    admission.release(alone)
+
+
+def test_token_bucket_refills_at_its_rate_and_bounds_memory() -> None:
+    from server.ratelimit import RateLimitedError, TenantRateLimiter
+
+    now = [0.0]
+    limiter = TenantRateLimiter(rate=10, burst=5, clock=lambda: now[0], max_buckets=3)
+    for _ in range(5):
+        limiter.acquire("a", 1)
+    with pytest.raises(RateLimitedError) as err:
+        limiter.acquire("a", 1)
+    assert err.value.retry_after == pytest.approx(0.1)
+    now[0] += 0.25  # 2.5 tokens back
+    limiter.acquire("a", 2)
+    with pytest.raises(RateLimitedError):
+        limiter.acquire("a", 1)
+    limiter.refund("a", 1)
+    limiter.acquire("a", 1)
+    limiter.acquire("b", 20)  # larger than the burst: runs on a full bucket, leaves debt
+    with pytest.raises(RateLimitedError) as err:
+        limiter.acquire("b", 1)
+    assert err.value.retry_after == pytest.approx(1.6)  # from -15 back to 1 token
+    for name in "cdefgh":
+        limiter.acquire(name, 1)
+    assert len(limiter) <= 3
+    with pytest.raises(ValueError, match="rate"):
+        TenantRateLimiter(0)
+
+
+# ------------------------------------------------------------------ replies
+def test_reply_scores_stay_in_their_domain() -> None:
+    """float32 inner products of an image with itself gave similarity 1.0000004 and
+    distance -3.6e-07 (issue 12): the reply clamps both."""
+    from scorenorm import identity_map
+    from server.app import _match_response
+    from server.gallery import Hit, SearchResult
+    from server.service import MatchOutcome
+
+    def outcome(hits: list[Hit]) -> MatchOutcome:
+        return MatchOutcome(
+            "d", True, SearchResult(hits, 0, 1), 0.9, 1e-3, 2, identity_map(), "none"
+        )
+
+    hits = [Hit("a", "x", 1.0000004), Hit("b", "y", -1.0000002)]
+    reply = _match_response(outcome(hits))
+    assert reply.similarity == 1.0 and reply.distance == 0.0 and reply.score == 1.0
+    assert [n.similarity for n in reply.neighbors] == [1.0, -1.0]
+    assert [n.score for n in reply.neighbors] == [1.0, -1.0]
+    far = _match_response(outcome(hits[::-1]))
+    assert far.similarity == -1.0 and far.distance == 2.0 and far.score == -1.0
+
+
+@pytest.mark.parametrize("path", ["/dev/zero", "/tmp", "x" * 5000, "a\x00b", "/nonexistent"])
+def test_model_paths_must_be_regular_files(path: str) -> None:
+    """Reload takes these paths from an admin call: /dev/zero would be read forever and a
+    too long name raised OSError (INTERNAL); found by the request fuzzer."""
+    from embedding.defaults import DEFAULT_CALIBRATION, DEFAULT_MODEL
+    from server.model import ServingModel
+
+    for model, calibration in ((path, DEFAULT_CALIBRATION), (DEFAULT_MODEL, path)):
+        with pytest.raises(FileNotFoundError):
+            ServingModel.load(model, calibration, "cpu", 1e-3)
