@@ -150,3 +150,28 @@ def test_an_unknown_or_offline_mode_is_a_usage_error(normalised, tmp_path):
     for mode in ("zscore", "as-norm"):
         with pytest.raises(RuntimeError, match="--normalize"):
             serve(normalised, tmp_path, "--normalize", mode)
+
+
+def test_reload_recomputes_the_statistics_for_the_new_model(normalised, tmp_path):
+    from tests.onnx_models import make_linear_embedder
+
+    other = make_linear_embedder(tmp_path / "other.onnx", seed=1)
+    calibration = tmp_path / "other-cal" / "calibration.json"
+    data = ["--model", str(other), "--dataset", "glyphs-tiny", "--out", str(calibration)]
+    assert calibrate_main([*data, "--target-far", "0.01,0.05", "--no-progress"]) == 0
+    server = serve(normalised, tmp_path / "data")
+    try:
+        with RetrievalClient(server.address) as client:
+            client.create_tenant("shop")
+            enroll(client, "shop", normalised, range(250))
+            before = client.get_tenant("shop")
+            client.reload(str(other), str(calibration))
+            after = client.get_tenant("shop")
+            r = client.match("shop", normalised.png(300))
+        assert before["normalization_active"] and after["normalization_active"]
+        assert after["tail_pairs"] == before["tail_pairs"]  # same items, same identities
+        assert after["raw_threshold"] != pytest.approx(before["raw_threshold"], abs=1e-6)
+        assert after["threshold"] != pytest.approx(before["threshold"], abs=1e-6)
+        assert r.raw_threshold == pytest.approx(after["raw_threshold"], abs=2e-3)
+    finally:
+        server.stop()
