@@ -72,6 +72,7 @@ def run_check(args: argparse.Namespace) -> None:
         seed=args.seed,
         bootstrap=max(args.bootstrap, 200),
         thresholds={t.target_far: t.threshold for t in targets},
+        progress=progress,
     )
     print(f"checking {args.check} (served: {method}) on {', '.join(args.dataset)}")
     print("deployed thresholds measured on the new data (FAR ratio = FAR / target):")

@@ -232,7 +232,15 @@ def _run_on(args: argparse.Namespace, fars: list[float], sources: list[str], ran
 
     settings = scorenorm.TailSettings(top_level=level)
     served = Served(args.normalize, settings, args.gallery_size, args.target_fpir)
-    extra = serving_report(data, ev, served, seed=args.seed, bootstrap=max(args.bootstrap, 200))
+    extra = serving_report(
+        data,
+        ev,
+        served,
+        seed=args.seed,
+        bootstrap=max(args.bootstrap, 200),
+        progress=progress,
+        held_out_far=args.normalize != "none",  # raw alone: the engine's table says it all
+    )
     print(table(ev))
     print(extra.text())
     written = write_outputs(ev, model, sources, args.out, args.plots, extra)

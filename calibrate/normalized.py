@@ -18,6 +18,7 @@ import numpy as np
 
 from calibrate.holdout import Part, accepted, part_pairs, per_class, rotations, split_classes
 from calibrate.prepare import Prepared, prepare
+from calibrate.progress import Ticker
 from imagesets import EmbeddingSet
 from scorenorm import ScoreHistogram, TailSettings, build_map
 
@@ -72,6 +73,7 @@ def held_out(
     *,
     seed: int = 0,
     bootstrap: int = 200,
+    progress: bool = False,
 ) -> list[TargetHeldOut]:
     """Raw and tenant-tail FAR per dataset at each (target FAR -> threshold); without
     ``global_tail`` only the raw column (the normalised one is left empty).
@@ -84,10 +86,18 @@ def held_out(
     rng = np.random.default_rng(seed)
     parts = split_classes(labels, tenants, PARTS, rng)
     usable = [len(np.unique(labels[np.concatenate(p)])) >= MIN_CLASSES for p in parts]
-    pairs = [
-        [part_pairs(prep.x32, labels, r, prep.n_classes, k) for r in rows] if ok else None
-        for k, (rows, ok) in enumerate(zip(parts, usable, strict=True))
-    ]
+    ticker = Ticker(sum(usable) * PARTS, progress, "held-out pairs")
+    pairs = []
+    for k, (rows, ok) in enumerate(zip(parts, usable, strict=True)):
+        if not ok:
+            pairs.append(None)
+            continue
+        found = []
+        for r in rows:
+            found.append(part_pairs(prep.x32, labels, r, prep.n_classes, k))
+            ticker()
+        pairs.append(found)
+    ticker.close()
     weights = _bootstrap_weights(prep, bootstrap, rng)
     out = []
     for a, t in thresholds.items():

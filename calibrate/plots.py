@@ -103,8 +103,8 @@ def far_raw_vs_normalized(serving: ServingReport) -> bytes:
     """Per dataset FAR / target at the global threshold, raw vs normalised, with intervals."""
     import matplotlib.pyplot as plt
 
-    results = serving.held_out or []
-    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 4.2), squeeze=False)
+    results = sorted(serving.held_out or [], key=lambda r: -r.target_far)
+    fig, axes = plt.subplots(1, len(results), figsize=(4.4 * len(results), 4.4), squeeze=False)
     for ax, r in zip(axes[0], results, strict=True):
         names = [d.name for d in r.datasets]
         x = np.arange(len(names))
@@ -121,7 +121,8 @@ def far_raw_vs_normalized(serving: ServingReport) -> bytes:
         ax.set_yscale("log")
         ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
         ax.set_title(f"target FAR {r.target_far:g}")
-        ax.set_ylabel("FAR / target on held-out classes")
+    axes[0][0].set_ylabel("FAR / target on held-out classes")
     axes[0][0].legend(fontsize=8)
     fig.suptitle("One global threshold: each dataset's FAR, raw and normalised (95% CI)")
+    fig.tight_layout()
     return _png(fig)

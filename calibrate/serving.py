@@ -91,13 +91,25 @@ def serving_report(
     seed: int = 0,
     bootstrap: int = 200,
     thresholds: dict[float, float] | None = None,
+    progress: bool = False,
+    held_out_far: bool = True,
 ) -> ServingReport:
-    """Held-out FAR (raw and normalised) and FPIR at the evaluation's global thresholds
-    (or at ``thresholds``, e.g. a deployed calibration's)."""
+    """Held-out FAR (raw and normalised; skipped with ``held_out_far=False``) and FPIR at
+    the evaluation's global thresholds (or at ``thresholds``, e.g. a deployed one's)."""
     if thresholds is None:
         thresholds = {t.target_far: t.threshold for t in ev.targets if t.threshold is not None}
     tail = ev.global_tail if served.method != "none" else None
-    held = held_out(data, thresholds, tail, served.settings, seed=seed, bootstrap=bootstrap)
+    held = None
+    if held_out_far:
+        held = held_out(
+            data,
+            thresholds,
+            tail,
+            served.settings,
+            seed=seed,
+            bootstrap=bootstrap,
+            progress=progress,
+        )
     fpir = None
     if served.gallery_size:
         fpir = held_out_fpir(

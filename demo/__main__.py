@@ -34,12 +34,26 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
     parser.add_argument(
         "--tenants", default=",".join(DEFAULT_TENANTS), help="comma-separated glyph script groups"
     )
-    parser.add_argument("--enrolled", type=int, default=40, help="classes enrolled per tenant")
+    parser.add_argument(
+        "--enrolled",
+        type=int,
+        default=100,
+        help="classes enrolled per tenant (at most 60%% of its classes)",
+    )
+    parser.add_argument(
+        "--gallery-per-class",
+        type=int,
+        default=5,
+        help="gallery images per enrolled class (enough pairs for score normalisation)",
+    )
+    parser.add_argument(
+        "--impostor-per-class", type=int, default=3, help="queries per never-enrolled class"
+    )
     parser.add_argument(
         "--genuine-per-class", type=int, default=2, help="genuine queries per enrolled class"
     )
     parser.add_argument(
-        "--impostor-classes", type=int, default=40, help="never-enrolled classes queried per tenant"
+        "--impostor-classes", type=int, default=60, help="never-enrolled classes queried per tenant"
     )
     parser.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -80,8 +94,10 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
         model=args.model,
         tenants=tenants,
         enrolled=2 if args.tiny else args.enrolled,
+        gallery_per_class=args.gallery_per_class,
         genuine_per_class=args.genuine_per_class,
         impostor_classes=3 if args.tiny else args.impostor_classes,
+        impostor_per_class=args.impostor_per_class,
         out=args.out,
         device=args.device,
         seed=args.seed,

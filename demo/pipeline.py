@@ -32,9 +32,11 @@ class DemoConfig:
     target_far: float = 1e-3
     model: Path | None = None
     tenants: tuple[str, ...] = ("latin", "greek", "cyrillic", "math")
-    enrolled: int = 40
+    enrolled: int = 100
+    gallery_per_class: int = 5
     genuine_per_class: int = 2
-    impostor_classes: int = 40
+    impostor_classes: int = 60
+    impostor_per_class: int = 3
     out: Path = Path("out/demo")
     device: str = "auto"
     seed: int = 0
@@ -156,6 +158,8 @@ def send_traffic(address: str, config: DemoConfig) -> list[TenantOutcome]:
             config.genuine_per_class,
             config.impostor_classes,
             seed=config.seed + i,
+            gallery_per_class=config.gallery_per_class,
+            impostor_per_class=config.impostor_per_class,
         )
         for i, tenant in enumerate(config.tenants)
     ]
@@ -170,21 +174,28 @@ def send_traffic(address: str, config: DemoConfig) -> list[TenantOutcome]:
 
 def run_tenant(client: RetrievalClient, images: ImageSet, plan: TenantPlan) -> TenantOutcome:
     client.create_tenant(plan.tenant)
-    for item_id, label, row in plan.gallery:
-        client.enroll(plan.tenant, item_id, png_bytes(images, row), label=label)
+    items = [(item_id, png_bytes(images, row), label) for item_id, label, row in plan.gallery]
+    for start in range(0, len(items), 100):
+        results, _ = client.enroll_many(plan.tenant, items[start : start + 100])
+        refused = [r for r in results if not r.ok]
+        if refused:
+            raise RuntimeError(f"{plan.tenant}: enrolment refused: {refused[0].error.message}")
     label_of = {item_id: label for item_id, label, _ in plan.gallery}
     outcome = TenantOutcome(plan.tenant, gallery=len(plan.gallery))
+    top_k = min(100, len(plan.gallery))  # every impostor pair that can clear the threshold
 
     def query(index: int) -> tuple[int, MatchResult]:
-        return index, client.match(plan.tenant, png_bytes(images, plan.queries[index].index))
+        image = png_bytes(images, plan.queries[index].index)
+        return index, client.match(plan.tenant, image, top_k=top_k)
 
     # Concurrent callers let the server micro-batch, as real traffic would.
     with ThreadPoolExecutor(max_workers=8) as pool:
         for index, result in pool.map(query, range(len(plan.queries))):
             asked = plan.queries[index]
             same = label_of.get(result.item_id) == asked.label
-            outcome.record(asked.genuine, result.matched, same)
+            outcome.record(asked.genuine, result, same, label_of, asked.label)
             client.feedback(plan.tenant, result.decision_id, is_same=same)
+    outcome.normalization = client.get_tenant(plan.tenant)
     print(f"  {plan.tenant:<10} done", flush=True)
     return outcome
 

@@ -24,6 +24,7 @@ from demo.processes import ProcessGroup, free_port
 from demo.prometheus import Prometheus
 from demo.report import TenantOutcome, attach_live, scrape, table
 from demo.traffic import plan_tenant, png_bytes
+from server.client import MatchResult, Neighbor
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,15 +69,24 @@ def test_png_bytes_round_trip(tiny_glyphs):
     assert np.array_equal(np.asarray(img), tiny_glyphs.image(7))
 
 
-def test_outcome_counts():
-    o = TenantOutcome("t")
-    o.record(genuine=True, matched=True, label_ok=True)
-    o.record(genuine=True, matched=True, label_ok=False)
-    o.record(genuine=True, matched=False, label_ok=False)
-    o.record(genuine=False, matched=True, label_ok=False)
-    o.record(genuine=False, matched=False, label_ok=False)
+def answer(matched: bool, similarity: float, neighbours=()) -> MatchResult:
+    """A Match answer at threshold 0.5 whose normalised scores sit 0.1 below the raw ones."""
+    near = [Neighbor(i, "", s, s - 0.1) for i, s in neighbours]
+    return MatchResult("d", matched, "g0", similarity, 0.5, neighbors=near, score=similarity - 0.1)
+
+
+def test_outcome_counts_raw_and_normalised_decisions():
+    o = TenantOutcome("t", gallery=10)
+    labels = {"g0": "a", "g1": "b"}
+    o.record(True, answer(True, 0.9), True, labels, "a")
+    o.record(True, answer(True, 0.9), False, labels, "a")
+    o.record(True, answer(False, 0.55), False, labels, "a")  # raw accepts, normalised not
+    o.record(False, answer(False, 0.55, [("g0", 0.55), ("g1", 0.52)]), False, labels, "z")
+    o.record(False, answer(False, 0.2, [("g0", 0.2)]), False, labels, "z")
     assert (o.genuine, o.genuine_accepted, o.genuine_correct) == (3, 2, 1)
-    assert (o.impostor, o.impostor_accepted) == (2, 1)
+    assert o.genuine_accepted_raw == 3
+    assert (o.impostor, o.impostor_accepted, o.impostor_accepted_raw) == (2, 0, 1)
+    assert (o.impostor_pairs, o.pairs_accepted_raw, o.pairs_accepted) == (20, 2, 0)
 
 
 def test_scrape_reads_tenant_gauges_from_a_real_endpoint():
@@ -100,6 +110,7 @@ def test_scrape_reads_tenant_gauges_from_a_real_endpoint():
     assert math.isnan(outcome.live["tcm_far_feedback"])
     text = table([outcome], 1e-3)
     assert "latin" in text and "2.00e-03" in text and "per impostor PAIR" in text
+    assert "raw -> normalised" in text and "off (raw)" in text
 
 
 def test_comparison_table_shows_both_runs():
