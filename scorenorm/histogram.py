@@ -65,7 +65,10 @@ class ScoreHistogram:
         """Add (sign=1) or remove (sign=-1) pair scores; all of them are binned."""
         if not len(scores):
             return
-        self.counts += sign * np.bincount(bin_of(scores), minlength=NBINS)
+        if len(scores) < 512:  # a few scores (online samples): no full-length bincount
+            np.add.at(self.counts, bin_of(scores), sign)
+        else:
+            self.counts += sign * np.bincount(bin_of(scores), minlength=NBINS)
         self.total += sign * len(scores)
 
     def merged(self, other: ScoreHistogram) -> ScoreHistogram:

@@ -33,7 +33,8 @@ from scorenorm.histogram import NBINS, bin_of
 DEFAULT_CAPACITY = 4096  # gallery items in the sample: up to 8.4M pairs
 ONLINE_CHUNK = 1 << 16  # pairs per window chunk
 ONLINE_CHUNKS = 16  # chunks in the window (~1M pairs)
-ONLINE_PER_QUERY = 64  # sampled members scored per observed query
+ONLINE_QUERIES = 4  # queries of a micro-batch observed (a bounded cost per search call)
+ONLINE_PER_QUERY = 32  # sampled members scored per observed query
 
 
 def item_hash(item_id: str) -> int:
@@ -172,27 +173,30 @@ class TenantTail:
 
     # ------------------------------------------------------------------ online pairs
     def observe(self, queries: np.ndarray, matched_codes: list[int | None]) -> None:
-        """Scores of each query against up to ONLINE_PER_QUERY random members, leaving out
-        the identity it was matched to (an unmatched query keeps every pair: it is most
-        likely an impostor of every member, its best-scoring one included)."""
+        """Scores of each query against ONLINE_PER_QUERY random members (drawn with
+        replacement), leaving out the identity it was matched to (an unmatched query keeps
+        every pair: it is most likely an impostor of every member, its best one included).
+
+        The map follows the window chunk by chunk: ``version`` moves when a chunk fills,
+        not on every query, so serving does not rebuild maps per call.
+        """
         if self.online_weight == 0 or self.members < 2 or not len(queries):
             return
-        take = min(ONLINE_PER_QUERY, self.members)
-        picks = np.stack([self._rng.choice(self.members, take, replace=False) for _ in queries])
-        s = queries @ self._x32[: self._n].T  # float32: a sample's scores need no exactness
-        values = []
-        for q, code in enumerate(matched_codes):
-            row = picks[q]
-            if code is not None:
-                row = row[self._codes[row] != code]
-            values.append(s[q, row])
-        flat = np.concatenate(values) if values else np.zeros(0, np.float32)
+        queries, matched_codes = queries[:ONLINE_QUERIES], matched_codes[:ONLINE_QUERIES]
+        picks = self._rng.integers(0, self._n, size=(len(queries), ONLINE_PER_QUERY))
+        rows = self._x32[picks]  # (q, k, dim)
+        s = np.einsum("qd,qkd->qk", np.asarray(queries, np.float32), rows)
+        matched = np.array([-1 if c is None else c for c in matched_codes], np.int64)
+        keep = self._codes[picks] != matched[:, None]  # codes are >= 0: -1 keeps all
+        flat = s[keep]
         if not len(flat):
             return
-        if not self._online or self._online[-1].total >= ONLINE_CHUNK:
+        if not self._online:
             self._online.append(ScoreHistogram())
         self._online[-1].add(flat)
-        self.version += 1
+        if self._online[-1].total >= ONLINE_CHUNK:
+            self._online.append(ScoreHistogram())  # the oldest chunk drops out at maxlen
+            self.version += 1
 
     def online(self) -> ScoreHistogram:
         out = ScoreHistogram()
