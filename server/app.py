@@ -32,7 +32,7 @@ SERVICES = ("retrieval.v1.Retrieval", "retrieval.v1.Admin")
 # instead, with RESOURCE_EXHAUSTED and a retry hint, so the backlog limit is raised well
 # above what the loop leaves waiting and stays only as a memory backstop: a pending
 # call holds its headers and at most one HTTP/2 flow-control window of its message.
-MAX_PENDING_CALLS = 20_000  # the default of --max-pending-calls
+MAX_PENDING_CALLS = 10_000  # the default of --max-pending-calls
 
 
 def similarity_in_domain(similarity: float) -> float:

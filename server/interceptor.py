@@ -5,7 +5,7 @@ For each call (and each message of MatchStream) and in this order:
 1. **auth**: the ``x-api-key`` may act on ``request.tenant`` / the Admin service
    (server/auth.py);
 2. **per-tenant rate limit** (server/ratelimit.py), when configured;
-3. **admission control** (server/admission.py): calls and request bytes in
+3. **admission control** (server/admission.py): images and request bytes in
    progress are bounded, the rest is refused at once;
 4. the servicer runs;
 5. **error mapping**: a :class:`~server.errors.StatusError` becomes its status
@@ -212,7 +212,7 @@ class RetrievalInterceptor(grpc.aio.ServerInterceptor):
                 self.admission.rejected("tenant_rate")
                 raise
         try:
-            return self.admission.admit(size)
+            return self.admission.admit(units, size)
         except StatusError:
             if self.limiter is not None:
                 self.limiter.refund(tenant, units)
@@ -229,6 +229,10 @@ class RetrievalInterceptor(grpc.aio.ServerInterceptor):
     async def _fail(self, call: _Call, err: BaseException) -> None:
         """Record how the call ended and send its status; always raises."""
         context = call.context
+        if isinstance(err, Exception) and context.cancelled():
+            # The client is gone (deadline, cancel): nobody to send a status to, and
+            # trying makes gRPC log an ExecuteBatchError with a traceback.
+            err = asyncio.CancelledError()
         if isinstance(err, StatusError):
             call.code, call.message = err.code, err.message
             if isinstance(err, AuthError) and err.principal is not None:
