@@ -84,6 +84,13 @@ def parser() -> argparse.ArgumentParser:
         help="gRPC core backlog of calls not yet picked up (a memory backstop)",
     )
     o.add_argument(
+        "--max-streams-per-connection",
+        type=int,
+        default=0,
+        help="HTTP/2 concurrent calls per client connection; the excess is refused "
+        "UNAVAILABLE by gRPC before it costs the server anything (0 = gRPC's default)",
+    )
+    o.add_argument(
         "--tenant-rate",
         type=float,
         default=0.0,
@@ -234,7 +241,9 @@ async def serve(args: argparse.Namespace) -> int:
         TenantRateLimiter(args.tenant_rate, args.tenant_burst) if args.tenant_rate > 0 else None,
         audit,
     )
-    server, health = build_server(service, args.device, interceptor, args.max_pending_calls)
+    server, health = build_server(
+        service, args.device, interceptor, args.max_pending_calls, args.max_streams_per_connection
+    )
     credentials = tls_credentials(args)
     address = f"{args.host}:{args.port}"
     if credentials is None:
