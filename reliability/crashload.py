@@ -662,7 +662,7 @@ def slow_section(work: Path, assets: Assets, streams: int, stalls: int, kills: i
         "probe_match_ms_under_slow_clients": {"p50": round(percentile(under_stress, 50), 2),
                                               "p99": round(percentile(under_stress, 99), 2),
                                               "calls": len(under_stress)},
-        "inflight_calls_after": inflight,
+        "inflight_images_after": inflight,
         "streams_counted_cancelled": cancelled,
         "server_rss_mib_max": round(max((r for _, r in samples), default=float("nan")), 1),
         "failures": failures,
