@@ -104,11 +104,16 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+_STARTED: list[ServerProcess] = []  # stopped by main() however a section ends
+
+
 def start(data_dir: Path, model: Path, calibration: Path, *extra: str) -> ServerProcess:
-    return ServerProcess(
+    server = ServerProcess(
         ["--model", str(model), "--calibration", str(calibration), "--data-dir", str(data_dir),
          "--device", "cpu", "--log-level", "WARNING", *extra]
     )  # fmt: skip
+    _STARTED.append(server)
+    return server
 
 
 def log_problems(server: ServerProcess) -> list[str]:
@@ -711,6 +716,9 @@ def main(argv: list[str] | None = None) -> int:
                 report[name]["section_seconds"] = round(time.monotonic() - t0, 1)
                 print(json.dumps(report[name], indent=1), flush=True)
     finally:
+        for server in _STARTED:  # a section that failed half-way leaves no server behind
+            if server.proc.poll() is None:
+                server.stop(signal.SIGKILL)
         shutil.rmtree(work, ignore_errors=True)
     failures = [f"{name}: {f}" for name in steps if name in report
                 for f in report[name].get("failures", [])]  # fmt: skip
