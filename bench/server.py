@@ -150,6 +150,8 @@ def start(model, calibration, data_dir: Path, max_batch: int, extra: list[str]):
             str(max_batch),
             "--max-queue",
             "100000",
+            "--max-inflight",  # measure throughput, not admission control's refusals
+            "100000",
             "--log-level",
             "WARNING",
             *extra,

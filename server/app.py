@@ -32,7 +32,7 @@ SERVICES = ("retrieval.v1.Retrieval", "retrieval.v1.Admin")
 # instead, with RESOURCE_EXHAUSTED and a retry hint, so the backlog limit is raised well
 # above what the loop leaves waiting and stays only as a memory backstop: a pending
 # call holds its headers and at most one HTTP/2 flow-control window of its message.
-MAX_PENDING_CALLS = 20_000  # the default of --max-pending-calls
+MAX_PENDING_CALLS = 10_000  # the default of --max-pending-calls
 
 
 def similarity_in_domain(similarity: float) -> float:
@@ -157,23 +157,26 @@ def build_server(
     device: str,
     interceptor: RetrievalInterceptor | None = None,
     max_pending_calls: int = MAX_PENDING_CALLS,
+    max_streams_per_connection: int = 0,
 ) -> tuple[grpc.aio.Server, health.HealthServicer]:
     """A grpc.aio server with retrieval.v1, grpc.health.v1 and reflection (not yet bound).
 
     ``interceptor`` defaults to auth + admission with default limits and no rate
     limits or audit log (the CLI builds one from its flags).
+    ``max_streams_per_connection`` (HTTP/2 MAX_CONCURRENT_STREAMS, 0 = gRPC's default)
+    trades call-rate floods for client-visible UNAVAILABLE (docs/RELIABILITY.md).
     """
     interceptor = interceptor or RetrievalInterceptor(service.keys, service.metrics)
-    server = grpc.aio.server(
-        interceptors=[interceptor],
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ("grpc.max_send_message_length", MAX_MESSAGE),
-            ("grpc.so_reuseport", 0),
-            ("grpc.server.max_pending_requests", max_pending_calls),
-            ("grpc.server.max_pending_requests_hard_limit", 2 * max_pending_calls),
-        ],
-    )
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+        ("grpc.so_reuseport", 0),
+        ("grpc.server.max_pending_requests", max_pending_calls),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * max_pending_calls),
+    ]
+    if max_streams_per_connection:
+        options.append(("grpc.max_concurrent_streams", max_streams_per_connection))
+    server = grpc.aio.server(interceptors=[interceptor], options=options)
     rpc.add_RetrievalServicer_to_server(RetrievalServicer(service), server)
     rpc.add_AdminServicer_to_server(AdminServicer(service, device), server)
     health_servicer = health.HealthServicer()

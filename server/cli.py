@@ -71,8 +71,8 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument(
         "--max-inflight",
         type=int,
-        default=256,
-        help="calls (stream messages) worked on at once; beyond: RESOURCE_EXHAUSTED + retry hint",
+        default=64,
+        help="images of admitted calls worked on at once; beyond: RESOURCE_EXHAUSTED + retry hint",
     )
     o.add_argument(
         "--max-inflight-bytes",
@@ -85,6 +85,13 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=MAX_PENDING_CALLS,
         help="gRPC core backlog of calls not yet picked up (a memory backstop)",
+    )
+    o.add_argument(
+        "--max-streams-per-connection",
+        type=int,
+        default=0,
+        help="HTTP/2 concurrent calls per client connection; the excess is refused "
+        "UNAVAILABLE by gRPC before it costs the server anything (0 = gRPC's default)",
     )
     o.add_argument(
         "--tenant-rate",
@@ -256,16 +263,18 @@ async def serve(args: argparse.Namespace) -> int:
     service = RetrievalService(model, args.data_dir, keys, observer, metrics, config)
     await service.start()
     audit = AuditLog(args.audit_log or args.data_dir / "audit.log")
+    limits = AdmissionLimits(args.max_inflight, args.max_inflight_bytes)
+    admission = Admission(limits, OverloadMetrics(registry))
     interceptor = RetrievalInterceptor(
         keys,
         metrics,
-        Admission(
-            AdmissionLimits(args.max_inflight, args.max_inflight_bytes), OverloadMetrics(registry)
-        ),
+        admission,
         TenantRateLimiter(args.tenant_rate, args.tenant_burst) if args.tenant_rate > 0 else None,
         audit,
     )
-    server, health = build_server(service, args.device, interceptor, args.max_pending_calls)
+    server, health = build_server(
+        service, args.device, interceptor, args.max_pending_calls, args.max_streams_per_connection
+    )
     credentials = tls_credentials(args)
     address = f"{args.host}:{args.port}"
     if credentials is None:
@@ -286,7 +295,7 @@ async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    background: set[asyncio.Task] = set()
+    background: set[asyncio.Task] = {loop.create_task(admission.watch_loop())}
     reloader = KeyReloader(keys, args.api_keys, args.data_dir) if keys.enabled else None
     if reloader is not None and args.keys_poll_seconds > 0:
         background.add(loop.create_task(reloader.watch(args.keys_poll_seconds)))

@@ -5,7 +5,7 @@ For each call (and each message of MatchStream) and in this order:
 1. **auth**: the ``x-api-key`` may act on ``request.tenant`` / the Admin service
    (server/auth.py);
 2. **per-tenant rate limit** (server/ratelimit.py), when configured;
-3. **admission control** (server/admission.py): calls and request bytes in
+3. **admission control** (server/admission.py): images and request bytes in
    progress are bounded, the rest is refused at once;
 4. the servicer runs;
 5. **error mapping**: a :class:`~server.errors.StatusError` becomes its status
@@ -78,7 +78,8 @@ def routes() -> dict[str, Route]:
 
 
 def cost(request: Any) -> int:
-    """Rate-limit tokens of a request: one per image it carries, at least one."""
+    """The work a request asks for, in images: one per image it carries, at least one.
+    The unit of both the tenant's rate limit and admission control."""
     for name in ("images", "items"):
         if request.DESCRIPTOR.fields_by_name.get(name) is not None:
             return max(1, len(getattr(request, name)))
@@ -212,7 +213,7 @@ class RetrievalInterceptor(grpc.aio.ServerInterceptor):
                 self.admission.rejected("tenant_rate")
                 raise
         try:
-            return self.admission.admit(size)
+            return self.admission.admit(units, size)
         except StatusError:
             if self.limiter is not None:
                 self.limiter.refund(tenant, units)
@@ -229,22 +230,10 @@ class RetrievalInterceptor(grpc.aio.ServerInterceptor):
     async def _fail(self, call: _Call, err: BaseException) -> None:
         """Record how the call ended and send its status; always raises."""
         context = call.context
-        if isinstance(err, StatusError):
-            call.code, call.message = err.code, err.message
-            if isinstance(err, AuthError) and err.principal is not None:
-                call.principal = err.principal
-            trailers: tuple = ()
-            if err.code == Code.RESOURCE_EXHAUSTED and not isinstance(
-                err, (OverloadedError, RateLimitedError, DiskFullError)
-            ):
-                self.admission.rejected("queue")  # from inside the service: embedding queue
-            if err.code in _RETRYABLE:
-                wait = err.retry_after
-                trailers = retry_trailers(
-                    err.code, err.message, self.admission.retry_after() if wait is None else wait
-                )
-            await self._finish(call)  # before the status goes out: abort() sends it at once
-            await context.abort(err.code, err.message, trailers)
+        if isinstance(err, Exception) and context.cancelled():
+            # The client is gone (deadline, cancel): nobody to send a status to, and
+            # trying makes gRPC log an ExecuteBatchError with a traceback.
+            err = asyncio.CancelledError()
         if isinstance(err, (asyncio.CancelledError, GeneratorExit)):
             remaining = context.time_remaining()
             expired = remaining is not None and remaining <= 0
@@ -255,16 +244,36 @@ class RetrievalInterceptor(grpc.aio.ServerInterceptor):
             raise err
         if not isinstance(err, Exception):  # KeyboardInterrupt, SystemExit
             raise err
+        status = self._status_of(call, err)
+        call.code, call.message = status.code, status.message
+        trailers: tuple = ()
+        if status.code in _RETRYABLE:
+            wait = status.retry_after
+            if wait is None:
+                wait = self.admission.retry_after()
+            trailers = retry_trailers(status.code, status.message, wait)
+        await self._finish(call)  # before the status goes out: abort() sends it at once
+        await context.abort(status.code, status.message, trailers)
+
+    def _status_of(self, call: _Call, err: Exception) -> StatusError:
+        """The status an exception means; anything unforeseen is INTERNAL, and logged."""
+        if isinstance(err, StatusError):
+            if isinstance(err, AuthError) and err.principal is not None:
+                call.principal = err.principal
+            if err.code == Code.RESOURCE_EXHAUSTED and not isinstance(
+                err, (OverloadedError, RateLimitedError, DiskFullError)
+            ):
+                self.admission.rejected("queue")  # from inside the service: embedding queue
+            return err
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
             # gRPC's own definition of RESOURCE_EXHAUSTED names a full file system. The
             # write-ahead log cut the refused write off again: nothing changed.
             log.error("%s refused: the data disk is full (%s)", call.route.method, err)
-            await self._fail(call, DiskFullError(err))
-        call.code = Code.INTERNAL
-        call.message = f"internal error in {call.route.method}; see the server log"
+            return DiskFullError(err)
         log.error("%s failed", call.route.method, exc_info=err)
-        await self._finish(call)
-        await context.abort(call.code, call.message)
+        return StatusError(
+            Code.INTERNAL, f"internal error in {call.route.method}; see the server log"
+        )
 
     async def _finish(self, call: _Call) -> None:
         """Count, time and audit the call, once."""

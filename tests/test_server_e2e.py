@@ -287,6 +287,10 @@ def test_metrics_contract_names(auth_server: ServerProcess, tenant) -> None:
         "tcm_target_far",
         "tcm_model_info",
         "tcm_reloads_total",
+        "tcm_inflight_images",
+        "tcm_inflight_request_bytes",
+        "tcm_overload_rejections_total",
+        "tcm_event_loop_lag_seconds",
     ):
         assert metric in names, metric
     text = urllib.request.urlopen(auth_server.metrics_url, timeout=5).read().decode()

@@ -210,14 +210,14 @@ def test_admission_answers_resource_exhausted_with_a_retry_hint(tmp_path: Path) 
         h.servicer.release.set()
         await asyncio.gather(*slow)
         assert h.admission.calls == 0
-        assert h.rejections("calls") == 1
+        assert h.rejections("images") == 1
         # a full embedding queue inside the service gets the admission's hint as well
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await h.stub.Match(pb.MatchRequest(tenant="busy"), metadata=key(ADMIN))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert retry_after_of(err.value) is not None and h.rejections("queue") == 1
 
-    run(tmp_path, scenario, limits=AdmissionLimits(max_calls=2))
+    run(tmp_path, scenario, limits=AdmissionLimits(max_images=2))
 
 
 def test_admission_bounds_request_bytes(tmp_path: Path) -> None:

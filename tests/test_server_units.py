@@ -262,24 +262,26 @@ def test_malformed_config_is_a_usage_error(tmp_path: Path, content: str, capsys)
 
 
 # ---------------------------------------------------------- admission, rates
-def test_admission_counts_calls_and_bytes_and_hints_the_mean_hold() -> None:
+def test_admission_counts_images_and_bytes_and_hints_the_mean_hold() -> None:
     from server.admission import Admission, AdmissionLimits, OverloadedError
 
-    admission = Admission(AdmissionLimits(max_calls=2, max_bytes=100))
-    first = admission.admit(60)
+    admission = Admission(AdmissionLimits(max_images=4, max_bytes=100))
+    first = admission.admit(2, 60)
     with pytest.raises(OverloadedError, match="request bytes") as err:
-        admission.admit(50)
+        admission.admit(1, 50)
     assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    second = admission.admit(40)
-    with pytest.raises(OverloadedError, match="2 calls in progress"):
-        admission.admit(1)
+    second = admission.admit(2, 40)
+    with pytest.raises(OverloadedError, match="4 images in progress"):
+        admission.admit(1, 1)
     admission.release(first)
     admission.release(first)  # a ticket is handed back once only
-    assert (admission.calls, admission.bytes) == (1, 40)
+    assert (admission.images, admission.bytes, admission.calls) == (2, 40, 1)
+    with pytest.raises(OverloadedError, match="images in progress"):
+        admission.admit(3, 1)  # a batch of 3 does not fit next to 2
     admission.release(second)
-    assert (admission.calls, admission.bytes) == (0, 0)
+    assert (admission.images, admission.bytes, admission.calls) == (0, 0, 0)
     assert 0.01 <= admission.retry_after() <= 5.0
-    alone = admission.admit(1000)  # larger than the budget, but nothing else runs
+    alone = admission.admit(256, 1000)  # larger than both limits, but nothing else runs
     admission.release(alone)
 
 
