@@ -5,15 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from calibrate.consistency_report import markdown
 from calibrate.holdout import rotations, split_classes
-from calibrate.leave_tenant_out import (
-    FLOOR,
-    StudySettings,
-    far_stats,
-    main,
-    markdown,
-    run_study,
-)
+from calibrate.leave_tenant_out import FLOOR, StudySettings, far_stats, main, run_study
 from tests.tenant_sets import save_npz, tenants_with_tails
 
 
