@@ -58,12 +58,12 @@ def _match_response(outcome: MatchOutcome) -> pb.MatchResponse:
                 item_id=h.item_id,
                 label=h.label,
                 similarity=similarity_in_domain(h.similarity),
-                score=outcome.score(h.similarity),
+                score=score,
             )
-            for h in outcome.result.neighbors
+            for h, score in zip(outcome.result.neighbors, outcome.scores, strict=True)
         ],
         gallery_size=outcome.gallery_size,
-        score=outcome.score(top.similarity) if top else 0.0,
+        score=outcome.scores[0] if top else 0.0,
         raw_threshold=outcome.raw_threshold,
         normalization=outcome.normalization,
         normalization_active=outcome.mapping.active,
