@@ -158,6 +158,7 @@ def build_server(
     interceptor: RetrievalInterceptor | None = None,
     max_pending_calls: int = MAX_PENDING_CALLS,
     max_streams_per_connection: int = 0,
+    max_concurrent_rpcs: int = 0,
 ) -> tuple[grpc.aio.Server, health.HealthServicer]:
     """A grpc.aio server with retrieval.v1, grpc.health.v1 and reflection (not yet bound).
 
@@ -176,7 +177,11 @@ def build_server(
     ]
     if max_streams_per_connection:
         options.append(("grpc.max_concurrent_streams", max_streams_per_connection))
-    server = grpc.aio.server(interceptors=[interceptor], options=options)
+    server = grpc.aio.server(
+        interceptors=[interceptor],
+        options=options,
+        maximum_concurrent_rpcs=max_concurrent_rpcs or None,
+    )
     rpc.add_RetrievalServicer_to_server(RetrievalServicer(service), server)
     rpc.add_AdminServicer_to_server(AdminServicer(service, device), server)
     health_servicer = health.HealthServicer()

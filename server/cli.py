@@ -94,6 +94,13 @@ def parser() -> argparse.ArgumentParser:
         "UNAVAILABLE by gRPC before it costs the server anything (0 = gRPC's default)",
     )
     o.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=0,
+        help="calls handled at once; gRPC answers the excess RESOURCE_EXHAUSTED before any "
+        "Python runs (0 = no limit)",
+    )
+    o.add_argument(
         "--tenant-rate",
         type=float,
         default=0.0,
@@ -273,7 +280,12 @@ async def serve(args: argparse.Namespace) -> int:
         audit,
     )
     server, health = build_server(
-        service, args.device, interceptor, args.max_pending_calls, args.max_streams_per_connection
+        service,
+        args.device,
+        interceptor,
+        args.max_pending_calls,
+        args.max_streams_per_connection,
+        args.max_concurrent_rpcs,
     )
     credentials = tls_credentials(args)
     address = f"{args.host}:{args.port}"

@@ -487,7 +487,7 @@ class Gallery:
         the sample stays the bottom-k of the current items (O(N) numpy, and only when a
         removed item was a member)."""
         fids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
-        outside = fids[[not self.tail.is_member(int(f)) for f in fids]] if len(fids) else fids
+        outside = fids[~np.isin(fids, self.tail.member_fids())]
         if not len(outside):
             return
         pick = outside[np.argsort(self._hash_of[outside], kind="stable")[:n]]

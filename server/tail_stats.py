@@ -88,6 +88,9 @@ class TenantTail:
     def is_member(self, fid: int) -> bool:
         return fid in self._row
 
+    def member_fids(self) -> np.ndarray:
+        return self._fids[: self._n].copy()
+
     def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(fids, vectors, identity codes) of the members, copies."""
         n = self._n
