@@ -33,17 +33,19 @@ from calibrate.holdout import (
     Part,
     Scored,
     accepted,
+    online_histogram,
     part_pairs,
     per_class,
     pooled_histogram,
     rotations,
     split_classes,
-    subsample_histogram,
+    subsample,
     tail_maps,
     threshold_at,
 )
 from imagesets import EmbeddingSet
-from scorenorm import Cohort, TailSettings, build_map
+from scorenorm import Cohort, ScoreHistogram, TailSettings, build_map, gallery_histogram
+from scorenorm.histogram import mix
 from scorenorm.pairs import BLOCK, scores
 
 METHODS = ("raw", "tenant-tail", "as-norm")
@@ -55,6 +57,9 @@ GOAL_TAR_POINTS = 1.0
 GOAL_TARGETS = (1e-2, 1e-3)
 OPIS_RANGE = (1e-4, 1e-2)
 GRID = 101
+ONLINE_WEIGHT = 0.5  # the server's default --online-tail-weight
+ONLINE_TARGET = 1e-3  # the served target whose match decides what a sample leaves out
+MAX_ONLINE_QUERIES = 2000  # served queries per tenant and rotation in the simulation
 
 
 @dataclass(frozen=True)
@@ -313,34 +318,60 @@ def _opis(sp: _Split, rotations_pairs: list[list[Scored]]) -> dict[str, float]:
 
 
 def _gallery_sizes(sp: _Split, s: StudySettings, rots, rng) -> dict:
-    """Tenant-tail with galleries of n random items: how big must a gallery be?"""
+    """Tenant-tail with galleries of n random items: how big must a gallery be, and how
+    much do online samples of served queries (the evaluated part, label-free) add?
+
+    Keys (n, target, source) with source "gallery" (gallery pairs only) or "online"
+    (mixed with the online samples, capped at ONLINE_WEIGHT as the server does).
+    """
     out = {}
     for n in s.gallery_sizes:
-        subs = {
-            g: [
-                subsample_histogram(sp.x, sp.labels, sp.parts[k][g].rows, n, rng)
-                for k in range(sp.tenants)
-            ]
+        picks = {
+            g: [subsample(sp.parts[k][g].rows, n, rng) for k in range(sp.tenants)]
             for g, _, _ in rots
         }
-        for a in (t for t in s.targets if t in GOAL_TARGETS):
-            acc = np.zeros(sp.tenants)
-            pairs = np.zeros(sp.tenants)
-            active = 0
-            for g, _, e in rots:
-                ev = sp.evaluated(e)
-                for k in range(sp.tenants):
-                    others = pooled_histogram(
-                        [sp.parts[j][e].hist for j in range(sp.tenants) if j != k]
-                    )
-                    maps = [build_map(h, others, s.tail) for h in subs[g]]
-                    mapped = [ev[j].mapped(maps[j]) for j in range(sp.tenants)]
-                    t = _lto_threshold(mapped, k, a)
-                    acc[k] += 0 if t is None else accepted(mapped[k].imp, t)
-                    pairs[k] += ev[k].imp_total
-                    active += maps[k].active
-            out[(n, a)] = (acc, pairs, active)
+        hists = {
+            g: [gallery_histogram(sp.x[p], sp.labels[p]) for p in picks[g]] for g, _, _ in rots
+        }
+        mixed = {g: _with_online(sp, s, picks[g], hists[g], e, rng) for g, _, e in rots}
+        for source, galleries in (("gallery", hists), ("online", mixed)):
+            for a in (t for t in s.targets if t in GOAL_TARGETS):
+                out[(n, a, source)] = _sized(sp, s, rots, galleries, a)
     return out
+
+
+def _with_online(sp: _Split, s: StudySettings, picks, hists, e: int, rng) -> list[ScoreHistogram]:
+    """Each tenant's gallery histogram mixed with online samples of its evaluated part."""
+    served = pooled_histogram([sp.parts[k][e].hist for k in range(sp.tenants)])
+    t = float(served.quantile(ONLINE_TARGET)[0])  # the served threshold (pooled, in-sample)
+    out = []
+    for k, (pick, hist) in enumerate(zip(picks, hists, strict=True)):
+        raw = float(build_map(hist, served, s.tail).inverse(t))
+        queries = sp.parts[k][e].rows
+        if len(queries) > MAX_ONLINE_QUERIES:
+            queries = rng.choice(queries, MAX_ONLINE_QUERIES, replace=False)
+        online = online_histogram(sp.x, sp.labels, pick, queries, raw, rng)
+        out.append(mix(hist, online, ONLINE_WEIGHT))
+    return out
+
+
+def _sized(sp: _Split, s: StudySettings, rots, galleries: dict, a: float):
+    """Per tenant accepted and total impostor pairs, and the active maps, with the
+    given gallery histograms (leave-tenant-out thresholds, as in the main study)."""
+    acc = np.zeros(sp.tenants)
+    pairs = np.zeros(sp.tenants)
+    active = 0
+    for g, _, e in rots:
+        ev = sp.evaluated(e)
+        for k in range(sp.tenants):
+            others = pooled_histogram([sp.parts[j][e].hist for j in range(sp.tenants) if j != k])
+            maps = [build_map(h, others, s.tail) for h in galleries[g]]
+            mapped = [ev[j].mapped(maps[j]) for j in range(sp.tenants)]
+            t = _lto_threshold(mapped, k, a)
+            acc[k] += 0 if t is None else accepted(mapped[k].imp, t)
+            pairs[k] += ev[k].imp_total
+            active += maps[k].active
+    return acc, pairs, active
 
 
 # ------------------------------------------------------------------ statistics

@@ -51,11 +51,14 @@ def test_intervals_bracket_the_split_average(study):
 
 def test_small_galleries_fall_back_to_the_identity(study):
     sizes = study.splits[0].sizes
-    acc15, _, active15 = sizes[(15, 1e-2)]
-    _, _, active200 = sizes[(200, 1e-2)]
+    acc15, _, active15 = sizes[(15, 1e-2, "gallery")]
+    _, _, active200 = sizes[(200, 1e-2, "gallery")]
     assert active15 == 0  # 15 items: ~100 pairs, far below 30 / top_level
     assert active200 == 3 * 4  # every tenant gallery in every rotation
     assert np.isfinite(acc15).all()
+    # online samples of served queries add pairs: the 15-item galleries come alive
+    _, _, online15 = sizes[(15, 1e-2, "online")]
+    assert online15 > active15
 
 
 def test_far_stats_counts_a_silent_tenant_as_half_an_accept():
