@@ -37,6 +37,7 @@ class _Pending:
     inputs: np.ndarray
     future: asyncio.Future
     after: Callable[[np.ndarray], Any] | None = None
+    group: Any = None  # callers with the same group share one ``after`` call
     queued_at: float = field(default_factory=time.perf_counter)
     outcome: Any = None
     error: BaseException | None = None
@@ -76,11 +77,20 @@ class MicroBatcher:
     def queued(self) -> int:
         return self._queued
 
-    async def embed(self, inputs: np.ndarray, after: Callable[[np.ndarray], Any] | None = None):
+    async def embed(
+        self,
+        inputs: np.ndarray,
+        after: Callable[[np.ndarray], Any] | None = None,
+        group: Any = None,
+    ):
         """Embeddings of ``inputs``, or ``after(embeddings)`` when given.
 
         ``after`` runs in the worker thread right after the model (e.g. the gallery
         search), saving a thread hop per request; its exception is this caller's alone.
+        Callers of one batch that name the same hashable ``group`` are merged: ONE
+        ``after`` call gets all their rows and must return a list with one entry per
+        row, which is split back (one faiss search per micro-batch and tenant instead
+        of one per caller); an exception then reaches every caller of the group.
         Never waits for an unbounded queue: a full queue raises QueueFullError.
         """
         if self._closing:
@@ -93,7 +103,7 @@ class MicroBatcher:
                 f"embedding queue full ({self._queued} of {self.max_queue} images waiting); "
                 "retry with backoff"
             )
-        pending = _Pending(inputs, asyncio.get_running_loop().create_future(), after)
+        pending = _Pending(inputs, asyncio.get_running_loop().create_future(), after, group)
         self._queue.append(pending)
         self._set_queued(self._queued + n)
         self._wakeup.set()
@@ -176,14 +186,14 @@ class MicroBatcher:
         started = time.perf_counter()
         out = self._run_chunks(inputs)
         elapsed = time.perf_counter() - started
+        groups: dict[Any, list[tuple[_Pending, slice]]] = {}
         row = 0
-        for p in batch:
-            rows = out[row : row + len(p.inputs)]
+        for n, p in enumerate(batch):
+            key = ("alone", n) if p.group is None or p.after is None else ("group", p.group)
+            groups.setdefault(key, []).append((p, slice(row, row + len(p.inputs))))
             row += len(p.inputs)
-            try:
-                p.outcome = rows if p.after is None else p.after(rows)
-            except Exception as err:  # e.g. StaleModelError: this caller retries
-                p.error = err
+        for members in groups.values():
+            _finish_group(members, out)
         return elapsed
 
     def _run_chunks(self, inputs: np.ndarray) -> np.ndarray:
@@ -196,3 +206,26 @@ class MicroBatcher:
         self._queued = value
         if self.metrics is not None:
             self.metrics.queue_depth.set(value)
+
+
+def _finish_group(members: list[tuple[_Pending, slice]], out: np.ndarray) -> None:
+    """Run the ``after`` of one caller, or one merged ``after`` for a group of callers."""
+    first = members[0][0]
+    if len(members) == 1:
+        rows = out[members[0][1]]
+        try:
+            first.outcome = rows if first.after is None else first.after(rows)
+        except Exception as err:  # e.g. StaleModelError: this caller retries
+            first.error = err
+        return
+    rows = np.concatenate([out[part] for _, part in members])
+    try:
+        results = first.after(rows)
+    except Exception as err:
+        for p, _ in members:
+            p.error = err
+        return
+    start = 0
+    for p, _ in members:
+        p.outcome = results[start : start + len(p.inputs)]
+        start += len(p.inputs)

@@ -228,10 +228,11 @@ class RetrievalService:
             decoded[i::_DECODE_THREADS] = part
         return decoded
 
-    async def _embed(self, state: _State, inputs: list[np.ndarray], after=None):
-        """Embeddings (or ``after(embeddings)``, run in the embedding thread)."""
+    async def _embed(self, state: _State, inputs: list[np.ndarray], after=None, group=None):
+        """Embeddings (or ``after(embeddings)``, run in the embedding thread; callers of
+        one micro-batch with the same ``group`` share one ``after`` call)."""
         try:
-            return await state.batcher.embed(np.stack(inputs), after)
+            return await state.batcher.embed(np.stack(inputs), after, group)
         except QueueFullError as err:
             raise ServiceError(Code.RESOURCE_EXHAUSTED, str(err)) from err
 
@@ -261,8 +262,9 @@ class RetrievalService:
             decoded = await self._decode(images, state.model)
             good = [d for d in decoded if not isinstance(d, str)]
             search = functools.partial(self._search, tenant, state.model, target.threshold, k)
+            group = (tenant_name, id(tenant.gallery), state.model.sha256, target.threshold, k)
             try:
-                results = await self._embed(state, good, search) if good else []
+                results = await self._embed(state, good, search, group) if good else []
             except StaleModelError:
                 continue  # a reload switched the gallery meanwhile: redo with the new model
             size = tenant.gallery.size

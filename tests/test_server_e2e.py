@@ -344,8 +344,10 @@ def test_a_flood_of_concurrent_calls_gets_ok_or_resource_exhausted_never_cancell
 
     from server.errors import retry_after_of
 
+    # Tight limits: with merged searches the server answers fast enough that 32 images
+    # in flight were never all taken, and the test must see admission refuse.
     server = start_server(
-        server_assets, tmp_path, "--no-auth", "--max-queue", "16", "--max-inflight", "32"
+        server_assets, tmp_path, "--no-auth", "--max-queue", "8", "--max-inflight", "4"
     )
     images = [server_assets.png(i) for i in range(20)]
 

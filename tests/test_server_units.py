@@ -131,6 +131,39 @@ def test_batcher_merges_concurrent_requests_and_splits_results() -> None:
     assert calls == [6]  # one model call for six concurrent requests
 
 
+def test_batcher_merges_the_after_calls_of_a_group() -> None:
+    """Callers naming the same group share ONE search over all their rows; another group
+    and an ungrouped caller get their own; results go back to the right callers."""
+    searches: list[tuple[str, int]] = []
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return x.reshape(len(x), -1)[:, :1]
+
+    def search(name: str, rows: np.ndarray) -> list[str]:
+        searches.append((name, len(rows)))
+        return [f"{name}:{float(r[0]):g}" for r in rows]
+
+    async def scenario():
+        from concurrent.futures import ThreadPoolExecutor
+        from functools import partial
+
+        batcher = MicroBatcher(run, ThreadPoolExecutor(1), max_batch=16, max_delay=0.02)
+        batcher.start()
+        calls = [
+            batcher.embed(np.full((2, 1), 1, np.float32), partial(search, "a"), group="a"),
+            batcher.embed(np.full((1, 1), 2, np.float32), partial(search, "b"), group="b"),
+            batcher.embed(np.full((3, 1), 3, np.float32), partial(search, "a"), group="a"),
+            batcher.embed(np.full((1, 1), 4, np.float32), partial(search, "c")),
+        ]
+        out = await asyncio.gather(*calls)
+        await batcher.close()
+        return out
+
+    out = asyncio.run(scenario())
+    assert out == [["a:1", "a:1"], ["b:2"], ["a:3", "a:3", "a:3"], ["c:4"]]
+    assert sorted(searches) == [("a", 5), ("b", 1), ("c", 1)]
+
+
 def test_batcher_refuses_beyond_its_queue_and_skips_cancelled() -> None:
     gate = threading.Event()
     calls: list[int] = []
