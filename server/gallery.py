@@ -124,6 +124,7 @@ class Gallery:
         self._map_cache: tuple[tuple, TailMap] | None = None
         self._sample_cache: tuple[tuple, np.ndarray, np.ndarray] | None = None
         self.reembedded = 0  # items re-embedded by open() because the model changed
+        self.write_token = 0  # one process: every search sees every acknowledged write
 
     def _new_generation(self, model: str, dim: int) -> _Generation:
         return _Generation(
@@ -368,6 +369,9 @@ class Gallery:
                 self._after_write(1)
             return found, missing
 
+    def prepare_rebuild(self, model_sha256: str, items: list[Item], embeddings: np.ndarray):
+        """Nothing to stage in this process: :meth:`rebuild` switches in memory."""
+
     def rebuild(self, model_sha256: str, item_ids: list[str], embeddings: np.ndarray) -> None:
         """Switch to ``model_sha256`` with new embeddings for exactly the current items.
 
@@ -408,11 +412,17 @@ class Gallery:
 
     # ------------------------------------------------------------------ search
     def search(
-        self, queries: np.ndarray, k: int, threshold: float, model_sha256: str
+        self,
+        queries: np.ndarray,
+        k: int,
+        threshold: float,
+        model_sha256: str,
+        read_after: int = 0,
     ) -> list[SearchResult]:
         """Top-``k`` neighbours and label-free impostor counts at ``threshold``, per query.
 
         No gallery lock is held across the index search: it reads an immutable view.
+        ``read_after`` (a write token) needs no wait here: writes apply before they return.
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         gen = self._gen

@@ -22,10 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import grpc
 import numpy as np
 
 from scorenorm import ScoreHistogram, TailMap, TailSettings
+from server.errors import StatusError
 from server.tail_stats import DEFAULT_CAPACITY, TenantTail
+
+RETRY_AFTER = 1.0  # seconds: the hint sent when the gallery backend failed
 
 
 class GalleryError(ValueError):
@@ -36,14 +40,14 @@ class StaleModelError(RuntimeError):
     """The caller's embeddings come from another model than the gallery's (a reload raced)."""
 
 
-class StoreUnavailableError(RuntimeError):
-    """The backend cannot be reached or did not answer in time: nothing was decided.
-
-    ``timeout`` tells DEADLINE_EXCEEDED (the backend was too slow) from UNAVAILABLE.
-    """
+class StoreUnavailableError(StatusError):
+    """The backend cannot be reached or did not answer in time: nothing was decided or
+    written. UNAVAILABLE, or DEADLINE_EXCEEDED when the backend was too slow; both with
+    a retry hint."""
 
     def __init__(self, message: str, timeout: bool = False) -> None:
-        super().__init__(message)
+        code = grpc.StatusCode.DEADLINE_EXCEEDED if timeout else grpc.StatusCode.UNAVAILABLE
+        super().__init__(code, message, RETRY_AFTER)
         self.timeout = timeout
 
 
@@ -104,6 +108,7 @@ class TenantGallery(Protocol):
     model_sha256: str
     reembedded: int  # items re-embedded on open because the model changed
     tail: TenantTail
+    write_token: int  # a search with read_after >= this sees this gallery's writes so far
 
     @property
     def size(self) -> int: ...
@@ -121,9 +126,15 @@ class TenantGallery(Protocol):
         """(removed, not found); visible to every search that starts after it returns."""
 
     def search(
-        self, queries: np.ndarray, k: int, threshold: float, model_sha256: str
+        self,
+        queries: np.ndarray,
+        k: int,
+        threshold: float,
+        model_sha256: str,
+        read_after: int = 0,
     ) -> list[SearchResult]:
-        """Top-k per query and the label-free counts at ``threshold`` (raw similarity)."""
+        """Top-k per query and the label-free counts at ``threshold`` (raw similarity);
+        the search sees every write whose token is <= ``read_after``."""
 
     def range_search(self, query: np.ndarray, threshold: float, model_sha256: str) -> list[Hit]:
         """Every item with similarity >= ``threshold`` to one query, best first."""
@@ -131,6 +142,11 @@ class TenantGallery(Protocol):
     def items(self) -> list[Item]: ...
 
     def get(self, item_id: str) -> Item | None: ...
+
+    def prepare_rebuild(
+        self, model_sha256: str, items: list[Item], embeddings: np.ndarray
+    ) -> None:
+        """Stage the re-embedded items (Milvus: a new collection) before the switch."""
 
     def rebuild(self, model_sha256: str, item_ids: list[str], embeddings: np.ndarray) -> None:
         """Switch to ``model_sha256`` with new embeddings for exactly the current items."""
@@ -166,6 +182,12 @@ class GalleryStore(Protocol):
     def all(self) -> list: ...
 
     def sizes(self) -> dict[str, int]: ...
+
+    def refresh(self) -> dict[str, list[str]]:
+        """Tenant -> key hashes as stored now (other processes' Admin calls included)."""
+
+    def switch_model(self, model_sha256: str, dim: int, embed) -> None:
+        """After every tenant was re-embedded: the model new writes and tenants use."""
 
     def close(self) -> None: ...
 
