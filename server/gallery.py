@@ -765,7 +765,7 @@ def _rows_of(
         id_off=off,
         labels=list(table),
         label_idx=idx,
-        img_seg=z.astype(np.int32),
+        img_seg=np.full(len(fids), PENDING, np.int32),  # images not in a segment yet
         img_off=z,
         img_len=z.astype(np.int32),
     )
