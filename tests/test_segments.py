@@ -83,7 +83,7 @@ def test_removed_rows_are_dropped_by_compaction_and_stay_removed(tmp_path: Path)
         g.remove(gone[s : s + 8])
     g.close()
     store = SegmentStore(tmp_path)
-    rows, tombstones = store.load()
+    rows, _ = store.load()
     assert len(rows) < 200 + 8  # mostly-removed segments were rewritten without them
     again = Gallery.open(tmp_path, DIM, SHA)
     assert again.size == 100
