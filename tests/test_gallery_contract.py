@@ -286,3 +286,56 @@ def test_raw_upsert_keeps_the_row_in_partition_key_searches(
         assert store.upsert_safe is (kind == "milvus-lite")
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize("kind", ["milvus-lite", pytest.param("milvus", marks=pytest.mark.slow)])
+def test_reembedding_goes_to_a_new_collection_and_switches_at_once(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A reload writes the re-embedded items into the new model's collection while the old
+    one keeps serving; the switch moves the alias and the gallery in one step."""
+    backend = Backend(kind, tmp_path, request)
+    try:
+        store = backend.open()
+        _, g = new_tenant(store)
+        rng = np.random.default_rng(10)
+        old, new = unit(rng, 6), unit(rng, 6)
+        g.add(items(6), old, SHA)
+        before = g.collection
+        new_sha = "f" * 64
+        g.prepare_rebuild(new_sha, g.items(), new)
+        (res,) = g.search(old[2:3], 1, 0.5, SHA)  # still the old model meanwhile
+        assert res.top1.item_id == "it-2"
+        g.rebuild(new_sha, [f"it-{i}" for i in range(6)], new)
+        store.switch_model(new_sha, DIM, None)
+        assert g.collection != before and store.current_collection() == g.collection
+        (res,) = g.search(new[4:5], 1, 0.5, new_sha)
+        assert res.top1.item_id == "it-4" and g.size == 6
+        with pytest.raises(Exception, match="model"):
+            g.search(old[:1], 1, 0.5, SHA)  # a caller still on the old model retries
+    finally:
+        backend.close()
+
+
+@pytest.mark.slow
+def test_a_stalled_milvus_is_deadline_exceeded_then_recovers(milvus_server, tmp_path) -> None:
+    import os
+    import signal
+
+    store = open_store(milvus_server.spec, tmp_path, DIM, SHA, timeout=2.0, tail_refresh=0)
+    try:
+        _, g = new_tenant(store)
+        x = unit(np.random.default_rng(11), 3)
+        g.add(items(3), x, SHA)
+        os.kill(milvus_server.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(StoreUnavailableError) as caught:
+                g.search(x[:1], 1, 0.5, SHA, g.write_token)
+        finally:
+            os.kill(milvus_server.pid, signal.SIGCONT)
+        assert caught.value.code.name in ("DEADLINE_EXCEEDED", "UNAVAILABLE")
+        assert caught.value.retry_after is not None
+        (res,) = g.search(x[:1], 1, 0.5, SHA, g.write_token)
+        assert res.top1.item_id == "it-0"
+    finally:
+        store.close()
