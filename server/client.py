@@ -289,6 +289,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="+", type=Path)
     s.add_argument("--top-k", type=int, default=1)
     s.add_argument("--target-far", type=float, default=0.0)
+    s.add_argument(
+        "--read-after",
+        type=int,
+        default=0,
+        help="a write_token printed by enroll/remove: see that write on any replica",
+    )
     s = sub.add_parser("feedback", help="ground truth for a decision")
     s.add_argument("tenant")
     s.add_argument("decision_id")
@@ -322,8 +328,10 @@ def _run(args: argparse.Namespace, client: RetrievalClient) -> int:
                     line |= {"code": r.error.code, "error": r.error.message}
                     status = 1
                 print(json.dumps(line))
-        print(json.dumps({"gallery_size": size}))
+        print(json.dumps({"gallery_size": size, **_token(client, args.tenant)}))
     elif args.command == "match":
+        if args.read_after:
+            client.write_tokens[args.tenant] = args.read_after
         for _, file, _ in image_files(args.paths):
             try:
                 r = client.match(args.tenant, file.read_bytes(), args.top_k, args.target_far)
@@ -339,10 +347,17 @@ def _run(args: argparse.Namespace, client: RetrievalClient) -> int:
         print(json.dumps({"decision_id": args.decision_id, "matched": matched}))
     elif args.command == "remove":
         r = client.remove(args.tenant, args.item_ids)
-        print(json.dumps({"removed": r.removed, "not_found": list(r.not_found)}))
+        line = {"removed": r.removed, "not_found": list(r.not_found)}
+        print(json.dumps(line | _token(client, args.tenant)))
     else:
         print(json.dumps(client.get_tenant(args.tenant)))
     return status
+
+
+def _token(client: RetrievalClient, tenant: str) -> dict:
+    """The write token of the last Enroll/Remove, for ``match --read-after`` elsewhere."""
+    token = client.write_tokens.get(tenant)
+    return {"write_token": token} if token else {}
 
 
 def main(argv: list[str] | None = None) -> int:
