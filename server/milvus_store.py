@@ -98,7 +98,7 @@ class _Client:
         kwargs.setdefault("timeout", self.timeout)
         try:
             return getattr(self.raw, method)(*args, **kwargs)
-        except Exception as err:  # pymilvus raises MilvusException, grpc errors, ...
+        except _FAILURES as err:  # not programming errors: those must stay visible
             text = f"{type(err).__name__}: {err}"
             slow = "DEADLINE" in text.upper() or "TIMEOUT" in text.upper()
             raise StoreUnavailableError(
@@ -116,6 +116,19 @@ class _Client:
             return int(get_collection_ts(collection, conn.server_address, "") or 0)
         except Exception:  # an older/newer pymilvus without this cache: fall back
             return 0
+
+
+def _failures() -> tuple[type[BaseException], ...]:
+    import grpc
+    from pymilvus.exceptions import MilvusException
+
+    return (MilvusException, grpc.RpcError, OSError, TimeoutError)
+
+
+try:
+    _FAILURES = _failures()
+except ImportError:  # pymilvus not installed: MilvusStore cannot be built anyway
+    _FAILURES = (OSError, TimeoutError)
 
 
 def _uri(spec: str) -> str:
