@@ -7,6 +7,6 @@ its calibration), ``gallery_store`` (the boundary to where galleries live),
 ``gallery`` / ``item_table`` / ``segments`` / ``wal`` / ``ann`` (the in-process faiss
 backend: store, table, segments, log, indexes), ``milvus_store`` (the Milvus backend),
 ``workers`` (``--workers N`` on one port), ``tenants``, ``auth`` (API keys),
-``decisions`` (recent decisions for Feedback), ``observer`` (the monitoring seam), ``metrics`` (Prometheus),
-``client`` (Python client and ``python -m server.client``), ``reembed``.
+``decisions`` (recent decisions for Feedback), ``observer`` (the monitoring seam),
+``metrics`` (Prometheus), ``client`` (Python client and ``python -m server.client``), ``reembed``.
 """
