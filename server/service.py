@@ -51,6 +51,7 @@ ITEM_ID = re.compile(r"[^\x00-\x1f\x7f-\x9f]{1,256}")
 LABEL = re.compile(r"[^\x00-\x1f\x7f-\x9f]{0,256}")
 Code = grpc.StatusCode
 _DECODE_THREADS = 2
+SEARCH_THREADS = 4  # concurrent searches against a shared store (Milvus)
 INLINE_DECODE_PIXELS = 64 * 64  # e.g. up to four 32x32 images: ~1 ms measured, on the loop
 
 
@@ -123,6 +124,7 @@ class RetrievalService:
         init = functools.partial(faiss.omp_set_num_threads, max(1, config.search_threads))
         self._embed_pool = ThreadPoolExecutor(1, "embed", initializer=init)
         self._work_pool = ThreadPoolExecutor(_DECODE_THREADS, "work", initializer=init)
+        self._search_pool: ThreadPoolExecutor | None = None  # searches that wait on a network
         self._first_model = model
         self._state: _State | None = None
         self._mutations: asyncio.Lock | None = None
@@ -151,6 +153,8 @@ class RetrievalService:
             for key_hash in tenant.key_hashes:
                 self.keys.add(key_hash, Principal(False, tenant.name))
         self._mutations = asyncio.Lock()
+        if self.tenants.shared:  # Milvus: a search waits on the network, not the CPU
+            self._search_pool = ThreadPoolExecutor(SEARCH_THREADS, "search")
         self._state = self._new_state(self._first_model)
         self._publish(self._first_model)
         self.metrics.watch_galleries(self.tenants.sizes)
@@ -163,6 +167,8 @@ class RetrievalService:
         await asyncio.get_running_loop().run_in_executor(self._work_pool, self.tenants.close)
         self._embed_pool.shutdown(wait=True)
         self._work_pool.shutdown(wait=True)
+        if self._search_pool is not None:
+            self._search_pool.shutdown(wait=True)
 
     @property
     def model(self) -> ServingModel:
@@ -182,6 +188,7 @@ class RetrievalService:
             c.max_delay,
             c.max_queue,
             self.metrics,
+            self._search_pool,
         )
         batcher.start()
         return _State(model, batcher)

@@ -131,9 +131,11 @@ def test_batcher_merges_concurrent_requests_and_splits_results() -> None:
     assert calls == [6]  # one model call for six concurrent requests
 
 
-def test_batcher_merges_the_after_calls_of_a_group() -> None:
+@pytest.mark.parametrize("elsewhere", [False, True], ids=["in-embed-thread", "after-executor"])
+def test_batcher_merges_the_after_calls_of_a_group(elsewhere: bool) -> None:
     """Callers naming the same group share ONE search over all their rows; another group
-    and an ungrouped caller get their own; results go back to the right callers."""
+    and an ungrouped caller get their own; results go back to the right callers, also
+    when the searches run in their own executor (Milvus: while the next batch embeds)."""
     searches: list[tuple[str, int]] = []
 
     def run(x: np.ndarray) -> np.ndarray:
@@ -147,7 +149,10 @@ def test_batcher_merges_the_after_calls_of_a_group() -> None:
         from concurrent.futures import ThreadPoolExecutor
         from functools import partial
 
-        batcher = MicroBatcher(run, ThreadPoolExecutor(1), max_batch=16, max_delay=0.02)
+        after = ThreadPoolExecutor(2) if elsewhere else None
+        batcher = MicroBatcher(
+            run, ThreadPoolExecutor(1), max_batch=16, max_delay=0.02, after_executor=after
+        )
         batcher.start()
         calls = [
             batcher.embed(np.full((2, 1), 1, np.float32), partial(search, "a"), group="a"),
