@@ -383,3 +383,21 @@ def test_model_paths_must_be_regular_files(path: str) -> None:
     for model, calibration in ((path, DEFAULT_CALIBRATION), (DEFAULT_MODEL, path)):
         with pytest.raises(FileNotFoundError):
             ServingModel.load(model, calibration, "cpu", 1e-3)
+
+
+def test_signed_decision_ids_are_recognised_by_another_replica_and_cannot_be_forged() -> None:
+    from server.decisions import DecisionStore
+
+    secret = b"s" * 32
+    here, there = DecisionStore(10, secret), DecisionStore(10, secret)
+    decision_id = here.add("shop", matched=True, monitored=True)
+    assert there.get(decision_id) is None  # no tenant given: only what it remembers
+    found = there.get(decision_id, "shop")
+    assert found is not None and (found.tenant, found.matched, found.monitored) == (
+        "shop", True, True
+    )
+    assert there.get(decision_id, "other") is None  # bound to its tenant
+    flipped = decision_id[:24] + "2" + decision_id[25:]  # "not matched", same MAC
+    assert there.get(flipped, "shop") is None
+    assert DecisionStore(10, b"t" * 32).get(decision_id, "shop") is None  # another secret
+    assert DecisionStore(10).get(decision_id, "shop") is None  # no secret: memory only
