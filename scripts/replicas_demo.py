@@ -23,15 +23,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
 
 
-def run(args: list[str], env: dict) -> str:
+def run(args: list[str], env: dict, keep: int = 0) -> str:
+    """Run one CLI command and print it with its output; with ``keep``, a long output
+    shows only its first ``keep`` lines and its last one (the count of the rest said)."""
     shown = " ".join(a if " " not in a else repr(a) for a in args)
     print(f"$ {shown}")
     out = subprocess.run(
         [sys.executable, *args[1:]] if args[0] == "python" else args,
         capture_output=True, text=True, env=env, cwd=ROOT, check=False,
-    )
-    text = (out.stdout + out.stderr).strip()
-    print(text)
+    )  # fmt: skip
+    lines = (out.stdout + out.stderr).strip().splitlines()
+    if keep and len(lines) > keep + 1:
+        lines = [
+            *lines[:keep],
+            f"[... {len(lines) - keep - 1} more lines like these ...]",
+            lines[-1],
+        ]
+    print("\n".join(lines))
     return out.stdout
 
 
@@ -48,7 +56,7 @@ def main() -> int:
     (args.work / "prom").mkdir(parents=True)
     glyphs = load_images("glyphs-tiny", "test")
     gallery, queries = args.work / "gallery", args.work / "queries"
-    for n in range(60):  # 12 classes x 5 images into the gallery, one more each to query
+    for n in range(60):  # up to 5 images of each class seen into the gallery, one more to query
         label = str(glyphs.labels[n * 30])
         (gallery / label).mkdir(parents=True, exist_ok=True)
     enrolled = {}
@@ -79,14 +87,14 @@ def main() -> int:
         print(f"# replica A: {a.ready_line}\n# replica B: {b.ready_line}\n")
         client = ["python", "-m", "server.client"]
         run([*client, "--address", a.address, "create-tenant", "shop"], env)
-        out = run([*client, "--address", a.address, "enroll", "shop", str(gallery)], env)
+        out = run([*client, "--address", a.address, "enroll", "shop", str(gallery)], env, keep=3)
         token = json.loads(out.strip().splitlines()[-1])["write_token"]
         first = sorted(queries.iterdir())[0]
         print("\n# on replica B, at once, with A's write token:")
-        run([*client, "--address", b.address, "match", "shop", str(first),
-             "--read-after", str(token)], env)  # fmt: skip
-        print("\n# remove on A, match on B with the token of the removal:")
-        item = f"{first.stem}/{sorted((gallery / first.stem).iterdir())[0].name}"
+        out = run([*client, "--address", b.address, "match", "shop", str(first),
+                   "--read-after", str(token)], env)  # fmt: skip
+        item = json.loads(out.strip().splitlines()[-1])["item_id"]
+        print(f"\n# remove the matched item {item} on A, match on B with the removal's token:")
         out = run([*client, "--address", a.address, "remove", "shop", item], env)
         token = json.loads(out.strip().splitlines()[-1])["write_token"]
         run([*client, "--address", b.address, "match", "shop", str(first),
@@ -99,15 +107,15 @@ def main() -> int:
             prom.wait(lambda: len(prom.query("up")) == 2, 30, "both targets")
             time.sleep(2)
             every = sorted(queries.iterdir())
-            run([*client, "--address", a.address, "match", "shop", *map(str, every[:8])], env)
-            run([*client, "--address", b.address, "match", "shop", *map(str, every[8:])], env)
+            run([*client, "--address", a.address, "match", "shop", *map(str, every[:8])], env, 2)
+            run([*client, "--address", b.address, "match", "shop", *map(str, every[8:])], env, 2)
             time.sleep(5)
             print()
             for expr in (
                 'tcm_label_free_accepted_total{tenant="shop"}',
                 'tcm_label_free_pairs_total{tenant="shop"}',
-                'sum by (tenant) (tcm_label_free_accepted_total) '
-                '/ sum by (tenant) (tcm_label_free_pairs_total)',
+                "sum by (tenant) (tcm_label_free_accepted_total) "
+                "/ sum by (tenant) (tcm_label_free_pairs_total)",
                 "tenant:tcm_label_free_far:ratio_rate5m",
                 "tenant:tcm_label_free_far:target_ratio_rate5m",
                 'sum by (tenant) (tcm_monitored_decisions_total{tenant="shop"})',
