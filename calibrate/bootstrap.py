@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from calibrate.assemble import Measured
+from calibrate.prepare import Prepared
 from calibrate.results import Interval
 
 LEVEL = 0.95
@@ -31,7 +32,7 @@ def class_bootstrap(m: Measured, n: int, seed: int) -> Measured:
     grid = boot.grids[0]
     if grid is None or n < 1:
         return m
-    weights = _weights(m, n, seed)  # (n, classes)
+    weights = class_weights(m.prep, n, np.random.default_rng(seed))  # (n, classes)
     pairs = weights @ m.prep.class_impostor_pairs().astype(np.float64) / 2
     accepted_grid = weights @ boot.at_least().astype(np.float64) / 2  # (n, G)
     targets_grid = m.impostor_counts["targets"].grids[0]
@@ -51,10 +52,8 @@ def class_bootstrap(m: Measured, n: int, seed: int) -> Measured:
     return m.with_intervals(intervals)
 
 
-def _weights(m: Measured, n: int, seed: int) -> np.ndarray:
-    """How often each class is drawn, resampling classes inside each dataset."""
-    rng = np.random.default_rng(seed)
-    prep = m.prep
+def class_weights(prep: Prepared, n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, classes): how often each class is drawn, resampling classes inside each dataset."""
     w = np.zeros((n, prep.n_classes))
     for k in range(prep.n_datasets):
         cs = prep.ds_classes(k)

@@ -174,11 +174,29 @@ def pooled_histogram(hists: Sequence[ScoreHistogram]) -> ScoreHistogram:
     return out
 
 
-def subsample_histogram(
-    x: np.ndarray, labels: np.ndarray, rows: np.ndarray, n_items: int, rng: np.random.Generator
-) -> ScoreHistogram:
+def subsample(rows: np.ndarray, n_items: int, rng: np.random.Generator) -> np.ndarray:
     """A gallery of ``n_items`` random items of ``rows`` (the sample-size study)."""
-    from scorenorm import gallery_histogram
+    return rows if n_items >= len(rows) else rng.choice(rows, n_items, replace=False)
 
-    pick = rows if n_items >= len(rows) else rng.choice(rows, n_items, replace=False)
-    return gallery_histogram(x[pick], labels[pick])
+
+def online_histogram(
+    x: np.ndarray,
+    labels: np.ndarray,
+    gallery: np.ndarray,
+    queries: np.ndarray,
+    raw_threshold: float,
+    rng: np.random.Generator,
+    per_query: int = 32,
+) -> ScoreHistogram:
+    """What a server's online tail samples would hold after ``queries`` were served
+    against ``gallery`` (server/tail_stats.py): per query, ``per_query`` random gallery
+    items (with replacement), leaving out the top-1's identity when the query matched
+    (top-1 >= the tenant's raw threshold). No query label is read."""
+    g_lab = labels[gallery]
+    s = scores(x[queries], x[gallery])
+    top = s.argmax(axis=1)
+    matched = s[np.arange(len(queries)), top] >= raw_threshold
+    picks = rng.integers(0, len(gallery), size=(len(queries), per_query))
+    values = np.take_along_axis(s, picks, axis=1)
+    same = g_lab[picks] == g_lab[top][:, None]
+    return ScoreHistogram.of(values[~(matched[:, None] & same)])

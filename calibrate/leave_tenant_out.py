@@ -33,17 +33,19 @@ from calibrate.holdout import (
     Part,
     Scored,
     accepted,
+    online_histogram,
     part_pairs,
     per_class,
     pooled_histogram,
     rotations,
     split_classes,
-    subsample_histogram,
+    subsample,
     tail_maps,
     threshold_at,
 )
 from imagesets import EmbeddingSet
-from scorenorm import Cohort, TailSettings, build_map
+from scorenorm import Cohort, ScoreHistogram, TailSettings, build_map, gallery_histogram
+from scorenorm.histogram import mix
 from scorenorm.pairs import BLOCK, scores
 
 METHODS = ("raw", "tenant-tail", "as-norm")
@@ -55,6 +57,9 @@ GOAL_TAR_POINTS = 1.0
 GOAL_TARGETS = (1e-2, 1e-3)
 OPIS_RANGE = (1e-4, 1e-2)
 GRID = 101
+ONLINE_WEIGHT = 0.5  # the server's default --online-tail-weight
+ONLINE_TARGET = 1e-3  # the served target whose match decides what a sample leaves out
+MAX_ONLINE_QUERIES = 2000  # served queries per tenant and rotation in the simulation
 
 
 @dataclass(frozen=True)
@@ -313,34 +318,60 @@ def _opis(sp: _Split, rotations_pairs: list[list[Scored]]) -> dict[str, float]:
 
 
 def _gallery_sizes(sp: _Split, s: StudySettings, rots, rng) -> dict:
-    """Tenant-tail with galleries of n random items: how big must a gallery be?"""
+    """Tenant-tail with galleries of n random items: how big must a gallery be, and how
+    much do online samples of served queries (the evaluated part, label-free) add?
+
+    Keys (n, target, source) with source "gallery" (gallery pairs only) or "online"
+    (mixed with the online samples, capped at ONLINE_WEIGHT as the server does).
+    """
     out = {}
     for n in s.gallery_sizes:
-        subs = {
-            g: [
-                subsample_histogram(sp.x, sp.labels, sp.parts[k][g].rows, n, rng)
-                for k in range(sp.tenants)
-            ]
+        picks = {
+            g: [subsample(sp.parts[k][g].rows, n, rng) for k in range(sp.tenants)]
             for g, _, _ in rots
         }
-        for a in (t for t in s.targets if t in GOAL_TARGETS):
-            acc = np.zeros(sp.tenants)
-            pairs = np.zeros(sp.tenants)
-            active = 0
-            for g, _, e in rots:
-                ev = sp.evaluated(e)
-                for k in range(sp.tenants):
-                    others = pooled_histogram(
-                        [sp.parts[j][e].hist for j in range(sp.tenants) if j != k]
-                    )
-                    maps = [build_map(h, others, s.tail) for h in subs[g]]
-                    mapped = [ev[j].mapped(maps[j]) for j in range(sp.tenants)]
-                    t = _lto_threshold(mapped, k, a)
-                    acc[k] += 0 if t is None else accepted(mapped[k].imp, t)
-                    pairs[k] += ev[k].imp_total
-                    active += maps[k].active
-            out[(n, a)] = (acc, pairs, active)
+        hists = {
+            g: [gallery_histogram(sp.x[p], sp.labels[p]) for p in picks[g]] for g, _, _ in rots
+        }
+        mixed = {g: _with_online(sp, s, picks[g], hists[g], e, rng) for g, _, e in rots}
+        for source, galleries in (("gallery", hists), ("online", mixed)):
+            for a in (t for t in s.targets if t in GOAL_TARGETS):
+                out[(n, a, source)] = _sized(sp, s, rots, galleries, a)
     return out
+
+
+def _with_online(sp: _Split, s: StudySettings, picks, hists, e: int, rng) -> list[ScoreHistogram]:
+    """Each tenant's gallery histogram mixed with online samples of its evaluated part."""
+    served = pooled_histogram([sp.parts[k][e].hist for k in range(sp.tenants)])
+    t = float(served.quantile(ONLINE_TARGET)[0])  # the served threshold (pooled, in-sample)
+    out = []
+    for k, (pick, hist) in enumerate(zip(picks, hists, strict=True)):
+        raw = float(build_map(hist, served, s.tail).inverse(t))
+        queries = sp.parts[k][e].rows
+        if len(queries) > MAX_ONLINE_QUERIES:
+            queries = rng.choice(queries, MAX_ONLINE_QUERIES, replace=False)
+        online = online_histogram(sp.x, sp.labels, pick, queries, raw, rng)
+        out.append(mix(hist, online, ONLINE_WEIGHT))
+    return out
+
+
+def _sized(sp: _Split, s: StudySettings, rots, galleries: dict, a: float):
+    """Per tenant accepted and total impostor pairs, and the active maps, with the
+    given gallery histograms (leave-tenant-out thresholds, as in the main study)."""
+    acc = np.zeros(sp.tenants)
+    pairs = np.zeros(sp.tenants)
+    active = 0
+    for g, _, e in rots:
+        ev = sp.evaluated(e)
+        for k in range(sp.tenants):
+            others = pooled_histogram([sp.parts[j][e].hist for j in range(sp.tenants) if j != k])
+            maps = [build_map(h, others, s.tail) for h in galleries[g]]
+            mapped = [ev[j].mapped(maps[j]) for j in range(sp.tenants)]
+            t = _lto_threshold(mapped, k, a)
+            acc[k] += 0 if t is None else accepted(mapped[k].imp, t)
+            pairs[k] += ev[k].imp_total
+            active += maps[k].active
+    return acc, pairs, active
 
 
 # ------------------------------------------------------------------ statistics
@@ -469,177 +500,6 @@ def run_study(emb: EmbeddingSet, settings: StudySettings, progress: bool = True)
     )
 
 
-# ------------------------------------------------------------------ report
-def _fmt_ci(v: float, ci: tuple[float, float] | None, fmt: str) -> str:
-    if ci is None:
-        return format(v, fmt)
-    return f"{format(v, fmt)} [{format(ci[0], fmt)}, {format(ci[1], fmt)}]"
-
-
-def goal_lines(r: StudyResult) -> list[str]:
-    """The goals of docs/CONSISTENCY.md, each with the measured number and met/missed."""
-    lines = []
-    for a in (t for t in r.settings.targets if t in GOAL_TARGETS):
-        floor = r.summary(FLOOR, a)
-        for m in (m for m in r.settings.methods if m != "raw"):
-            s = r.summary(m, a)
-            ratio = s["std_log10"] / floor["std_log10"]
-            lo, hi = GOAL_POOLED
-            checks = [
-                (
-                    f"std {s['std_log10']:.3f} = {ratio:.2f}x floor {floor['std_log10']:.3f}",
-                    ratio <= GOAL_STD,
-                ),
-                (f"pooled FAR {s['pooled']:.2f}x target", lo <= s["pooled"] <= hi),
-                (
-                    f"pooled TAR {s['tar_gap_points']:+.2f} points vs raw at the same pooled FAR",
-                    s["tar_gap_points"] >= -GOAL_TAR_POINTS,
-                ),
-            ]
-            text = "; ".join(f"{c} ({'met' if ok else 'MISSED'})" for c, ok in checks)
-            lines.append(f"- {r.name}, {m}, target {a:g}: {text}")
-    return lines
-
-
-def markdown(results: Sequence[StudyResult], command: str) -> str:
-    s = results[0].settings
-    out = [
-        "<!-- generated by: " + command + " -->",
-        f"Protocol: {s.splits} random class splits x {s.parts} rotations (gallery / oracle "
-        f"calibration / evaluated part), leave-tenant-out global thresholds; "
-        f"{s.bootstrap} class-bootstrap draws for the intervals; tenant-tail settings "
-        f"{s.tail.to_json()}; AS-norm top-K {s.as_norm_top_k}.",
-        "",
-    ]
-    for r in results:
-        out += [
-            f"### {r.name}",
-            "",
-            f"Tenants: {', '.join(r.tenants)}. Run time {r.seconds:.0f} s.",
-            "",
-        ]
-        out += [*_headline(r), "", *_per_tenant(r), "", *_opis_table(r), ""]
-        if r.splits[0].sizes:
-            out += [*_sizes_table(r), ""]
-        out += ["Goals (docs/CONSISTENCY.md):", *goal_lines(r), ""]
-    return "\n".join(out)
-
-
-def _headline(r: StudyResult) -> list[str]:
-    rows = [
-        "| target | method | std log10(FAR/a) | x floor | max/min [95% CI] "
-        "| within [a/2, 2a] [95% CI] | pooled FAR / a | pooled TAR "
-        "| TAR vs raw at same FAR (points) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for a in r.settings.targets:
-        floor = r.summary(FLOOR, a)["std_log10"]
-        for m in r.methods():
-            s = r.summary(m, a)
-            ci = r.intervals(m, a)
-            rows.append(
-                f"| {a:g} | {m} | {s['std_log10']:.3f} | {s['std_log10'] / floor:.2f} | "
-                f"{_fmt_ci(s['max_min'], ci.get('max_min'), '.2f')} | "
-                f"{_fmt_ci(s['within'], ci.get('within'), '.1f')} of {len(r.tenants)} | "
-                f"{s['pooled']:.2f} | {s['pooled_tar']:.4f} | {s['tar_gap_points']:+.2f} |"
-            )
-    return rows
-
-
-def _per_tenant(r: StudyResult) -> list[str]:
-    rows = [
-        "Per tenant, mean over splits: FAR / target and TAR (TAR is the cost of the "
-        "threshold the method sets for the tenant).",
-        "",
-        "| target | method | " + " | ".join(r.tenants) + " |",
-        "|---|---|" + "---|" * len(r.tenants),
-    ]
-    for a in r.settings.targets:
-        for m in r.methods():
-            far, tar = r.per_tenant(m, a)
-            cells = [f"{f:.2f} / {t:.3f}" for f, t in zip(far, tar, strict=True)]
-            rows.append(f"| {a:g} | {m} | " + " | ".join(cells) + " |")
-    return rows
-
-
-def _opis_table(r: StudyResult) -> list[str]:
-    rows = [
-        "Consistency over the pooled range FAR 1e-2..1e-4 (classes of the evaluated parts; "
-        "each method in its own score space):",
-        "",
-        "| method | OPIS | eps-OPIS | cross-tenant OPIS |",
-        "|---|---|---|---|",
-    ]
-    for m in r.settings.methods:
-        vals = [sr.opis[m] for sr in r.splits]
-        mean = {k: float(np.mean([v[k] for v in vals])) for k in vals[0]}
-        rows.append(
-            f"| {m} | {mean['opis']:.3e} | {mean['eps_opis']:.3e} "
-            f"| {mean['cross_tenant_opis']:.3e} |"
-        )
-    return rows
-
-
-def _sizes_table(r: StudyResult) -> list[str]:
-    rows = [
-        "Tenant-tail with galleries of N random items (the gallery part subsampled): "
-        "std of log10(FAR/a), pooled FAR / a, share of tenant galleries whose map is active.",
-        "",
-        "| N items | target | std log10(FAR/a) | pooled FAR / a | active maps |",
-        "|---|---|---|---|---|",
-    ]
-    keys = sorted(r.splits[0].sizes)
-    for n, a in keys:
-        per = [sr.sizes[(n, a)] for sr in r.splits]
-        stats = [far_stats(acc, pairs, a) for acc, pairs, _ in per]
-        active = np.mean([act for _, _, act in per]) / (r.settings.parts * len(r.tenants))
-        std = np.mean([st["std_log10"] for st in stats])
-        pooled = np.mean([st["pooled"] for st in stats])
-        rows.append(f"| {n} | {a:g} | {std:.3f} | {pooled:.2f} | {active:.0%} |")
-    return rows
-
-
-def figure(results: Sequence[StudyResult]) -> bytes:
-    """Per-tenant FAR / target by method, one panel per model and target."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    targets = results[0].settings.targets
-    fig, axes = plt.subplots(
-        len(results), len(targets), figsize=(4.3 * len(targets), 3.8 * len(results)), squeeze=False
-    )
-    colors = {
-        "raw": "tab:gray",
-        "tenant-tail": "tab:blue",
-        "as-norm": "tab:orange",
-        FLOOR: "tab:green",
-    }
-    for row, r in zip(axes, results, strict=True):
-        for ax, a in zip(row, targets, strict=True):
-            x = np.arange(len(r.tenants))
-            methods = r.methods()
-            for i, m in enumerate(methods):
-                far, _ = r.per_tenant(m, a)
-                dx = (i - (len(methods) - 1) / 2) * 0.18
-                ax.scatter(x + dx, np.maximum(far, 1e-2), color=colors.get(m), label=m, s=18)
-            ax.axhline(1.0, color="black", linewidth=1)
-            ax.axhspan(0.5, 2.0, color="tab:green", alpha=0.08)
-            ax.set_yscale("log")
-            ax.set_xticks(x, r.tenants, rotation=45, ha="right", fontsize=8)
-            ax.set_title(f"{r.name}: target FAR {a:g}", fontsize=9)
-            ax.set_ylabel("held-out FAR / target")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
-
-
 # ------------------------------------------------------------------ command line
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -672,6 +532,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from calibrate.cli import CliError, _embedded, _model
+    from calibrate.consistency_report import figure, markdown
 
     args = parser().parse_args(argv)
     try:

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from calibrate.bootstrap import class_weights
 from calibrate.holdout import Part, accepted, part_pairs, per_class, rotations, split_classes
-from calibrate.prepare import Prepared, prepare
+from calibrate.prepare import prepare
 from calibrate.progress import Ticker
 from imagesets import EmbeddingSet
 from scorenorm import ScoreHistogram, TailSettings, build_map
@@ -98,7 +99,7 @@ def held_out(
             ticker()
         pairs.append(found)
     ticker.close()
-    weights = _bootstrap_weights(prep, bootstrap, rng)
+    weights = class_weights(prep, bootstrap, rng)
     out = []
     for a, t in thresholds.items():
         rows = [
@@ -142,17 +143,6 @@ def _dataset(name, parts: list[Part] | None, t, global_tail, settings, weights, 
     }
     shift = float(np.mean(shifts)) if shifts else None
     return DatasetHeldOut(name, result["raw"], result["normalized"], shift, active)
-
-
-def _bootstrap_weights(prep: Prepared, n: int, rng: np.random.Generator) -> np.ndarray:
-    """(n, classes): how often each class is drawn, resampling within its dataset."""
-    w = np.zeros((n, prep.n_classes))
-    for k in range(prep.n_datasets):
-        cs = prep.ds_classes(k)
-        draws = rng.integers(0, len(cs), size=(n, len(cs)))
-        for b in range(n):
-            w[b, cs] = np.bincount(draws[b], minlength=len(cs))
-    return w
 
 
 def _interval(w: np.ndarray, acc: np.ndarray, pairs: np.ndarray) -> tuple[float, float] | None:

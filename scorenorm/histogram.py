@@ -141,3 +141,18 @@ class ScoreHistogram:
             raise ValueError("histogram bins run past the end")
         counts[lo : lo + len(run)] = run
         return cls(counts, int(raw["pairs"]))
+
+
+def mix(gallery: ScoreHistogram, online: ScoreHistogram, cap: float) -> ScoreHistogram:
+    """Gallery pairs and online (query-gallery) pairs as one sample, the online share of
+    the distribution at most ``cap``: a tenant's own traffic must not be able to drag
+    its tail far from what its labelled gallery says."""
+    if online.total == 0 or cap == 0:
+        return gallery
+    if gallery.total == 0:
+        return online if cap == 1 else ScoreHistogram()
+    total = gallery.total + online.total
+    w = min(cap, online.total / total)
+    mixed = (1 - w) * gallery.counts / gallery.total + w * online.counts / online.total
+    counts = np.floor(mixed * total + 0.5).astype(np.int64)
+    return ScoreHistogram(counts, max(total, int(counts.sum())))

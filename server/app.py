@@ -70,12 +70,12 @@ def _match_response(outcome: MatchOutcome) -> pb.MatchResponse:
                 item_id=h.item_id,
                 label=h.label,
                 similarity=similarity_in_domain(h.similarity),
-                score=outcome.score(h.similarity),
+                score=score,
             )
-            for h in outcome.result.neighbors
+            for h, score in zip(outcome.result.neighbors, outcome.scores, strict=True)
         ],
         gallery_size=outcome.gallery_size,
-        score=outcome.score(top.similarity) if top else 0.0,
+        score=outcome.scores[0] if top else 0.0,
         raw_threshold=outcome.raw_threshold,
         normalization=outcome.normalization,
         normalization_active=outcome.mapping.active,
@@ -183,6 +183,7 @@ def build_server(
     max_pending_calls: int = MAX_PENDING_CALLS,
     max_streams_per_connection: int = 0,
     reuse_port: bool = False,
+    max_concurrent_rpcs: int = 0,
 ) -> tuple[grpc.aio.Server, health.HealthServicer]:
     """A grpc.aio server with retrieval.v1, grpc.health.v1 and reflection (not yet bound).
 
@@ -203,7 +204,11 @@ def build_server(
     ]
     if max_streams_per_connection:
         options.append(("grpc.max_concurrent_streams", max_streams_per_connection))
-    server = grpc.aio.server(interceptors=[interceptor], options=options)
+    server = grpc.aio.server(
+        interceptors=[interceptor],
+        options=options,
+        maximum_concurrent_rpcs=max_concurrent_rpcs or None,
+    )
     rpc.add_RetrievalServicer_to_server(RetrievalServicer(service), server)
     rpc.add_AdminServicer_to_server(AdminServicer(service, device), server)
     health_servicer = health.HealthServicer()

@@ -95,6 +95,13 @@ def parser() -> argparse.ArgumentParser:
         "UNAVAILABLE by gRPC before it costs the server anything (0 = gRPC's default)",
     )
     o.add_argument(
+        "--max-concurrent-rpcs",
+        type=int,
+        default=0,
+        help="calls handled at once; gRPC answers the excess RESOURCE_EXHAUSTED before any "
+        "Python runs (0 = no limit)",
+    )
+    o.add_argument(
         "--tenant-rate",
         type=float,
         default=0.0,
@@ -312,6 +319,7 @@ async def serve(args: argparse.Namespace) -> int:
         interceptor,
         args.max_pending_calls,
         args.max_streams_per_connection,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
         reuse_port=args.reuse_port,
     )
     credentials = tls_credentials(args)

@@ -681,7 +681,7 @@ class Gallery:
         a removed item was a member)."""
         t = self._gen.table
         live = t.live_rows()
-        members = t.view.rows_of(self._gen.tail.sample()[0])
+        members = t.view.rows_of(self._gen.tail.member_fids())
         outside = live[~np.isin(live, members, assume_unique=True)]
         if not len(outside):
             return

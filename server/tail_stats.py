@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from scorenorm import ScoreHistogram, gallery_histogram
-from scorenorm.histogram import NBINS, bin_of
+from scorenorm.histogram import NBINS, bin_of, mix
 
 DEFAULT_CAPACITY = 4096  # gallery items in the sample: up to 8.4M pairs
 ONLINE_CHUNK = 1 << 16  # pairs per window chunk
@@ -88,6 +88,10 @@ class TenantTail:
 
     def is_member(self, fid: int) -> bool:
         return fid in self._row
+
+    def member_fids(self) -> np.ndarray:
+        """The members' ids, a copy (without their vectors, unlike ``sample``)."""
+        return self._fids[: self._n].copy()
 
     def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(fids, vectors, identity codes) of the members, copies."""
@@ -209,18 +213,7 @@ class TenantTail:
 
     def histogram(self) -> ScoreHistogram:
         """Gallery pairs mixed with the online window, the online share capped."""
-        online = self.online()
-        if online.total == 0 or self.online_weight == 0:
-            return self.gallery
-        if self.gallery.total == 0:
-            return online if self.online_weight == 1 else ScoreHistogram()
-        total = self.gallery.total + online.total
-        w = min(self.online_weight, online.total / total)
-        mixed = (
-            1 - w
-        ) * self.gallery.counts / self.gallery.total + w * online.counts / online.total
-        counts = np.floor(mixed * total + 0.5).astype(np.int64)
-        return ScoreHistogram(counts, max(total, int(counts.sum())))
+        return mix(self.gallery, self.online(), self.online_weight)
 
     def online_state(self) -> dict[str, np.ndarray]:
         """The online window as arrays, to persist next to the gallery snapshot."""

@@ -27,7 +27,7 @@ def test_interval_brackets_the_estimate_and_is_seeded():
 
 def test_without_resampling_the_bootstrap_reproduces_the_point_estimate(monkeypatch):
     es = make_set(n=500, classes=50, seed=5)
-    monkeypatch.setattr(boot, "_weights", lambda m, n, seed: np.ones((n, m.prep.n_classes)))
+    monkeypatch.setattr(boot, "class_weights", lambda prep, n, rng: np.ones((n, prep.n_classes)))
     ev = evaluate(es, (0.01, 0.03), bootstrap=5)
     imp = Dense(es.embeddings, es.labels, es.tenants).impostors()
     for t in ev.targets:

@@ -5,15 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from calibrate.consistency_report import markdown
 from calibrate.holdout import rotations, split_classes
-from calibrate.leave_tenant_out import (
-    FLOOR,
-    StudySettings,
-    far_stats,
-    main,
-    markdown,
-    run_study,
-)
+from calibrate.leave_tenant_out import FLOOR, StudySettings, far_stats, main, run_study
 from tests.tenant_sets import save_npz, tenants_with_tails
 
 
@@ -57,11 +51,14 @@ def test_intervals_bracket_the_split_average(study):
 
 def test_small_galleries_fall_back_to_the_identity(study):
     sizes = study.splits[0].sizes
-    acc15, _, active15 = sizes[(15, 1e-2)]
-    _, _, active200 = sizes[(200, 1e-2)]
+    acc15, _, active15 = sizes[(15, 1e-2, "gallery")]
+    _, _, active200 = sizes[(200, 1e-2, "gallery")]
     assert active15 == 0  # 15 items: ~100 pairs, far below 30 / top_level
     assert active200 == 3 * 4  # every tenant gallery in every rotation
     assert np.isfinite(acc15).all()
+    # online samples of served queries add pairs: the 15-item galleries come alive
+    _, _, online15 = sizes[(15, 1e-2, "online")]
+    assert online15 > active15
 
 
 def test_far_stats_counts_a_silent_tenant_as_half_an_accept():
