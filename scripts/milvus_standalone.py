@@ -24,8 +24,16 @@ import time
 import urllib.request
 from pathlib import Path
 
-COMPONENTS = ("rootCoord", "proxy", "queryCoord", "queryNode", "indexCoord", "indexNode",
-              "dataCoord", "dataNode")
+COMPONENTS = (
+    "rootCoord",
+    "proxy",
+    "queryCoord",
+    "queryNode",
+    "indexCoord",
+    "indexNode",
+    "dataCoord",
+    "dataNode",
+)
 PIDFILE = "milvus.pid"
 
 

@@ -142,8 +142,10 @@ def parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--reuse-port", action="store_true", help="SO_REUSEPORT (set by --workers)")
     g.add_argument(
-        "--milvus-timeout", type=float, default=5.0, help="seconds per Milvus call before "
-        "the request fails DEADLINE_EXCEEDED or UNAVAILABLE"
+        "--milvus-timeout",
+        type=float,
+        default=5.0,
+        help="seconds per Milvus call before the request fails DEADLINE_EXCEEDED or UNAVAILABLE",
     )
     g.add_argument(
         "--milvus-consistency",

@@ -143,9 +143,7 @@ class TenantGallery(Protocol):
 
     def get(self, item_id: str) -> Item | None: ...
 
-    def prepare_rebuild(
-        self, model_sha256: str, items: list[Item], embeddings: np.ndarray
-    ) -> None:
+    def prepare_rebuild(self, model_sha256: str, items: list[Item], embeddings: np.ndarray) -> None:
         """Stage the re-embedded items (Milvus: a new collection) before the switch."""
 
     def rebuild(self, model_sha256: str, item_ids: list[str], embeddings: np.ndarray) -> None:

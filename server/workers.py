@@ -49,8 +49,17 @@ def run_workers(args, argv: list[str]) -> int:
         for i in range(args.workers):
             metrics_port = args.metrics_port + i if args.metrics_port else 0
             command = [
-                sys.executable, "-m", "server", *argv, "--workers", "1", "--reuse-port",
-                "--port", str(port), "--metrics-port", str(metrics_port),
+                sys.executable,
+                "-m",
+                "server",
+                *argv,
+                "--workers",
+                "1",
+                "--reuse-port",
+                "--port",
+                str(port),
+                "--metrics-port",
+                str(metrics_port),
             ]  # later flags win in argparse: these override the parent's
             children.append(subprocess.Popen(command, stdout=subprocess.PIPE, text=True))
         for child in children:
@@ -60,8 +69,7 @@ def run_workers(args, argv: list[str]) -> int:
                 return 2
             metrics.append(line.rsplit(" on ", 1)[1])
         print(
-            f"{READY}{args.host}:{port}, metrics on {' '.join(metrics)} "
-            f"({args.workers} workers)",
+            f"{READY}{args.host}:{port}, metrics on {' '.join(metrics)} ({args.workers} workers)",
             flush=True,
         )
         return _supervise(children)

@@ -279,8 +279,13 @@ def test_raw_upsert_keeps_the_row_in_partition_key_searches(
         row = g._row(Item("u", "", b"u"), x[1])
         store.client("upsert", g.collection, [row])
         found = store.client(
-            "search", g.collection, data=[x[1].tolist()], limit=1,
-            filter=f'tenant == "{name}"', output_fields=["item_id"], consistency_level="Strong",
+            "search",
+            g.collection,
+            data=[x[1].tolist()],
+            limit=1,
+            filter=f'tenant == "{name}"',
+            output_fields=["item_id"],
+            consistency_level="Strong",
         )
         assert [h["entity"]["item_id"] for h in found[0]] == ["u"]
         assert store.upsert_safe is (kind == "milvus-lite")

@@ -138,18 +138,18 @@ def test_prometheus_sums_one_tenant_far_over_two_replicas(
             end = {u: counters(u, "fleet") for u in (a.metrics_url, b.metrics_url)}
             scraped = sum(e["tcm_label_free_pairs_total"] for e in end.values())
             prom.wait(
-                lambda: sum(
-                    float(r["value"][1])
-                    for r in prom.query('tcm_label_free_pairs_total{tenant="fleet"}')
-                )
-                == scraped,
+                lambda: (
+                    sum(
+                        float(r["value"][1])
+                        for r in prom.query('tcm_label_free_pairs_total{tenant="fleet"}')
+                    )
+                    == scraped
+                ),
                 30,
                 "the last counts scraped",
             )
             time.sleep(2)  # and a rule evaluation after them
-            delta = {
-                u: {k: end[u][k] - start[u].get(k, 0.0) for k in end[u]} for u in end
-            }
+            delta = {u: {k: end[u][k] - start[u].get(k, 0.0) for k in end[u]} for u in end}
             acc = sum(d["tcm_label_free_accepted_total"] for d in delta.values())
             pairs = sum(d["tcm_label_free_pairs_total"] for d in delta.values())
             per_replica = [
@@ -172,8 +172,9 @@ def test_prometheus_sums_one_tenant_far_over_two_replicas(
                 30,
                 "the recording rule",
             )
-            recorded = prom.value('tenant:tcm_label_free_far:ratio_rate5m{tenant="fleet"}',
-                                  tenant="fleet")
+            recorded = prom.value(
+                'tenant:tcm_label_free_far:ratio_rate5m{tenant="fleet"}', tenant="fleet"
+            )
             # rate() extrapolates each replica's increase slightly differently: close, and
             # far from the mean of the two replicas' own ratios (which differ)
             debug = {
@@ -226,8 +227,16 @@ def test_workers_need_a_shared_gallery(server_assets: Assets, tmp_path: Path) ->
     import sys
 
     out = subprocess.run(
-        [sys.executable, "-m", "server", "--no-auth", "--workers", "2", "--data-dir",
-         str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "--no-auth",
+            "--workers",
+            "2",
+            "--data-dir",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=60,

@@ -124,8 +124,13 @@ def test_a_legacy_whole_snapshot_is_converted(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     x = unit(rng, 3)
     images = [b"one", b"two!", b"three"]
-    meta = {"lsn": 3, "next_id": 3, "dim": DIM, "model": SHA,
-            "items": [["a", "L"], ["b", ""], ["c", "L"]]}
+    meta = {
+        "lsn": 3,
+        "next_id": 3,
+        "dim": DIM,
+        "model": SHA,
+        "items": [["a", "L"], ["b", ""], ["c", "L"]],
+    }
     buffer = io.BytesIO()
     np.savez(
         buffer,

@@ -394,7 +394,9 @@ def test_signed_decision_ids_are_recognised_by_another_replica_and_cannot_be_for
     assert there.get(decision_id) is None  # no tenant given: only what it remembers
     found = there.get(decision_id, "shop")
     assert found is not None and (found.tenant, found.matched, found.monitored) == (
-        "shop", True, True
+        "shop",
+        True,
+        True,
     )
     assert there.get(decision_id, "other") is None  # bound to its tenant
     flipped = decision_id[:24] + "2" + decision_id[25:]  # "not matched", same MAC
