@@ -106,10 +106,11 @@ g = Gallery.open(Path(sys.argv[1]), dim, sha, index=index)
 seconds = time.perf_counter() - t
 gc.collect()
 ctypes.CDLL("libc.so.6").malloc_trim(0)
-import resource
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork + exec, so a child of a
+# bench that held a 1M gallery would report the bench's own peak
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
 print(json.dumps({"seconds": seconds, "rss": rss() - base, "size": g.size,
-                  "columns": g.memory_bytes(),
-                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base}))
+                  "columns": g.memory_bytes(), "peak": hwm * 1024 - base}))
 if len(sys.argv) > 5:  # crash case: write records, then die without a checkpoint
     import numpy as np
     from server.gallery import Item
