@@ -10,7 +10,9 @@ Reload safety: a request captures the current :class:`_State`; its embedding and
 search use that one model. A search that meets a gallery already switched to a new
 model (StaleModelError) is redone with the new state, so reloads drop nothing.
 Mutations (Enroll, Remove, tenant changes) and reloads exclude each other through
-``_mutations``.
+``_mutations``. Tenant changes and the refresh from a shared store exclude each other
+through ``_tenant_changes``: a refresh that read the store before this replica created
+(or deleted) a tenant must not apply that stale list after it.
 """
 
 from __future__ import annotations
@@ -131,6 +133,7 @@ class RetrievalService:
         self._first_model = model
         self._state: _State | None = None
         self._mutations: asyncio.Lock | None = None
+        self._tenant_changes: asyncio.Lock | None = None
         self._background: set[asyncio.Task] = set()
         self.tenants = open_store(
             config.gallery,
@@ -156,6 +159,7 @@ class RetrievalService:
             for key_hash in tenant.key_hashes:
                 self.keys.add(key_hash, Principal(False, tenant.name))
         self._mutations = asyncio.Lock()
+        self._tenant_changes = asyncio.Lock()
         if self.tenants.shared:  # Milvus: a search waits on the network, not the CPU
             self._search_pool = ThreadPoolExecutor(SEARCH_THREADS, "search")
         self._state = self._new_state(self._first_model)
@@ -455,12 +459,14 @@ class RetrievalService:
     async def refresh_tenants(self) -> None:
         """Follow tenants and tenant keys that other replicas created or deleted."""
         loop = asyncio.get_running_loop()
-        stored = await loop.run_in_executor(self._work_pool, self.tenants.refresh)
-        for name, key_hashes in stored.items():
-            entries = [(h, Principal(False, name)) for h in key_hashes]
-            self.keys.set_source(f"tenant:{name}", entries)
-        for name in self.keys.tenants() - set(stored):
-            self.keys.forget_tenant(name)
+        assert self._tenant_changes is not None
+        async with self._tenant_changes:
+            stored = await loop.run_in_executor(self._work_pool, self.tenants.refresh)
+            for name, key_hashes in stored.items():
+                entries = [(h, Principal(False, name)) for h in key_hashes]
+                self.keys.set_source(f"tenant:{name}", entries)
+            for name in self.keys.tenants() - set(stored):
+                self.keys.forget_tenant(name)
 
     async def feedback(self, tenant_name: str, decision_id: str, is_same: bool) -> bool:
         self.tenant(tenant_name)
@@ -525,29 +531,29 @@ class RetrievalService:
             raise ServiceError(Code.INVALID_ARGUMENT, str(err)) from err
         key = new_key() if self.keys.enabled else ""
         key_hash = hash_key(key) if key else None
-        assert self._mutations is not None
-        async with self._mutations:
+        assert self._mutations is not None and self._tenant_changes is not None
+        async with self._tenant_changes, self._mutations:
             try:
                 await asyncio.get_running_loop().run_in_executor(
                     self._work_pool, self.tenants.create, name, key_hash
                 )
             except TenantError as err:
                 raise ServiceError(Code.ALREADY_EXISTS, str(err)) from err
-        if key_hash:
-            self.keys.add(key_hash, Principal(False, name))
+            if key_hash:
+                self.keys.add(key_hash, Principal(False, name))
         return key
 
     async def delete_tenant(self, name: str) -> int:
         self.tenant(name)
-        assert self._mutations is not None
-        async with self._mutations:
+        assert self._mutations is not None and self._tenant_changes is not None
+        async with self._tenant_changes, self._mutations:
             try:
                 removed = await asyncio.get_running_loop().run_in_executor(
                     self._work_pool, self.tenants.delete, name
                 )
             except TenantError as err:
                 raise ServiceError(Code.NOT_FOUND, str(err)) from err
-        self.keys.forget_tenant(name)
+            self.keys.forget_tenant(name)
         return removed
 
     def _restart_monitoring(self, model: ServingModel) -> None:

@@ -245,3 +245,58 @@ def test_workers_need_a_shared_gallery(server_assets: Assets, tmp_path: Path) ->
     assert out.returncode == 2 and "--workers needs galleries every process can share" in (
         out.stderr
     )
+
+
+def test_a_refresh_that_read_the_store_before_a_create_does_not_forget_the_tenant(
+    server_assets: Assets, tmp_path: Path
+) -> None:
+    """The store refresh (every --store-refresh-seconds) read the tenant list, then this
+    replica created a tenant, then the refresh applied its stale list: the new tenant's
+    key was forgotten on the replica that had just created it (seen once in ./test.sh as
+    UNAUTHENTICATED right after CreateTenant). The refresh is held open here after its
+    read, on a real milvus-lite store, while CreateTenant runs."""
+    import asyncio
+    import threading
+
+    from prometheus_client import CollectorRegistry
+
+    from server.auth import KeyRing
+    from server.metrics import ServerMetrics
+    from server.model import ServingModel
+    from server.observer import NullObserver
+    from server.service import RetrievalService, ServiceConfig
+
+    model = ServingModel.load(server_assets.model, server_assets.calibration, "cpu", 0.01, 1)
+    config = ServiceConfig(gallery=f"milvus-lite:{tmp_path / 'lite.db'}")
+    metrics = ServerMetrics(CollectorRegistry())
+    service = RetrievalService(model, tmp_path, KeyRing(), NullObserver(), metrics, config)
+    read_done, release = threading.Event(), threading.Event()
+    real_refresh = service.tenants.refresh
+
+    def slow_refresh() -> dict[str, list[str]]:
+        stored = real_refresh()  # the list as the store had it before the create
+        read_done.set()
+        release.wait(30)
+        return stored
+
+    async def race() -> str:
+        await service.start()
+        try:
+            service.tenants.refresh = slow_refresh
+            refresh = asyncio.create_task(service.refresh_tenants())
+            await asyncio.get_running_loop().run_in_executor(None, read_done.wait, 30)
+            create = asyncio.create_task(service.create_tenant("fresh"))
+            await asyncio.sleep(0.5)  # the create runs now, or waits for the refresh
+            release.set()
+            await refresh
+            key = await create
+            principal = service.keys.identify(key)
+            assert principal is not None and principal.tenant == "fresh"
+            assert "fresh" in service.tenants.names()
+            service.tenants.get("fresh")  # still open on this replica
+            return key
+        finally:
+            release.set()
+            await service.close()
+
+    assert asyncio.run(race())
