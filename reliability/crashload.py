@@ -62,10 +62,22 @@ from tests.server_fixtures import ServerProcess  # noqa: E402
 
 # ------------------------------------------------------------------ helpers
 def rss_mib(pid: int, field_name: str = "VmRSS") -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """Of the server process and its children (``--workers``: the workers), summed."""
+    total = 0.0
+    for each in [pid, *_children(pid)]:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{each}/status").read_text().splitlines():
+                if line.startswith(field_name + ":"):
+                    total += int(line.split()[1]) / 1024
+    return total or float("nan")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        found = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [int(c) for c in found]
 
 
 class RssSampler(threading.Thread):
@@ -509,7 +521,10 @@ def overload_section(
     result = queue.get(timeout=seconds + 600)
     proc.join()
     samples = sampler.stop()
-    metrics = scrape(server.metrics_url)
+    metrics: dict[str, float] = {}
+    for url in server.metrics_urls:  # --workers: one endpoint per worker, counts add up
+        for name, value in scrape(url).items():
+            metrics[name] = metrics.get(name, 0.0) + value
     problems = log_problems(server)
     peak = rss_mib(server.proc.pid, "VmHWM")
     server.stop()

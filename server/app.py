@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from retrieval.v1 import retrieval_pb2 as pb
 from retrieval.v1 import retrieval_pb2_grpc as rpc
 
+from server.client import READ_AFTER, WRITE_TOKEN
 from server.interceptor import RetrievalInterceptor
 from server.service import MatchOutcome, RetrievalService, ServiceError
 
@@ -33,6 +34,17 @@ SERVICES = ("retrieval.v1.Retrieval", "retrieval.v1.Admin")
 # above what the loop leaves waiting and stays only as a memory backstop: a pending
 # call holds its headers and at most one HTTP/2 flow-control window of its message.
 MAX_PENDING_CALLS = 10_000  # the default of --max-pending-calls
+
+
+def read_after(context) -> int:
+    """The write token a call carries (0 when none or malformed: it only adds a wait)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == READ_AFTER:
+            try:
+                return max(0, int(value))
+            except ValueError:
+                return 0
+    return 0
 
 
 def similarity_in_domain(similarity: float) -> float:
@@ -74,20 +86,24 @@ class RetrievalServicer(rpc.RetrievalServicer):
     def __init__(self, service: RetrievalService) -> None:
         self.service = service
 
-    async def _match_one(self, request: pb.MatchRequest) -> pb.MatchResponse:
+    async def _match_one(self, request: pb.MatchRequest, token: int) -> pb.MatchResponse:
         (outcome,) = await self.service.match(
-            request.tenant, [request.image], request.top_k, request.target_far
+            request.tenant, [request.image], request.top_k, request.target_far, token
         )
         if isinstance(outcome, ServiceError):
             raise outcome
         return _match_response(outcome)
 
     async def Match(self, request, context):
-        return await self._match_one(request)
+        return await self._match_one(request, read_after(context))
 
     async def MatchBatch(self, request, context):
         outcomes = await self.service.match(
-            request.tenant, list(request.images), request.top_k, request.target_far
+            request.tenant,
+            list(request.images),
+            request.top_k,
+            request.target_far,
+            read_after(context),
         )
         results = [
             pb.MatchBatchResult(error=pb.ItemError(code=o.code.name, message=o.message))
@@ -101,12 +117,14 @@ class RetrievalServicer(rpc.RetrievalServicer):
         self, request_iterator, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.MatchResponse]:
         """One response per request, in order; the first error ends the stream."""
+        token = read_after(context)
         async for request in request_iterator:
-            yield await self._match_one(request)
+            yield await self._match_one(request, token)
 
     async def Enroll(self, request, context):
         items = [(i.item_id, i.label, i.image) for i in request.items]
         errors, size = await self.service.enroll(request.tenant, items, request.replace)
+        _send_write_token(context, self.service.write_token(request.tenant))
         results = [
             pb.EnrollResult(item_id=item[0], ok=True)
             if err is None
@@ -121,6 +139,7 @@ class RetrievalServicer(rpc.RetrievalServicer):
 
     async def Remove(self, request, context):
         removed, missing, size = await self.service.remove(request.tenant, list(request.item_ids))
+        _send_write_token(context, self.service.write_token(request.tenant))
         return pb.RemoveResponse(removed=len(removed), not_found=missing, gallery_size=size)
 
     async def Feedback(self, request, context):
@@ -129,6 +148,11 @@ class RetrievalServicer(rpc.RetrievalServicer):
 
     async def GetTenant(self, request, context):
         return pb.TenantInfo(**self.service.tenant_info(request.tenant))
+
+
+def _send_write_token(context, token: int) -> None:
+    if token:
+        context.set_trailing_metadata(((WRITE_TOKEN, str(token)),))
 
 
 class AdminServicer(rpc.AdminServicer):
@@ -158,6 +182,7 @@ def build_server(
     interceptor: RetrievalInterceptor | None = None,
     max_pending_calls: int = MAX_PENDING_CALLS,
     max_streams_per_connection: int = 0,
+    reuse_port: bool = False,
     max_concurrent_rpcs: int = 0,
 ) -> tuple[grpc.aio.Server, health.HealthServicer]:
     """A grpc.aio server with retrieval.v1, grpc.health.v1 and reflection (not yet bound).
@@ -166,12 +191,14 @@ def build_server(
     limits or audit log (the CLI builds one from its flags).
     ``max_streams_per_connection`` (HTTP/2 MAX_CONCURRENT_STREAMS, 0 = gRPC's default)
     trades call-rate floods for client-visible UNAVAILABLE (docs/RELIABILITY.md).
+    ``reuse_port``: SO_REUSEPORT, so ``--workers`` processes share one port (the kernel
+    spreads connections over them).
     """
     interceptor = interceptor or RetrievalInterceptor(service.keys, service.metrics)
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE),
         ("grpc.max_send_message_length", MAX_MESSAGE),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", int(reuse_port)),
         ("grpc.server.max_pending_requests", max_pending_calls),
         ("grpc.server.max_pending_requests_hard_limit", 2 * max_pending_calls),
     ]

@@ -134,6 +134,11 @@ class KeyRing:
             self._sources.setdefault(source, []).append(entry)
             self._rebuild()
 
+    def tenants(self) -> set[str]:
+        """Tenants that have keys of their own here."""
+        with self._lock:
+            return {s.split(":", 1)[1] for s in self._sources if s.startswith("tenant:")}
+
     def forget_tenant(self, tenant: str) -> None:
         with self._lock:
             self._sources.pop(f"tenant:{tenant}", None)

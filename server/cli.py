@@ -27,7 +27,8 @@ from server.admission import Admission, AdmissionLimits, OverloadMetrics
 from server.app import MAX_PENDING_CALLS, build_server
 from server.audit import AuditLog
 from server.auth import KeyRing
-from server.gallery import TailOptions
+from server.errors import StatusError
+from server.gallery_store import TailOptions
 from server.imaging import ImageLimits
 from server.interceptor import RetrievalInterceptor
 from server.keys import KeyReloader
@@ -125,6 +126,39 @@ def parser() -> argparse.ArgumentParser:
         choices=("flat", "hnsw"),
         default="flat",
         help="flat = exact search; hnsw = approximate top-k for very large galleries",
+    )
+    g = p.add_argument_group("where galleries live (server/gallery_store.py, docs/SCALE.md)")
+    g.add_argument(
+        "--gallery",
+        default="faiss",
+        help="faiss (in this process, under --data-dir), milvus://HOST:PORT (shared by "
+        "replicas), or milvus-lite:PATH.db (tests)",
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing --port via SO_REUSEPORT (needs --gallery milvus://)",
+    )
+    g.add_argument("--reuse-port", action="store_true", help="SO_REUSEPORT (set by --workers)")
+    g.add_argument(
+        "--milvus-timeout",
+        type=float,
+        default=5.0,
+        help="seconds per Milvus call before the request fails DEADLINE_EXCEEDED or UNAVAILABLE",
+    )
+    g.add_argument(
+        "--milvus-consistency",
+        choices=("session", "strong"),
+        default="session",
+        help="session: own writes, and any write whose token the Match carries; strong: "
+        "every write (slower)",
+    )
+    g.add_argument(
+        "--store-refresh-seconds",
+        type=float,
+        default=10.0,
+        help="how often a shared store's tenants, keys, sizes and tail samples are re-read",
     )
     p.add_argument(
         "--search-threads",
@@ -266,6 +300,8 @@ async def serve(args: argparse.Namespace) -> int:
         limits=ImageLimits(args.max_image_bytes, args.max_image_pixels),
         normalize=args.normalize,
         tail=TailOptions(args.tail_sample, args.online_tail_weight),
+        gallery=args.gallery,
+        store_options=store_options(args),
     )
     service = RetrievalService(model, args.data_dir, keys, observer, metrics, config)
     await service.start()
@@ -285,7 +321,8 @@ async def serve(args: argparse.Namespace) -> int:
         interceptor,
         args.max_pending_calls,
         args.max_streams_per_connection,
-        args.max_concurrent_rpcs,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        reuse_port=args.reuse_port,
     )
     credentials = tls_credentials(args)
     address = f"{args.host}:{args.port}"
@@ -311,6 +348,8 @@ async def serve(args: argparse.Namespace) -> int:
     reloader = KeyReloader(keys, args.api_keys, args.data_dir) if keys.enabled else None
     if reloader is not None and args.keys_poll_seconds > 0:
         background.add(loop.create_task(reloader.watch(args.keys_poll_seconds)))
+    if service.tenants.shared and args.store_refresh_seconds > 0:
+        background.add(loop.create_task(_follow_store(service, args.store_refresh_seconds)))
 
     def on_hup() -> None:
         if reloader is not None:
@@ -333,6 +372,27 @@ async def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def store_options(args: argparse.Namespace) -> dict:
+    """The backend's own settings (server/gallery_store.py, open_store)."""
+    if not str(args.gallery).startswith(("milvus://", "milvus-lite:")):
+        return {}
+    return {
+        "timeout": args.milvus_timeout,
+        "consistency": args.milvus_consistency,
+        "tail_refresh": args.store_refresh_seconds,
+    }
+
+
+async def _follow_store(service: RetrievalService, seconds: float) -> None:
+    """Tenants and keys created or deleted through other replicas, every ``seconds``."""
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await service.refresh_tenants()
+        except Exception as err:  # the store may be down for a while: keep serving
+            log.warning("could not refresh tenants from the store: %s", err)
+
+
 async def _reload(service: RetrievalService, device: str) -> None:
     try:
         done = await service.reload("", "", device)
@@ -343,6 +403,10 @@ async def _reload(service: RetrievalService, device: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.workers > 1:
+        from server.workers import run_workers
+
+        return run_workers(args, list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -358,6 +422,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return asyncio.run(serve(args))
-    except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, OSError, RuntimeError, StatusError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

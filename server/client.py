@@ -36,6 +36,12 @@ from retrieval.v1 import retrieval_pb2_grpc as rpc
 
 from server.errors import retry_after_of
 
+# Read-after-write across replicas (docs/SCALE.md): Enroll and Remove answer with a write
+# token in this trailer; a Match that sends it back in READ_AFTER sees that write on any
+# replica. Tokens are opaque decimal integers (Milvus timestamps); absent = none needed.
+WRITE_TOKEN = "x-tcm-write-token"
+READ_AFTER = "x-tcm-read-after"
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -121,9 +127,27 @@ class RetrievalClient:
         self.admin = rpc.AdminStub(self.channel)
         self.metadata = (("x-api-key", api_key),) if api_key else ()
         self.timeout = timeout
+        # tenant -> the last write token an Enroll/Remove answered: sent with Match, so
+        # this client reads its own writes on any replica (docs/SCALE.md)
+        self.write_tokens: dict[str, int] = {}
 
     def _call(self, method, request):
         return method(request, metadata=self.metadata, timeout=self.timeout)
+
+    def _write(self, method, request):
+        """A mutation: remember the write token the server answers with."""
+        response, call = method.with_call(request, metadata=self.metadata, timeout=self.timeout)
+        for key, value in call.trailing_metadata() or ():
+            if key == WRITE_TOKEN:
+                old = self.write_tokens.get(request.tenant, 0)
+                self.write_tokens[request.tenant] = max(old, int(value))
+        return response
+
+    def _read(self, method, request):
+        """A Match: carry this client's last write token of the tenant, if any."""
+        token = self.write_tokens.get(request.tenant)
+        metadata = (*self.metadata, (READ_AFTER, str(token))) if token else self.metadata
+        return method(request, metadata=metadata, timeout=self.timeout)
 
     # ------------------------------------------------------------------ admin
     def create_tenant(self, name: str) -> str:
@@ -161,7 +185,7 @@ class RetrievalClient:
             items=[pb.EnrollItem(item_id=i, image=b, label=lab) for i, b, lab in items],
             replace=replace,
         )
-        response = self._call(self.stub.Enroll, request)
+        response = self._write(self.stub.Enroll, request)
         return list(response.results), response.gallery_size
 
     def match(
@@ -170,7 +194,7 @@ class RetrievalClient:
         request = pb.MatchRequest(
             tenant=tenant, image=image_bytes, top_k=top_k, target_far=target_far
         )
-        return MatchResult.from_proto(self._call(self.stub.Match, request))
+        return MatchResult.from_proto(self._read(self.stub.Match, request))
 
     def match_batch(
         self, tenant: str, images: list[bytes], top_k: int = 1, target_far: float = 0.0
@@ -180,7 +204,7 @@ class RetrievalClient:
             tenant=tenant, images=images, top_k=top_k, target_far=target_far
         )
         out: list[MatchResult | ItemRefusedError] = []
-        for n, r in enumerate(self._call(self.stub.MatchBatch, request).results):
+        for n, r in enumerate(self._read(self.stub.MatchBatch, request).results):
             if r.HasField("match"):
                 out.append(MatchResult.from_proto(r.match))
             else:
@@ -209,7 +233,7 @@ class RetrievalClient:
 
     def remove(self, tenant: str, item_ids: list[str] | str) -> pb.RemoveResponse:
         ids = [item_ids] if isinstance(item_ids, str) else list(item_ids)
-        return self._call(self.stub.Remove, pb.RemoveRequest(tenant=tenant, item_ids=ids))
+        return self._write(self.stub.Remove, pb.RemoveRequest(tenant=tenant, item_ids=ids))
 
     def close(self) -> None:
         self.channel.close()
@@ -265,6 +289,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="+", type=Path)
     s.add_argument("--top-k", type=int, default=1)
     s.add_argument("--target-far", type=float, default=0.0)
+    s.add_argument(
+        "--read-after",
+        type=int,
+        default=0,
+        help="a write_token printed by enroll/remove: see that write on any replica",
+    )
     s = sub.add_parser("feedback", help="ground truth for a decision")
     s.add_argument("tenant")
     s.add_argument("decision_id")
@@ -298,8 +328,10 @@ def _run(args: argparse.Namespace, client: RetrievalClient) -> int:
                     line |= {"code": r.error.code, "error": r.error.message}
                     status = 1
                 print(json.dumps(line))
-        print(json.dumps({"gallery_size": size}))
+        print(json.dumps({"gallery_size": size, **_token(client, args.tenant)}))
     elif args.command == "match":
+        if args.read_after:
+            client.write_tokens[args.tenant] = args.read_after
         for _, file, _ in image_files(args.paths):
             try:
                 r = client.match(args.tenant, file.read_bytes(), args.top_k, args.target_far)
@@ -315,10 +347,17 @@ def _run(args: argparse.Namespace, client: RetrievalClient) -> int:
         print(json.dumps({"decision_id": args.decision_id, "matched": matched}))
     elif args.command == "remove":
         r = client.remove(args.tenant, args.item_ids)
-        print(json.dumps({"removed": r.removed, "not_found": list(r.not_found)}))
+        line = {"removed": r.removed, "not_found": list(r.not_found)}
+        print(json.dumps(line | _token(client, args.tenant)))
     else:
         print(json.dumps(client.get_tenant(args.tenant)))
     return status
+
+
+def _token(client: RetrievalClient, tenant: str) -> dict:
+    """The write token of the last Enroll/Remove, for ``match --read-after`` elsewhere."""
+    token = client.write_tokens.get(tenant)
+    return {"write_token": token} if token else {}
 
 
 def main(argv: list[str] | None = None) -> int:

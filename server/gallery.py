@@ -1,14 +1,22 @@
-"""One tenant's gallery: a faiss inner-product index plus the items behind it, made durable.
+"""One tenant's gallery in this process: a store (log + segments), a table, an index.
 
-Every mutation is written to the write-ahead log (fsynced) *before* it is applied
-and acknowledged; snapshots (written atomically) bound the log's length, and replay
-on open rebuilds exactly the acknowledged state. The items keep their source image
-bytes so a gallery can be re-embedded when the model changes (DESIGN.md, "Gallery").
+The faiss backend of server/gallery_store.py, built from parts that each do one thing:
 
-Search is exact inner product (``IndexFlatIP`` inside ``IndexIDMap2`` for stable ids
-and removal); with L2-normalised embeddings inner product is the cosine similarity.
-When faiss sees a GPU, top-k search runs on a GPU copy of the flat index that is
-rebuilt after mutations; without one everything stays on the CPU.
+- **durability**: every mutation is appended to the write-ahead log (server/wal.py) and
+  fsynced *before* it is applied and acknowledged. Every ``snapshot_every`` records a
+  checkpoint writes what changed since the last one as a segment (server/segments.py)
+  and empties the log; compaction keeps the segment count bounded. Opening reads the
+  segments, then replays the log records newer than them, which rebuilds exactly the
+  acknowledged state;
+- **the table** (server/item_table.py): the items as numpy columns in RAM, images on
+  disk; searches read an immutable view of it without a lock;
+- **the index** (server/ann.py, ``--index``): flat exact search or HNSW, over the table;
+- **the tail statistics** (server/tail_stats.py): the bottom-k-by-id-hash sample behind
+  score normalisation and the label-free counts, updated as items come and go.
+
+Items keep their source image bytes (on disk) so a gallery can be re-embedded when the
+model changes (DESIGN.md, "Gallery"). With L2-normalised embeddings inner product is
+the cosine similarity.
 """
 
 from __future__ import annotations
@@ -17,90 +25,76 @@ import io
 import json
 import logging
 import threading
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from contracts.files import atomic_write_bytes
 from scorenorm import ScoreHistogram, TailMap, TailSettings, build_map
-from server.ann import HnswTopK
-from server.tail_stats import DEFAULT_CAPACITY, Entry, TenantTail, item_hash
+from server.ann import INDEXES, FlatIndex, SearchIndex, gpu_count, make_index
+from server.gallery_store import (
+    GalleryError,
+    Hit,
+    Item,
+    SearchResult,
+    StaleModelError,
+    TailOptions,
+    identity,
+)
+from server.item_table import PENDING, UNLABELLED, ItemTable
+from server.segments import Rows, SegmentError, SegmentStore
+from server.tail_stats import Entry, TenantTail, item_hash
 from server.wal import WriteAheadLog, read_records
 
 log = logging.getLogger(__name__)
 
-INDEX_KINDS = ("flat", "hnsw")
-SNAPSHOT = "snapshot.npz"
+__all__ = [
+    "INDEX_KINDS",
+    "Gallery",
+    "GalleryError",
+    "Hit",
+    "Item",
+    "SearchResult",
+    "StaleModelError",
+    "TailOptions",
+    "describe_index",
+    "gpu_count",
+    "identity",
+]
+
+INDEX_KINDS = tuple(INDEXES)
+LEGACY_SNAPSHOT = "snapshot.npz"  # the whole-gallery format before segments
 WAL = "wal.log"
 ONLINE_TAIL = "online_tail.npz"  # the online window of the tail statistics (soft state)
-# faiss uses BLAS (much faster for a batch of queries) only from this many queries on;
-# the default (20) leaves small micro-batches on the slow path.
-faiss.cvar.distance_compute_blas_threshold = 4
-
-
-class GalleryError(ValueError):
-    """The stored gallery cannot be loaded as asked; the message says why."""
-
-
-class StaleModelError(RuntimeError):
-    """The caller's embeddings come from another model than the gallery's (a reload raced)."""
-
-
-@dataclass(frozen=True)
-class Item:
-    item_id: str
-    label: str
-    image: bytes
-
-
-@dataclass(frozen=True)
-class Hit:
-    item_id: str
-    label: str
-    similarity: float
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    """Top-k neighbours (best first) and the label-free impostor counts of one query.
-
-    ``impostor_total`` counts gallery items whose identity differs from the top-1's
-    (identity = label, or the item itself when it has no label); ``impostor_accepted``
-    those of them with similarity >= the threshold.
-    """
-
-    neighbors: list[Hit]
-    impostor_accepted: int
-    impostor_total: int
-
-    @property
-    def top1(self) -> Hit | None:
-        return self.neighbors[0] if self.neighbors else None
-
-
-def identity(item_id: str, label: str) -> str:
-    """Items with the same label are one identity; an unlabelled item is its own."""
-    return label if label else "\0" + item_id
+COMPACT_DEAD_SHARE = 0.25  # the RAM table drops removed rows beyond this share
 
 
 def describe_index(kind: str) -> str:
     """What a gallery of ``kind`` searches with (for tcm_model_info)."""
-    if kind == "hnsw":
-        return "IndexIDMap2(IndexFlatIP) + IndexHNSWFlat top-k"
-    return "IndexIDMap2(IndexFlatIP)" + (" + GPU copy" if gpu_count() else "")
+    return make_index(kind, 4).describe()
 
 
-def gpu_count() -> int:
-    """GPUs faiss can use (0 for faiss-cpu builds)."""
-    get = getattr(faiss, "get_num_gpus", None)
-    return int(get()) if get else 0
+@dataclass
+class _Generation:
+    """What one model's gallery is made of; a reload swaps the whole generation at once,
+    so a search never mixes a table of one model with the index of another."""
+
+    model: str
+    table: ItemTable
+    index: SearchIndex
+    tail: TenantTail
+    pending: dict[int, bytes] = field(default_factory=dict)  # fid -> image, not checkpointed
+    tombstones: list[int] = field(default_factory=list)  # removed fids of segments
 
 
 class Gallery:
-    """Thread-safe; open with :meth:`Gallery.open`. Mutations are durable on return."""
+    """Thread-safe; open with :meth:`Gallery.open`. Mutations are durable on return.
+
+    Locks: ``_write`` serialises mutations and checkpoints (held across fsyncs);
+    ``_lock`` guards the in-memory state while a mutation applies and while the tail
+    statistics change (held briefly). A search takes neither across the faiss call.
+    """
 
     def __init__(
         self,
@@ -111,37 +105,48 @@ class Gallery:
         index: str = "flat",
         tail: TailOptions | None = None,
     ) -> None:
-        if index not in INDEX_KINDS:
+        if index not in INDEXES:
             raise ValueError(f"index must be one of {INDEX_KINDS}, got {index!r}")
         self.index = index
         self.directory = directory
         self.dim = dim
-        self.model_sha256 = model_sha256
         self.snapshot_every = snapshot_every
-        # Two locks, always taken in this order: ``_write`` serialises mutations (and
-        # holds across the fsync and snapshot writes); ``_lock`` guards the in-memory
-        # index and is held only briefly, so searches never wait for the disk.
         self._write = threading.RLock()
         self._lock = threading.RLock()
-        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-        self._items: dict[int, Item] = {}
-        self._ids: dict[str, int] = {}
-        self._identities: Counter[str] = Counter()
-        self._codes: dict[str, int] = {}  # identity -> small int, for vectorised counting
-        self._code_of = np.zeros(0, np.int64)  # faiss id -> identity code
-        self._next_id = 0
-        self._lsn = 0
-        self._since_snapshot = 0
-        self._gpu_index = None
-        self._gpu_dirty = True
-        self._use_gpu = gpu_count() > 0
-        self._wal: WriteAheadLog | None = None
-        self._ann = HnswTopK(dim) if index == "hnsw" else None
-        self.reembedded = 0  # items re-embedded by open() because the model changed
         self._tail_options = tail or TailOptions()
-        self._hash_of = np.zeros(0, np.int64)  # faiss id -> item_hash(item_id)
-        self.tail = self._tail_options.new(dim)
+        self._gen = self._new_generation(model_sha256, dim)
+        self._store = SegmentStore(directory, snapshot_every)
+        self._wal: WriteAheadLog | None = None
+        self._lsn = 0
+        self._next_id = 0
+        self._since_snapshot = 0
+        self._rewrite = False  # the next checkpoint writes a whole new generation
         self._map_cache: tuple[tuple, TailMap] | None = None
+        self._sample_cache: tuple[tuple, np.ndarray, np.ndarray] | None = None
+        self.reembedded = 0  # items re-embedded by open() because the model changed
+        self.write_token = 0  # one process: every search sees every acknowledged write
+
+    def _new_generation(self, model: str, dim: int) -> _Generation:
+        return _Generation(
+            model, ItemTable(dim), make_index(self.index, dim), self._tail_options.new(dim)
+        )
+
+    # ------------------------------------------------------------------ state
+    @property
+    def model_sha256(self) -> str:
+        return self._gen.model
+
+    @property
+    def tail(self) -> TenantTail:
+        return self._gen.tail
+
+    @property
+    def size(self) -> int:
+        return self._gen.table.size
+
+    @property
+    def index_kind(self) -> str:
+        return self._gen.index.describe()
 
     # ----------------------------------------------------------------- opening
     @classmethod
@@ -155,51 +160,146 @@ class Gallery:
         index: str = "flat",
         tail: TailOptions | None = None,
     ) -> Gallery:
-        """Load snapshot + log. Items embedded by another model are re-embedded with
+        """Load segments + log. Items embedded by another model are re-embedded with
         ``embed(list_of_image_bytes) -> (n, dim) float32``; without it that is an error.
-        ``index``: "flat" (exact) or "hnsw" (approximate top-k, see server/ann.py).
+        ``index``: a name of server/ann.py (``flat``, ``hnsw``).
         ``tail``: the sample behind the tenant's normalisation statistics."""
         gallery = cls(directory, dim, model_sha256, snapshot_every, index, tail)
         directory.mkdir(parents=True, exist_ok=True)
-        state = _load_snapshot(directory / SNAPSHOT)
-        entries: dict[str, tuple[int, Item, np.ndarray, str]] = state["entries"]
-        gallery._lsn = state["lsn"]
-        gallery._next_id = state["next_id"]
+        try:
+            rows, images, stored_model = gallery._load_rows()
+        except SegmentError as err:
+            raise GalleryError(str(err)) from err
+        records = read_records(directory / WAL)
+        stale = stored_model != model_sha256 and len(rows) > 0
+        stale_records = any(
+            r["op"] == "add" and r["model"] != model_sha256
+            for r in (_decode_record(p, dim)[0] for p in records)
+        )
+        if (stale or stale_records) and embed is None:
+            raise GalleryError(
+                f"{directory}: items were embedded by another model; "
+                "open with an embedder to re-embed them"
+            )
+        if stale:
+            if images is None:
+                images = gallery._store.read_images(rows.img_seg, rows.img_off, rows.img_len)
+            rows.vectors = np.asarray(embed(images), np.float32).reshape(len(rows), dim)
+            gallery.reembedded += len(rows)
+        gen = gallery._gen
+        gen.index = FlatIndex(dim)  # a no-op index while the log replays
+        gen.table.bulk_load(
+            rows.fids,
+            rows.vectors,
+            rows.hashes,
+            rows.id_bytes,
+            rows.id_off,
+            rows.labels,
+            rows.label_idx,
+            rows.img_seg,
+            rows.img_off,
+            rows.img_len,
+        )
+        if images is not None:  # not in a segment of this format yet
+            gen.pending.update(zip(rows.fids.tolist(), images, strict=True))
+            gallery._rewrite = True
+        replayed = gallery._replay(records, embed)
+        gallery._rewrite |= gallery.reembedded > 0
+        gallery._build_tail()
+        gallery._restore_online_tail()
+        if gallery.reembedded:
+            log.info(
+                "%s: re-embedded %d items for model %s", directory, gallery.reembedded, model_sha256
+            )
+        gen.index = make_index(index, dim)  # replay went without one: built once here
+        if gallery._rewrite:
+            gen.index.added(gen.table.view, gen.table.live_rows())
+        else:
+            gen.index.load(directory, gen.table.view)
+        gallery._wal = WriteAheadLog(directory / WAL)
+        gallery._since_snapshot = replayed
+        if gallery._rewrite or replayed >= snapshot_every:
+            gallery.snapshot()
+        log.info("%s: %d items (%d log records replayed)", directory, gallery.size, replayed)
+        return gallery
+
+    def _load_rows(self) -> tuple[Rows, list[bytes] | None, str]:
+        """Live rows on disk, their images when they are not in segments, their model."""
+        store = self._store
+        if store.exists():
+            rows, tombstones = store.load()
+            live = np.flatnonzero(~np.isin(rows.fids, tombstones))
+            m = store.manifest
+            self._lsn, self._next_id = m.lsn, m.next_id
+            return (rows.take(live) if len(live) < len(rows) else rows), None, m.model
+        legacy = self.directory / LEGACY_SNAPSHOT
+        if legacy.exists():
+            return self._load_legacy(legacy)
+        return Rows.empty(self.dim), None, self.model_sha256
+
+    def _load_legacy(self, path: Path) -> tuple[Rows, list[bytes], str]:
+        """A whole-gallery snapshot of the previous format: converted at the first
+        checkpoint (its items go into a segment, then the file is deleted)."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(data["meta"].tobytes())
+                fids, vectors, offsets = data["ids"], data["vectors"], data["offsets"]
+                blob = data["blob"].tobytes()
+        except Exception as err:  # zip, npy or JSON damage: snapshots are atomic, so it is the disk
+            raise SegmentError(
+                f"{path}: unreadable gallery snapshot ({type(err).__name__}: {err}); restore it "
+                "from a backup or move the tenant's folder away to start it empty"
+            ) from err
+        order = np.argsort(fids, kind="stable")
+        pairs = [meta["items"][i] for i in order]
+        images = [blob[offsets[i] : offsets[i + 1]] for i in order.tolist()]
+        rows = _rows_of(
+            fids[order].astype(np.int64),
+            vectors[order],
+            [p[0] for p in pairs],
+            [p[1] for p in pairs],
+        )
+        self._lsn, self._next_id = meta["lsn"], meta["next_id"]
+        return rows, images, meta["model"]
+
+    def _replay(self, records: list[bytes], embed) -> int:
         replayed = 0
-        for payload in read_records(directory / WAL):
-            record, vector, image = _decode_record(payload, dim)
-            if record["lsn"] <= gallery._lsn:
-                continue  # already in the snapshot (crash between snapshot and log reset)
-            gallery._lsn = record["lsn"]
+        for payload in records:
+            record, vector, image = _decode_record(payload, self.dim)
+            if record["lsn"] <= self._lsn:
+                continue  # already in a segment (crash between manifest and log reset)
+            self._lsn = record["lsn"]
             replayed += 1
             if record["op"] == "add":
                 fid = record["id"]
-                gallery._next_id = max(gallery._next_id, fid + 1)
+                self._next_id = max(self._next_id, fid + 1)
+                if record["model"] != self.model_sha256:
+                    vector = np.asarray(embed([image]), np.float32).reshape(self.dim)
+                    self.reembedded += 1
                 item = Item(record["item_id"], record["label"], image)
-                entries[item.item_id] = (fid, item, vector, record["model"])
+                old = self._gen.table.find(item.item_id)
+                if old is not None:
+                    self._apply_remove(np.array([old]), tail=False)
+                self._apply_add([fid], [item], vector[None, :], tail=False)
             else:
-                for item_id in record["item_ids"]:
-                    entries.pop(item_id, None)
-        stale = [e for e in entries.values() if e[3] != model_sha256]
-        if stale:
-            if embed is None:
-                raise GalleryError(
-                    f"{directory}: {len(stale)} items were embedded by another model; "
-                    "open with an embedder to re-embed them"
-                )
-            vectors = embed([e[1].image for e in stale])
-            for (fid, item, _, _), vector in zip(stale, vectors, strict=True):
-                entries[item.item_id] = (fid, item, vector, model_sha256)
-            log.info("%s: re-embedded %d items for model %s", directory, len(stale), model_sha256)
-        gallery.reembedded = len(stale)
-        gallery._apply_add([(fid, item, vec) for fid, item, vec, _ in entries.values()])
-        gallery._restore_online_tail()
-        gallery._wal = WriteAheadLog(directory / WAL)
-        gallery._since_snapshot = replayed
-        if stale or replayed >= snapshot_every:
-            gallery.snapshot()
-        log.info("%s: %d items (%d log records replayed)", directory, len(entries), replayed)
-        return gallery
+                rows = [self._gen.table.find(i) for i in record["item_ids"]]
+                found = np.array([r for r in rows if r is not None], np.int64)
+                self._apply_remove(found, tail=False)
+        return replayed
+
+    def _build_tail(self) -> None:
+        """The sample is a function of the live items: their bottom-k id hashes."""
+        gen = self._gen
+        table = gen.table
+        live = table.live_rows()
+        cap = gen.tail.capacity
+        if len(live) > cap:
+            live = live[np.argpartition(table.hashes[live], cap - 1)[:cap]]
+        gen.tail.add([self._entry(int(r)) for r in np.sort(live)])
+
+    def _entry(self, row: int) -> Entry:
+        t = self._gen.table
+        return Entry(int(t.fids[row]), int(t.hashes[row]), t.vectors[row].copy(), int(t.codes[row]))
 
     # --------------------------------------------------------------- mutations
     def add(
@@ -218,196 +318,308 @@ class Gallery:
             raise ValueError(f"embeddings shape {embeddings.shape} != ({len(items)}, {self.dim})")
         with self._write:
             self._check_model(model_sha256)
+            table = self._gen.table
             outcome: list[str | None] = []
-            accepted: list[tuple[int, Item, np.ndarray]] = []
+            accepted: list[int] = []
+            replaced: list[int] = []
             seen: set[str] = set()
-            for item, vector in zip(items, embeddings, strict=True):
+            for n, item in enumerate(items):
+                row = table.find(item.item_id) if item.item_id not in seen else None
                 if item.item_id in seen:
                     outcome.append("INVALID_ARGUMENT")
-                elif item.item_id in self._ids and not replace:
+                elif row is not None and not replace:
                     outcome.append("ALREADY_EXISTS")
                 else:
                     outcome.append(None)
-                    accepted.append((self._next_id + len(accepted), item, vector))
+                    accepted.append(n)
+                    if row is not None:
+                        replaced.append(row)
                 seen.add(item.item_id)
             if not accepted:
                 return outcome
+            fids = list(range(self._next_id, self._next_id + len(accepted)))
             records = []
-            for fid, item, vector in accepted:
+            for fid, n in zip(fids, accepted, strict=True):
                 self._lsn += 1
+                item = items[n]
                 head = {"op": "add", "lsn": self._lsn, "id": fid, "item_id": item.item_id}
                 head |= {"label": item.label, "model": model_sha256, "dim": self.dim}
-                records.append(_encode_record(head, vector, item.image))
+                records.append(_encode_record(head, embeddings[n], item.image))
             self._wal_append(records)
             self._next_id += len(accepted)
-            replaced = [self._ids[i.item_id] for _, i, _ in accepted if i.item_id in self._ids]
             with self._lock:
-                self._apply_remove(replaced)
-                self._apply_add(accepted)
+                self._apply_remove(np.array(replaced, np.int64))
+                self._apply_add(fids, [items[n] for n in accepted], embeddings[accepted])
             self._after_write(len(records))
             return outcome
 
     def remove(self, item_ids: list[str]) -> tuple[list[str], list[str]]:
         """Remove by id; returns (removed, not_found). Durable before it returns."""
         with self._write:
-            found = list(dict.fromkeys(i for i in item_ids if i in self._ids))
-            missing = [i for i in item_ids if i not in self._ids]
+            table = self._gen.table
+            rows = {i: table.find(i) for i in dict.fromkeys(item_ids)}
+            found = [i for i, r in rows.items() if r is not None]
+            missing = [i for i in item_ids if rows[i] is None]
             if found:
                 self._lsn += 1
                 head = {"op": "remove", "lsn": self._lsn, "item_ids": found}
                 self._wal_append([_encode_record(head, None, b"")])
                 with self._lock:
-                    self._apply_remove([self._ids[i] for i in found])
+                    self._apply_remove(np.array([rows[i] for i in found], np.int64))
                 self._after_write(1)
             return found, missing
+
+    def prepare_rebuild(self, model_sha256: str, items: list[Item], embeddings: np.ndarray):
+        """Nothing to stage in this process: :meth:`rebuild` switches in memory."""
 
     def rebuild(self, model_sha256: str, item_ids: list[str], embeddings: np.ndarray) -> None:
         """Switch to ``model_sha256`` with new embeddings for exactly the current items.
 
         The caller keeps mutations out meanwhile (the server's reload lock); the
-        snapshot that follows makes the switch durable.
+        snapshot that follows makes the switch durable (a whole new generation on disk).
         """
         with self._write, self._lock:
-            if sorted(item_ids) != sorted(self._ids):
+            old = self._gen
+            t = old.table
+            live = t.live_rows()
+            if sorted(item_ids) != sorted(t.item_id(int(r)) for r in live):
                 raise RuntimeError("gallery changed during re-embedding; retry the reload")
-            entries = [
-                (self._ids[i], self._items[self._ids[i]], v)
-                for i, v in zip(item_ids, embeddings, strict=True)
-            ]
-            self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
-            self._items.clear()
-            self._ids.clear()
-            self._identities.clear()
-            self.model_sha256 = model_sha256
-            self._ann = HnswTopK(self.dim) if self.index == "hnsw" else None
-            self.tail = self._tail_options.new(self.dim)  # the new model's scores, from scratch
-            self._apply_add(entries)
+            order = {item_id: n for n, item_id in enumerate(item_ids)}
+            vectors = np.asarray(embeddings, np.float32)[[order[t.item_id(int(r))] for r in live]]
+            gen = self._new_generation(model_sha256, vectors.shape[1])
+            labels = [t.label(int(r)) for r in live]
+            ids = [t.item_id(int(r)) for r in live]
+            rows = _rows_of(t.fids[live], vectors, ids, labels, hashes=t.hashes[live])
+            gen.table.bulk_load(
+                rows.fids,
+                rows.vectors,
+                t.hashes[live],
+                rows.id_bytes,
+                rows.id_off,
+                rows.labels,
+                rows.label_idx,
+                t.img_seg[live],
+                t.img_off[live],
+                t.img_len[live],
+            )
+            gen.pending = {f: old.pending[f] for f in rows.fids.tolist() if f in old.pending}
+            self.dim = vectors.shape[1]
+            self._gen = gen  # searches from here on see the new model at once
+            self._sample_cache = None
+            self._build_tail()
+            gen.index.added(gen.table.view, gen.table.live_rows())
+            self._rewrite = True
 
     # ------------------------------------------------------------------ search
     def search(
-        self, queries: np.ndarray, k: int, threshold: float, model_sha256: str
+        self,
+        queries: np.ndarray,
+        k: int,
+        threshold: float,
+        model_sha256: str,
+        read_after: int = 0,
     ) -> list[SearchResult]:
-        """Top-``k`` neighbours and label-free impostor counts at ``threshold``, per query."""
+        """Top-``k`` neighbours and label-free impostor counts at ``threshold``, per query.
+
+        No gallery lock is held across the index search: it reads an immutable view.
+        ``read_after`` (a write token) needs no wait here: writes apply before they return.
+        """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        with self._lock:
-            self._check_model(model_sha256)
-            n = len(self._items)
-            if n == 0:
-                return [SearchResult([], 0, 0) for _ in range(len(queries))]
-            k = max(1, min(k, n))
-            sims, ids = self._topk(queries, k)
-            if (ids[:, 0] < 0).any():  # an approximate search came back empty: be exact
-                sims, ids = self._index.search(queries, k)
-            top_code = self._code_of[ids[:, 0]]
-            if self._ann is not None:
-                accepted, totals = self._ann.label_free(queries, top_code, self._code_of, threshold)
-            else:
-                accepted, totals = self._exact_counts(queries, top_code, threshold), None
-            results = []
-            for q in range(len(queries)):
-                hits = [
-                    Hit(self._items[int(i)].item_id, self._items[int(i)].label, float(s))
-                    for s, i in zip(sims[q], ids[q], strict=True)
-                    if i >= 0
-                ]
-                if totals is None:
-                    top = self._items[int(ids[q, 0])]
-                    total = n - self._identities[identity(top.item_id, top.label)]
-                else:
-                    total = int(totals[q])
-                results.append(SearchResult(hits, int(accepted[q]), total))
-            return results
+        gen = self._gen
+        if gen.model != model_sha256:
+            raise StaleModelError(f"gallery is on model {gen.model}, not {model_sha256}")
+        view = gen.table.view
+        if view.live == 0:
+            return [SearchResult([], 0, 0) for _ in range(len(queries))]
+        k = max(1, min(k, view.live))
+        sims, rows = gen.index.search(view, queries, k)
+        if (rows[:, 0] < 0).any():  # an approximate search came back empty: be exact
+            sims, rows = _EXACT.search(view, queries, k)
+        accepted, totals = self._label_free(gen, queries, view.codes[rows[:, 0]], threshold)
+        labels = gen.table.labels
+        return [
+            SearchResult(
+                [
+                    Hit(view.item_id(r), _label(labels, int(view.codes[r])), float(s))
+                    for s, r in zip(sims[q].tolist(), rows[q].tolist(), strict=True)
+                    if r >= 0
+                ],
+                int(accepted[q]),
+                int(totals[q]),
+            )
+            for q in range(len(queries))
+        ]
 
-    def _exact_counts(self, queries: np.ndarray, top_code: np.ndarray, threshold: float):
-        """Per query: gallery items of another identity than its top-1 with s >= threshold."""
-        radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
-        lims, rsims, rids = self._index.range_search(queries, radius)
-        owner = np.repeat(np.arange(len(queries)), np.diff(lims.astype(np.int64)))
-        other = (rsims >= threshold) & (self._code_of[rids] != top_code[owner])
-        return np.bincount(owner[other], minlength=len(queries))
+    def range_search(self, query: np.ndarray, threshold: float, model_sha256: str) -> list[Hit]:
+        """Every live item with similarity >= ``threshold``, best first (exact, O(N))."""
+        gen = self._gen
+        if gen.model != model_sha256:
+            raise StaleModelError(f"gallery is on model {gen.model}, not {model_sha256}")
+        view = gen.table.view
+        sims = view.vectors[: view.n] @ np.asarray(query, np.float32).reshape(-1)
+        rows = np.flatnonzero((sims >= threshold) & view.alive[: view.n])
+        rows = rows[np.argsort(-sims[rows], kind="stable")]
+        labels = gen.table.labels
+        return [
+            Hit(view.item_id(r), _label(labels, int(view.codes[r])), float(sims[r]))
+            for r in rows.tolist()
+        ]
 
-    def _topk(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if self._ann is not None:
-            return self._ann.search(queries, k)
-        if not self._use_gpu:
-            return self._index.search(queries, k)
-        if self._gpu_dirty:  # pragma: no cover - needs a GPU build of faiss
-            res = faiss.StandardGpuResources()
-            self._gpu_index = faiss.index_cpu_to_gpu(res, 0, self._index.index)
-            self._gpu_res = res
-            self._gpu_dirty = False
-        sims, pos = self._gpu_index.search(queries, k)  # pragma: no cover
-        id_map = faiss.vector_to_array(self._index.id_map)  # pragma: no cover
-        return sims, np.where(pos >= 0, id_map[np.maximum(pos, 0)], -1)  # pragma: no cover
+    def _label_free(self, gen: _Generation, queries, top_codes, threshold):
+        """Impostor pairs of each query against the tail sample: the members whose
+        identity differs from the top-1's, and those scoring >= threshold.
+        O(sample x dim) per query, whatever the gallery's size."""
+        with self._lock:  # a copy of the sample, made once per change of its members
+            cache = self._sample_cache
+            key = (id(gen.tail), gen.tail.members_version)
+            if cache is None or cache[0] != key:
+                _, x, codes = gen.tail.sample()
+                cache = self._sample_cache = (key, x, codes)
+        _, x, codes = cache
+        if not len(codes):
+            zero = np.zeros(len(queries), np.int64)
+            return zero, zero
+        other = codes[None, :] != top_codes[:, None]
+        return ((queries @ x.T >= threshold) & other).sum(axis=1), other.sum(axis=1)
 
-    # ------------------------------------------------------------------- state
-    @property
-    def size(self) -> int:
-        return len(self._items)
-
-    @property
-    def index_kind(self) -> str:
-        return describe_index(self.index)
-
+    # ------------------------------------------------------------------- items
     def items(self) -> list[Item]:
-        """The current items (insertion order), e.g. to re-embed them."""
-        with self._lock:
-            return [self._items[fid] for fid in faiss.vector_to_array(self._index.id_map)]
+        """The current items (enrolment order), images read from disk, e.g. to re-embed."""
+        with self._write:
+            gen = self._gen
+            t = gen.table
+            live = t.live_rows()
+            images = self._images(gen, live)
+            return [
+                Item(t.item_id(int(r)), t.label(int(r)), img)
+                for r, img in zip(live.tolist(), images, strict=True)
+            ]
 
     def get(self, item_id: str) -> Item | None:
-        with self._lock:
-            fid = self._ids.get(item_id)
-            return None if fid is None else self._items[fid]
+        with self._lock:  # not the write lock: a slow fsync must not hold readers up
+            gen = self._gen
+            row = gen.table.find(item_id)
+            if row is None:
+                return None
+            (image,) = self._images(gen, np.array([row]))
+            return Item(item_id, gen.table.label(row), image)
 
+    def _images(self, gen: _Generation, rows: np.ndarray) -> list[bytes]:
+        t = gen.table
+        on_disk = t.img_seg[rows] != PENDING
+        out: list[bytes] = [gen.pending.get(int(t.fids[r]), b"") for r in rows.tolist()]
+        idx = np.flatnonzero(on_disk)
+        if len(idx):
+            r = rows[idx]
+            read = self._store.read_images(t.img_seg[r], t.img_off[r], t.img_len[r])
+            for i, image in zip(idx.tolist(), read, strict=True):
+                out[i] = image
+        return out
+
+    # -------------------------------------------------------------- checkpoints
     def snapshot(self) -> None:
-        """Write everything to an atomic snapshot, then empty the log.
-
-        The state is copied under the index lock; writing and fsync hold only the write
-        lock, so searches go on meanwhile.
-        """
+        """Checkpoint: what changed since the last one becomes a segment, then the log
+        is emptied and compaction runs. After a model change (or a legacy snapshot),
+        the whole gallery is written as one new generation instead."""
         with self._write:
-            with self._lock:
-                ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
-                codes = faiss.vector_to_array(faiss.downcast_index(self._index.index).codes)
-                items = [self._items[int(fid)] for fid in ids]
-                meta = {
-                    "lsn": self._lsn,
-                    "next_id": self._next_id,
-                    "dim": self.dim,
-                    "model": self.model_sha256,
-                    "items": [[i.item_id, i.label] for i in items],
-                }
-            vectors = codes.view(np.float32).reshape(-1, self.dim)
-            blob = b"".join(i.image for i in items)
-            offsets = np.cumsum([0] + [len(i.image) for i in items]).astype(np.int64)
-            buffer = io.BytesIO()
-            np.savez(
-                buffer,
-                ids=ids,
-                vectors=vectors,
-                offsets=offsets,
-                blob=np.frombuffer(blob, np.uint8),
-                meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
-            )
-            atomic_write_bytes(self.directory / SNAPSHOT, buffer.getvalue())
+            if self._rewrite:
+                self._write_generation()
+            else:
+                self._write_segment()
             self._save_online_tail()
             if self._wal is not None:
                 self._wal.reset()
             self._since_snapshot = 0
+            self._compact()
+            self._gen.index.save(self.directory, force=False)
+            (self.directory / LEGACY_SNAPSHOT).unlink(missing_ok=True)
+
+    def _write_segment(self) -> None:
+        gen = self._gen
+        t = gen.table
+        with self._lock:
+            pending = np.array(sorted(gen.pending), np.int64)
+            rows = t.view.rows_of(pending) if len(pending) else pending
+            images = [gen.pending[int(f)] for f in pending.tolist()]
+            data = self._rows_from_table(rows)
+            tombstones = np.array(gen.tombstones, np.int64)
+        if not len(rows) and not len(tombstones):
+            return
+        info = self._store.write_segment(data, images, tombstones)
+        with self._lock:  # readers find the images in the new file from here on
+            t.place_images(t.view.rows_of(pending), info.number, data.img_off, data.img_len)
+        m = self._store.manifest
+        self._store.commit([*m.segments, info], self._lsn, self._next_id, gen.model, self.dim)
+        with self._lock:
+            for f in pending.tolist():
+                gen.pending.pop(f, None)
+            del gen.tombstones[: len(tombstones)]
+
+    def _write_generation(self) -> None:
+        """Every live item as one new segment; the manifest then names only it."""
+        gen = self._gen
+        t = gen.table
+        live = t.live_rows()
+        images = self._images(gen, live)
+        data = self._rows_from_table(live)
+        info = self._store.write_segment(data, images, np.zeros(0, np.int64))
+        with self._lock:
+            t.place_images(live, info.number, data.img_off, data.img_len)
+        self._store.commit([info], self._lsn, self._next_id, gen.model, self.dim)
+        with self._lock:
+            gen.pending.clear()
+            gen.tombstones.clear()
+        self._gen.index.save(self.directory, force=True)
+        self._rewrite = False
+
+    def _rows_from_table(self, rows: np.ndarray) -> Rows:
+        t = self._gen.table
+        return _rows_of(
+            t.fids[rows],
+            t.vectors[rows],
+            [t.item_id(int(r)) for r in rows],
+            [t.label(int(r)) for r in rows],
+            hashes=t.hashes[rows],
+        )
+
+    def _compact(self) -> None:
+        """Merge segments while the tiered policy asks for it (bounded work per item)."""
+        store = self._store
+        while (plan := store.plan()) is not None:
+            start, stop = plan
+            info, merged = store.merge(start, stop, self._alive_fids)
+            with self._lock:
+                t = self._gen.table
+                rows = t.view.rows_of(merged.fids)
+                t.place_images(rows, info.number, merged.img_off, merged.img_len)
+            m = store.manifest
+            segments = [*m.segments[:start], info, *m.segments[stop:]]
+            store.commit(segments, m.lsn, m.next_id, m.model, m.dim)
+
+    def _alive_fids(self, fids: np.ndarray) -> np.ndarray:
+        view = self._gen.table.view
+        rows = view.rows_of(fids)
+        ok = rows < view.n
+        ok[ok] = (view.fids[rows[ok]] == fids[ok]) & view.alive[rows[ok]]
+        return ok
 
     def close(self) -> None:
-        """Snapshot if the log holds anything (faster next start), then close the log."""
+        """Checkpoint if the log holds anything (faster next start), then close the log."""
         with self._write:
             if self._wal is not None:
-                if self._wal.size():
+                if self._wal.size() or self._rewrite:
                     self._try_snapshot()
+                try:
+                    self._gen.index.save(self.directory, force=True)
+                except OSError as err:
+                    log.warning("%s: could not save the index: %s", self.directory, err)
                 self._wal.close()
                 self._wal = None
 
     # ---------------------------------------------------------------- internal
     def _check_model(self, model_sha256: str) -> None:
-        if model_sha256 != self.model_sha256:
-            raise StaleModelError(f"gallery is on model {self.model_sha256}, not {model_sha256}")
+        if model_sha256 != self._gen.model:
+            raise StaleModelError(f"gallery is on model {self._gen.model}, not {model_sha256}")
 
     def _wal_append(self, records: list[bytes]) -> None:
         if self._wal is None:
@@ -415,114 +627,89 @@ class Gallery:
         self._wal.append(records)
 
     def _after_write(self, records: int) -> None:
-        self._gpu_dirty = True
         self._since_snapshot += records
         if self._since_snapshot >= self.snapshot_every:
             self._try_snapshot()
 
     def _try_snapshot(self) -> None:
-        """A snapshot only shortens replay: when it fails (disk full) the log still holds
+        """A checkpoint only shortens replay: when it fails (disk full) the log still holds
         everything, so the acknowledged write stands and the next write tries again."""
         try:
             self.snapshot()
         except OSError as err:
             log.warning("%s: snapshot failed, the log keeps everything: %s", self.directory, err)
 
-    def _apply_add(self, entries: list[tuple[int, Item, np.ndarray]]) -> None:
-        if not entries:
-            return
-        vectors = np.stack([e[2] for e in entries]).astype(np.float32)
-        ids = np.asarray([e[0] for e in entries], np.int64)
-        self._index.add_with_ids(vectors, ids)
-        if self._ann is not None:
-            self._ann.add(vectors, ids)
-        if ids.max() >= len(self._code_of):
-            grown = np.full(max(2 * len(self._code_of), int(ids.max()) + 1, 64), -1, np.int64)
-            grown[: len(self._code_of)] = self._code_of
-            self._code_of = grown
-        if ids.max() >= len(self._hash_of):
-            grown = np.zeros(len(self._code_of), np.int64)
-            grown[: len(self._hash_of)] = self._hash_of
-            self._hash_of = grown
-        tail_entries = []
-        for fid, item, vector in entries:
-            key = identity(item.item_id, item.label)
-            self._code_of[fid] = self._codes.setdefault(key, len(self._codes))
-            self._hash_of[fid] = item_hash(item.item_id)
-            self._items[fid] = item
-            self._ids[item.item_id] = fid
-            self._identities[identity(item.item_id, item.label)] += 1
-            tail_entries.append(
-                Entry(fid, int(self._hash_of[fid]), vector, int(self._code_of[fid]))
-            )
-        self.tail.add(tail_entries)
-        self._gpu_dirty = True
+    def _apply_add(
+        self, fids: list[int], items: list[Item], vectors: np.ndarray, tail: bool = True
+    ) -> None:
+        gen = self._gen
+        table = gen.table
+        rows = table.append(
+            np.asarray(fids, np.int64),
+            [i.item_id for i in items],
+            [i.label for i in items],
+            vectors,
+        )
+        for fid, item in zip(fids, items, strict=True):
+            gen.pending[fid] = item.image
+        gen.index.added(table.view, rows)
+        if tail:
+            gen.tail.add([self._entry(int(r)) for r in rows])
 
-    def _apply_remove(self, fids: list[int]) -> None:
-        if not fids:
+    def _apply_remove(self, rows: np.ndarray, tail: bool = True) -> None:
+        if not len(rows):
             return
-        self._index.remove_ids(np.asarray(fids, np.int64))
-        left = self.tail.remove(fids)
-        if self._ann is not None:
-            self._ann.remove(fids)
-            if self._ann.needs_rebuild():
-                codes = faiss.vector_to_array(faiss.downcast_index(self._index.index).codes)
-                self._ann.rebuild(
-                    codes.view(np.float32).reshape(-1, self.dim),
-                    faiss.vector_to_array(self._index.id_map).astype(np.int64),
-                )
-        for fid in fids:
-            item = self._items.pop(fid)
-            del self._ids[item.item_id]
-            key = identity(item.item_id, item.label)
-            self._identities[key] -= 1
-            if not self._identities[key]:
-                del self._identities[key]
-        if left:
-            self._refill_tail(left)
-        self._gpu_dirty = True
+        gen = self._gen
+        table = gen.table
+        fids = table.fids[rows].copy()
+        for fid in fids.tolist():
+            if gen.pending.pop(fid, None) is None:
+                gen.tombstones.append(fid)
+        self._store.removed(fids)
+        gen.index.removed(table.view, rows)
+        table.kill(rows)
+        if tail:
+            left = gen.tail.remove(fids.tolist())
+            if left:
+                self._refill_tail(left)
+        if table.dead_share() > COMPACT_DEAD_SHARE and table.view.n > 4096:
+            table.compact()  # O(N), once per a quarter of the table removed
 
     def _refill_tail(self, n: int) -> None:
-        """Members were removed: the ``n`` non-members with the smallest hashes join, so
-        the sample stays the bottom-k of the current items (O(N) numpy, and only when a
-        removed item was a member)."""
-        fids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
-        outside = fids[~np.isin(fids, self.tail.member_fids())]
+        """Members were removed: the ``n`` live non-members with the smallest hashes join,
+        so the sample stays the bottom-k of the current items (O(N) numpy, and only when
+        a removed item was a member)."""
+        t = self._gen.table
+        live = t.live_rows()
+        members = t.view.rows_of(self._gen.tail.member_fids())
+        outside = live[~np.isin(live, members, assume_unique=True)]
         if not len(outside):
             return
-        pick = outside[np.argsort(self._hash_of[outside], kind="stable")[:n]]
-        self.tail.refill(
-            [
-                Entry(
-                    int(f),
-                    int(self._hash_of[f]),
-                    self._index.reconstruct(int(f)),
-                    int(self._code_of[f]),
-                )
-                for f in pick
-            ]
-        )
+        order = np.lexsort((t.fids[outside], t.hashes[outside]))[:n]
+        self._gen.tail.refill([self._entry(int(r)) for r in outside[order]])
 
     # ------------------------------------------------------------- normalisation
     def tail_map(self, global_tail: ScoreHistogram, settings: TailSettings) -> TailMap:
         """This tenant's tenant-tail map, rebuilt only when its statistics changed."""
         with self._lock:
-            key = (self.tail.version, id(global_tail), settings)
+            tail = self._gen.tail
+            key = (id(tail), tail.version, id(global_tail), settings)
             if self._map_cache is None or self._map_cache[0] != key:
-                self._map_cache = (key, build_map(self.tail.histogram(), global_tail, settings))
+                self._map_cache = (key, build_map(tail.histogram(), global_tail, settings))
             return self._map_cache[1]
 
     def observe(self, queries: np.ndarray, matched_item_ids: list[str | None]) -> None:
         """Online tail samples of served queries (see server/tail_stats.py)."""
         with self._lock:
-            codes = [
-                None if i is None or i not in self._ids else int(self._code_of[self._ids[i]])
-                for i in matched_item_ids
-            ]
-            self.tail.observe(np.asarray(queries, np.float32), codes)
+            gen = self._gen
+            codes = []
+            for item_id in matched_item_ids:
+                row = None if item_id is None else gen.table.find(item_id)
+                codes.append(None if row is None else int(gen.table.codes[row]))
+            gen.tail.observe(np.asarray(queries, np.float32), codes)
 
     def _save_online_tail(self) -> None:
-        state = self.tail.online_state()
+        state = self._gen.tail.online_state()
         if not state:
             return
         buffer = io.BytesIO()
@@ -537,20 +724,51 @@ class Gallery:
             with np.load(path, allow_pickle=False) as data:
                 if data["model"].tobytes().decode() != self.model_sha256:
                     return  # another model's scores: start the window afresh
-                self.tail.restore_online({k: data[k] for k in data.files if k != "model"})
+                self._gen.tail.restore_online({k: data[k] for k in data.files if k != "model"})
         except Exception as err:  # soft state: a damaged file only costs the window
             log.warning("%s: ignoring unreadable online tail (%s)", path, err)
 
+    def memory_bytes(self) -> int:
+        """Bytes of the in-RAM columns beyond the vectors (the bench's per-item cost)."""
+        gen = self._gen
+        return gen.table.nbytes() + sum(len(i) for i in gen.pending.values())
 
-@dataclass(frozen=True)
-class TailOptions:
-    """How a gallery samples itself for its tenant's normalisation statistics."""
 
-    capacity: int = DEFAULT_CAPACITY
-    online_weight: float = 0.5
+_EXACT = FlatIndex(0)
 
-    def new(self, dim: int) -> TenantTail:
-        return TenantTail(dim, self.capacity, self.online_weight)
+
+def _label(labels: list[str], code: int) -> str:
+    return "" if code >= UNLABELLED else labels[code]
+
+
+def _rows_of(
+    fids: np.ndarray,
+    vectors: np.ndarray,
+    item_ids: list[str],
+    labels: list[str],
+    hashes: np.ndarray | None = None,
+) -> Rows:
+    """Segment rows from Python lists (ids, labels) and arrays."""
+    encoded = [i.encode() for i in item_ids]
+    off = np.zeros(len(encoded) + 1, np.int64)
+    off[1:] = np.cumsum([len(b) for b in encoded]) if encoded else []
+    table: dict[str, int] = {}
+    idx = np.array([table.setdefault(lab, len(table)) if lab else -1 for lab in labels], np.int64)
+    if hashes is None:
+        hashes = np.array([item_hash(i) for i in item_ids], np.int64)
+    z = np.zeros(len(fids), np.int64)
+    return Rows(
+        fids=np.asarray(fids, np.int64),
+        hashes=np.asarray(hashes, np.int64),
+        vectors=np.asarray(vectors, np.float32),
+        id_bytes=np.frombuffer(b"".join(encoded), np.uint8).copy(),
+        id_off=off,
+        labels=list(table),
+        label_idx=idx,
+        img_seg=np.full(len(fids), PENDING, np.int32),  # images not in a segment yet
+        img_off=z,
+        img_len=z.astype(np.int32),
+    )
 
 
 # ------------------------------------------------------------------ encoding
@@ -572,25 +790,3 @@ def _decode_record(payload: bytes, dim: int) -> tuple[dict, np.ndarray | None, b
         return head, None, b""
     width = 4 * head.get("dim", dim)
     return head, np.frombuffer(rest[:width], "<f4").astype(np.float32), bytes(rest[width:])
-
-
-def _load_snapshot(path: Path) -> dict:
-    """Entries of a snapshot; vectors of another dimension come with another model's sha
-    and are re-embedded by :meth:`Gallery.open`."""
-    if not path.exists():
-        return {"entries": {}, "lsn": 0, "next_id": 0}
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(data["meta"].tobytes())
-            ids, vectors, offsets = data["ids"], data["vectors"], data["offsets"]
-            blob = data["blob"].tobytes()
-    except Exception as err:  # zip, npy or JSON damage: snapshots are atomic, so it is the disk
-        raise GalleryError(
-            f"{path}: unreadable gallery snapshot ({type(err).__name__}: {err}); restore it "
-            "from a backup or move the tenant's folder away to start it empty"
-        ) from err
-    entries = {}
-    for n, (item_id, label) in enumerate(meta["items"]):
-        image = blob[offsets[n] : offsets[n + 1]]
-        entries[item_id] = (int(ids[n]), Item(item_id, label, image), vectors[n], meta["model"])
-    return {"entries": entries, "lsn": meta["lsn"], "next_id": meta["next_id"]}

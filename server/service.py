@@ -10,7 +10,9 @@ Reload safety: a request captures the current :class:`_State`; its embedding and
 search use that one model. A search that meets a gallery already switched to a new
 model (StaleModelError) is redone with the new state, so reloads drop nothing.
 Mutations (Enroll, Remove, tenant changes) and reloads exclude each other through
-``_mutations``.
+``_mutations``. Tenant changes and the refresh from a shared store exclude each other
+through ``_tenant_changes``: a refresh that read the store before this replica created
+(or deleted) a tenant must not apply that stale list after it.
 """
 
 from __future__ import annotations
@@ -35,12 +37,13 @@ from server.auth import KeyRing, Principal, hash_key, new_key
 from server.batcher import MicroBatcher, QueueFullError
 from server.decisions import DecisionStore
 from server.errors import StatusError
-from server.gallery import Item, SearchResult, StaleModelError, TailOptions, describe_index
+from server.gallery import describe_index
+from server.gallery_store import Item, SearchResult, StaleModelError, TailOptions, open_store
 from server.imaging import ImageError, ImageLimits, header_pixels, to_model_input
 from server.metrics import ServerMetrics, TenantNormalization
 from server.model import ServingModel
 from server.observer import DecisionObserver
-from server.tenants import TenantError, TenantRegistry, check_name
+from server.tenants import TenantError, check_name
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ ITEM_ID = re.compile(r"[^\x00-\x1f\x7f-\x9f]{1,256}")
 LABEL = re.compile(r"[^\x00-\x1f\x7f-\x9f]{0,256}")
 Code = grpc.StatusCode
 _DECODE_THREADS = 2
+SEARCH_THREADS = 4  # concurrent searches against a shared store (Milvus)
 INLINE_DECODE_PIXELS = 64 * 64  # e.g. up to four 32x32 images: ~1 ms measured, on the loop
 
 
@@ -71,6 +75,8 @@ class ServiceConfig:
     limits: ImageLimits = field(default_factory=ImageLimits)
     normalize: str | None = None  # score normalisation; None = the calibration's own
     tail: TailOptions = field(default_factory=TailOptions)
+    gallery: str = "faiss"  # or milvus://HOST:PORT, milvus-lite:PATH.db (server/gallery_store.py)
+    store_options: dict = field(default_factory=dict)  # e.g. Milvus timeout, consistency
 
 
 @dataclass
@@ -123,11 +129,14 @@ class RetrievalService:
         init = functools.partial(faiss.omp_set_num_threads, max(1, config.search_threads))
         self._embed_pool = ThreadPoolExecutor(1, "embed", initializer=init)
         self._work_pool = ThreadPoolExecutor(_DECODE_THREADS, "work", initializer=init)
+        self._search_pool: ThreadPoolExecutor | None = None  # searches that wait on a network
         self._first_model = model
         self._state: _State | None = None
         self._mutations: asyncio.Lock | None = None
+        self._tenant_changes: asyncio.Lock | None = None
         self._background: set[asyncio.Task] = set()
-        self.tenants = TenantRegistry(
+        self.tenants = open_store(
+            config.gallery,
             data_dir,
             model.embedder.dim,
             model.sha256,
@@ -135,7 +144,11 @@ class RetrievalService:
             snapshot_every=config.snapshot_every,
             index=config.index,
             tail=config.tail,
+            **config.store_options,
         )
+        secret = getattr(self.tenants, "secret", None)
+        if secret:  # replicas share the store: any of them can verify a decision id
+            self.decisions = DecisionStore(config.decision_capacity, secret)
 
     # -------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -146,6 +159,9 @@ class RetrievalService:
             for key_hash in tenant.key_hashes:
                 self.keys.add(key_hash, Principal(False, tenant.name))
         self._mutations = asyncio.Lock()
+        self._tenant_changes = asyncio.Lock()
+        if self.tenants.shared:  # Milvus: a search waits on the network, not the CPU
+            self._search_pool = ThreadPoolExecutor(SEARCH_THREADS, "search")
         self._state = self._new_state(self._first_model)
         self._publish(self._first_model)
         self.metrics.watch_galleries(self.tenants.sizes)
@@ -158,6 +174,8 @@ class RetrievalService:
         await asyncio.get_running_loop().run_in_executor(self._work_pool, self.tenants.close)
         self._embed_pool.shutdown(wait=True)
         self._work_pool.shutdown(wait=True)
+        if self._search_pool is not None:
+            self._search_pool.shutdown(wait=True)
 
     @property
     def model(self) -> ServingModel:
@@ -177,6 +195,7 @@ class RetrievalService:
             c.max_delay,
             c.max_queue,
             self.metrics,
+            self._search_pool,
         )
         batcher.start()
         return _State(model, batcher)
@@ -231,18 +250,27 @@ class RetrievalService:
             decoded[i::_DECODE_THREADS] = part
         return decoded
 
-    async def _embed(self, state: _State, inputs: list[np.ndarray], after=None):
-        """Embeddings (or ``after(embeddings)``, run in the embedding thread)."""
+    async def _embed(self, state: _State, inputs: list[np.ndarray], after=None, group=None):
+        """Embeddings (or ``after(embeddings)``, run in the embedding thread; callers of
+        one micro-batch with the same ``group`` share one ``after`` call)."""
         try:
-            return await state.batcher.embed(np.stack(inputs), after)
+            return await state.batcher.embed(np.stack(inputs), after, group)
         except QueueFullError as err:
             raise ServiceError(Code.RESOURCE_EXHAUSTED, str(err)) from err
 
     # ------------------------------------------------------------------ match
     async def match(
-        self, tenant_name: str, images: list[bytes], top_k: int, target_far: float
+        self,
+        tenant_name: str,
+        images: list[bytes],
+        top_k: int,
+        target_far: float,
+        read_after: int = 0,
     ) -> list[MatchOutcome | ServiceError]:
-        """One outcome per image (a ServiceError for an image that was refused)."""
+        """One outcome per image (a ServiceError for an image that was refused).
+
+        ``read_after``: a write token of an earlier Enroll/Remove (any replica) that the
+        search must see (server/gallery_store.py)."""
         tenant = self.tenant(tenant_name)
         if not images:
             raise ServiceError(Code.INVALID_ARGUMENT, "no image in the request")
@@ -263,9 +291,13 @@ class RetrievalService:
                 raise ServiceError(Code.INVALID_ARGUMENT, str(err)) from err
             decoded = await self._decode(images, state.model)
             good = [d for d in decoded if not isinstance(d, str)]
-            search = functools.partial(self._search, tenant, state.model, target.threshold, k)
+            search = functools.partial(
+                self._search, tenant, state.model, target.threshold, k, read_after
+            )
+            group = (tenant_name, id(tenant.gallery), state.model.sha256, target.threshold, k)
+            group += (read_after,)
             try:
-                results = await self._embed(state, good, search) if good else []
+                results = await self._embed(state, good, search, group) if good else []
             except StaleModelError:
                 continue  # a reload switched the gallery meanwhile: redo with the new model
             size = tenant.gallery.size
@@ -281,7 +313,13 @@ class RetrievalService:
         raise ServiceError(Code.UNAVAILABLE, "model reloaded repeatedly during the call; retry")
 
     def _search(
-        self, tenant, model: ServingModel, threshold: float, k: int, embeddings: np.ndarray
+        self,
+        tenant,
+        model: ServingModel,
+        threshold: float,
+        k: int,
+        read_after: int,
+        embeddings: np.ndarray,
     ) -> list[tuple[SearchResult, TailMap, str]]:
         """In the embedding thread: the tenant's map, search at its raw threshold (so the
         label-free counts are of normalised scores), and the online tail samples."""
@@ -289,7 +327,7 @@ class RetrievalService:
         norm = model.normalization
         mapping = norm.mapping(tenant.gallery)
         raw = float(mapping.inverse(threshold))
-        found = tenant.gallery.search(embeddings, k, raw, model.sha256)
+        found = tenant.gallery.search(embeddings, k, raw, model.sha256, read_after)
         per_image = (time.perf_counter() - started) / len(embeddings)
         for _ in range(len(embeddings)):
             self.metrics.stage_seconds.labels("search").observe(per_image)
@@ -385,6 +423,12 @@ class RetrievalService:
                             Code.ALREADY_EXISTS,
                             f"item {items[n][0]!r} exists; set replace to overwrite it",
                         )
+                    elif code == "OUT_OF_RANGE":
+                        errors[n] = ServiceError(
+                            Code.INVALID_ARGUMENT,
+                            f"item {items[n][0]!r}: this gallery backend keeps source images "
+                            "up to 48 KiB (Milvus VARCHAR); send a smaller image",
+                        )
                     elif code is not None:
                         errors[n] = ServiceError(
                             Code.INVALID_ARGUMENT, f"item {items[n][0]!r} repeats in the request"
@@ -405,9 +449,28 @@ class RetrievalService:
             )
         return removed, missing, tenant.gallery.size
 
+    def write_token(self, tenant_name: str) -> int:
+        """The token a Match must carry to see this tenant's writes so far (0: none needed)."""
+        try:
+            return int(getattr(self.tenants.get(tenant_name).gallery, "write_token", 0))
+        except TenantError:
+            return 0
+
+    async def refresh_tenants(self) -> None:
+        """Follow tenants and tenant keys that other replicas created or deleted."""
+        loop = asyncio.get_running_loop()
+        assert self._tenant_changes is not None
+        async with self._tenant_changes:
+            stored = await loop.run_in_executor(self._work_pool, self.tenants.refresh)
+            for name, key_hashes in stored.items():
+                entries = [(h, Principal(False, name)) for h in key_hashes]
+                self.keys.set_source(f"tenant:{name}", entries)
+            for name in self.keys.tenants() - set(stored):
+                self.keys.forget_tenant(name)
+
     async def feedback(self, tenant_name: str, decision_id: str, is_same: bool) -> bool:
         self.tenant(tenant_name)
-        decision = self.decisions.get(decision_id)
+        decision = self.decisions.get(decision_id, tenant_name)
         if decision is None or decision.tenant != tenant_name:
             raise ServiceError(
                 Code.NOT_FOUND,
@@ -468,29 +531,29 @@ class RetrievalService:
             raise ServiceError(Code.INVALID_ARGUMENT, str(err)) from err
         key = new_key() if self.keys.enabled else ""
         key_hash = hash_key(key) if key else None
-        assert self._mutations is not None
-        async with self._mutations:
+        assert self._mutations is not None and self._tenant_changes is not None
+        async with self._tenant_changes, self._mutations:
             try:
                 await asyncio.get_running_loop().run_in_executor(
                     self._work_pool, self.tenants.create, name, key_hash
                 )
             except TenantError as err:
                 raise ServiceError(Code.ALREADY_EXISTS, str(err)) from err
-        if key_hash:
-            self.keys.add(key_hash, Principal(False, name))
+            if key_hash:
+                self.keys.add(key_hash, Principal(False, name))
         return key
 
     async def delete_tenant(self, name: str) -> int:
         self.tenant(name)
-        assert self._mutations is not None
-        async with self._mutations:
+        assert self._mutations is not None and self._tenant_changes is not None
+        async with self._tenant_changes, self._mutations:
             try:
                 removed = await asyncio.get_running_loop().run_in_executor(
                     self._work_pool, self.tenants.delete, name
                 )
             except TenantError as err:
                 raise ServiceError(Code.NOT_FOUND, str(err)) from err
-        self.keys.forget_tenant(name)
+            self.keys.forget_tenant(name)
         return removed
 
     def _restart_monitoring(self, model: ServingModel) -> None:
@@ -536,14 +599,22 @@ class RetrievalService:
                         [i.image for i in items],
                         self.config.limits,
                     )
+                    await loop.run_in_executor(  # Milvus: written into the new collection
+                        self._work_pool, tenant.gallery.prepare_rebuild, new.sha256, items, vectors
+                    )
                     prepared.append((tenant, [i.item_id for i in items], vectors))
                     reembedded += len(items)
                 for tenant, ids, vectors in prepared:  # no await: switch all at once
                     tenant.gallery.dim = new.embedder.dim
                     tenant.gallery.rebuild(new.sha256, ids, vectors)
-                self.tenants.model_sha256 = new.sha256
-                self.tenants.dim = new.embedder.dim
-                self.tenants.embed = lambda images: new.embed_images(images, self.config.limits)
+                embed = functools.partial(new.embed_images, limits=self.config.limits)
+                await loop.run_in_executor(
+                    self._work_pool,
+                    self.tenants.switch_model,
+                    new.sha256,
+                    new.embedder.dim,
+                    embed,
+                )
             self._state = self._new_state(new)
             for tenant, *_ in prepared:
                 await loop.run_in_executor(self._work_pool, tenant.gallery.snapshot)

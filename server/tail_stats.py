@@ -79,6 +79,7 @@ class TenantTail:
         self._online: deque[ScoreHistogram] = deque(maxlen=ONLINE_CHUNKS)
         self._rng = np.random.default_rng(0)
         self.version = 0  # bumped on every change the map must follow
+        self.members_version = 0  # bumped when the sample's members change
 
     # ------------------------------------------------------------------ the sample
     @property
@@ -89,6 +90,7 @@ class TenantTail:
         return fid in self._row
 
     def member_fids(self) -> np.ndarray:
+        """The members' ids, a copy (without their vectors, unlike ``sample``)."""
         return self._fids[: self._n].copy()
 
     def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -139,6 +141,7 @@ class TenantTail:
             self._row[e.fid] = self._n + n
         self._n += len(entries)
         self.version += 1
+        self.members_version += 1
 
     def _grow(self, need: int) -> None:
         if need <= len(self._fids):
@@ -173,6 +176,7 @@ class TenantTail:
                 self._row[int(self._fids[r])] = r
             self._n -= 1
         self.version += 1
+        self.members_version += 1
 
     # ------------------------------------------------------------------ online pairs
     def observe(self, queries: np.ndarray, matched_codes: list[int | None]) -> None:

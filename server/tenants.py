@@ -69,7 +69,13 @@ class Tenant:
 
 
 class TenantRegistry:
-    """Thread-safe map of tenant name -> :class:`Tenant`, persisted under ``root``."""
+    """Thread-safe map of tenant name -> :class:`Tenant`, persisted under ``root``.
+
+    The ``faiss`` GalleryStore (server/gallery_store.py): galleries in this process.
+    """
+
+    kind = "faiss"
+    shared = False  # one process owns a data dir
 
     def __init__(
         self,
@@ -166,3 +172,11 @@ class TenantRegistry:
     def close(self) -> None:
         for tenant in self.all():
             tenant.gallery.close()
+
+    def refresh(self) -> dict[str, list[str]]:
+        """Tenants and key hashes as stored (no other process changes them here)."""
+        return {t.name: list(t.key_hashes) for t in self.all()}
+
+    def switch_model(self, model_sha256: str, dim: int, embed) -> None:
+        """After a reload re-embedded every gallery: new tenants use the new model."""
+        self.model_sha256, self.dim, self.embed = model_sha256, dim, embed

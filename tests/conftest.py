@@ -59,3 +59,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _SKIPPED and os.environ.get("TCM_TEST_NO_SKIPS") == "1" and exitstatus == 0:
         print("\nTCM_TEST_NO_SKIPS=1 but tests were skipped:\n  " + "\n  ".join(_SKIPPED))
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real Milvus 2.3.5 standalone on 127.0.0.1 for the whole session, stopped by PID."""
+    from tests.milvus_fixtures import start_milvus
+
+    server = start_milvus(tmp_path_factory.mktemp("milvus"))
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -174,9 +174,11 @@ class ServerProcess:
         self.stderr: list[str] = []
         threading.Thread(target=self._drain_stderr, daemon=True).start()
         self.ready_line = self._wait_ready()
-        # "serving retrieval.v1 on HOST:PORT, metrics on http://HOST:MPORT/metrics"
+        # "serving retrieval.v1 on HOST:PORT, metrics on http://HOST:MPORT/metrics"; with
+        # --workers N: "... metrics on URL1 URL2 (N workers)", one endpoint per worker
         self.address = self.ready_line.split(" on ")[1].split(",")[0]
-        self.metrics_url = self.ready_line.rsplit(" on ", 1)[1]
+        self.metrics_urls = self.ready_line.split("metrics on ")[1].split(" (")[0].split()
+        self.metrics_url = self.metrics_urls[0]
 
     def _drain_stderr(self) -> None:
         for line in self.proc.stderr:

@@ -42,9 +42,12 @@ def flag_value(argv: list[str], flag: str) -> str:
     return argv[argv.index(flag) + 1]
 
 
-def k8s_docs() -> dict[tuple[str, str], dict]:
+K8S_MILVUS = DEPLOY / "k8s-milvus"
+
+
+def k8s_docs(folder: Path = K8S) -> dict[tuple[str, str], dict]:
     docs = {}
-    for path in sorted(K8S.glob("*.yaml")):
+    for path in sorted(folder.glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             if doc and "kind" in doc and doc["kind"] != "Kustomization":
                 docs[(doc["kind"], doc["metadata"]["name"])] = doc
@@ -186,11 +189,12 @@ def test_k8s_manifests_reference_each_other():
 def server_flags_used() -> set[str]:
     argvs = [compose()["services"]["server"]["command"]]
     argvs += [json_list(next(a for k, a in instructions(p) if k == "CMD")) for p in SERVER_IMAGES]
-    argvs.append(
-        k8s_docs()[("Deployment", "tcm-server")]["spec"]["template"]["spec"]["containers"][0][
-            "args"
-        ]
-    )
+    for folder in (K8S, K8S_MILVUS):
+        argvs.append(
+            k8s_docs(folder)[("Deployment", "tcm-server")]["spec"]["template"]["spec"][
+                "containers"
+            ][0]["args"]
+        )
     return {a for argv in argvs for a in argv if a.startswith("--")}
 
 
@@ -277,9 +281,36 @@ def test_k8s_manifests_match_the_kubernetes_schema(version: str):
     """
     kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
     checked = 0
-    for (kind, _), doc in k8s_docs().items():
-        if kind == "ServiceMonitor":
-            continue
-        kv.validate(doc, version, strict=True)  # raises ValidationError naming the field
-        checked += 1
-    assert checked == 6
+    for folder in (K8S, K8S_MILVUS):
+        for (kind, _), doc in k8s_docs(folder).items():
+            if kind == "ServiceMonitor":
+                continue
+            kv.validate(doc, version, strict=True)  # raises ValidationError naming the field
+            checked += 1
+    assert checked == 6 + 6
+
+
+def test_milvus_replicas_are_stateless_and_wired_to_the_store():
+    """deploy/k8s-milvus: no volume claim, rolling updates, more than one replica, every
+    ConfigMap key used, the gallery pointed at the Milvus release of deploy/milvus."""
+    docs = k8s_docs(K8S_MILVUS)
+    deployment = docs[("Deployment", "tcm-server")]
+    pod = deployment["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert deployment["spec"]["replicas"] > 1
+    assert not any("persistentVolumeClaim" in v for v in pod["spec"]["volumes"])
+    assert ("PersistentVolumeClaim", "tcm-server-data") not in docs
+    config = docs[("ConfigMap", container["envFrom"][0]["configMapRef"]["name"])]
+    used = set(re.findall(r"\$\((\w+)\)", " ".join(container["args"])))
+    assert used == set(config["data"])
+    assert flag_value(container["args"], "--gallery") == "$(TCM_GALLERY)"
+    assert config["data"]["TCM_GALLERY"].startswith("milvus://tcm-milvus.milvus.svc:")
+    values = yaml.safe_load((DEPLOY / "milvus" / "values.yaml").read_text())
+    assert values["cluster"]["enabled"] is True
+    assert "helm install tcm-milvus" in (DEPLOY / "milvus" / "values.yaml").read_text()
+    hpa = docs[("HorizontalPodAutoscaler", "tcm-server")]
+    assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    kustomization = yaml.safe_load((K8S_MILVUS / "kustomization.yaml").read_text())
+    for resource in kustomization["resources"]:
+        assert (K8S_MILVUS / resource).is_file(), resource

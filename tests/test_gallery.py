@@ -178,13 +178,16 @@ def test_sigkill_loses_nothing_acknowledged(tmp_path: Path, delay: float) -> Non
     assert len(present - acked) <= 2
 
 
-def test_damaged_snapshot_is_a_clear_error(tmp_path: Path) -> None:
+def test_damaged_segment_is_a_clear_error(tmp_path: Path) -> None:
     gallery = Gallery.open(tmp_path, DIM, SHA)
     gallery.add(items(2), unit(np.random.default_rng(6), 2), SHA)
     gallery.close()
-    snapshot = tmp_path / "snapshot.npz"
-    snapshot.write_bytes(snapshot.read_bytes()[:100])
-    with pytest.raises(GalleryError, match="unreadable gallery snapshot"):
+    (segment,) = tmp_path.glob("seg-*.npz")
+    segment.write_bytes(segment.read_bytes()[:100])
+    with pytest.raises(GalleryError, match="unreadable gallery segment"):
+        Gallery.open(tmp_path, DIM, SHA)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(GalleryError, match="unreadable gallery manifest"):
         Gallery.open(tmp_path, DIM, SHA)
 
 
@@ -271,6 +274,6 @@ def test_a_failed_snapshot_does_not_fail_an_acknowledged_write(tmp_path: Path, m
     again = Gallery.open(tmp_path, DIM, SHA, snapshot_every=2)
     assert again.size == 3  # replayed from the log
     again.add(items(6)[3:], v[3:], SHA)  # this time the snapshot is written
-    assert (tmp_path / "snapshot.npz").exists()
+    assert (tmp_path / "manifest.json").exists()
     again.close()
     assert Gallery.open(tmp_path, DIM, SHA).size == 6

@@ -379,3 +379,35 @@ def test_cross_tenant_opis_gives_each_tenant_its_own_term():
     )
     for tenant, term in terms.items():
         assert mon.tenant_stats(tenant)["opis_drift_feedback"] == pytest.approx(term)
+
+
+def test_counts_that_add_up_across_replicas_survive_a_window_reset():
+    """The counters Prometheus sums over replicas: monitored decisions, label-free pairs
+    and exceedances, feedback verdicts by decision; a model change empties the windows
+    but never lowers a counter."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    registry = CollectorRegistry()
+    m = LiveMonitor(1e-3, registry=registry, window_decisions=2)
+    m.record_decision("shop", "d1", 0.9, True, 0.5, 3, 100)
+    m.record_decision("shop", "d2", 0.2, False, 0.5, 0, 50)
+    m.record_decision("shop", "d3", 0.8, True, 0.5, 1, 10)  # the window holds 2; counts 3
+    m.record_feedback("shop", "d1", True, False)  # an accepted impostor
+    m.record_feedback("shop", "d2", False, False)
+    m.model_changed(None)
+
+    def samples() -> dict:
+        out = {}
+        for family in text_string_to_metric_families(generate_latest(registry).decode()):
+            for s in family.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+    got = samples()
+    shop = (("tenant", "shop"),)
+    assert got["tcm_label_free_pairs_total", shop] == 160
+    assert got["tcm_label_free_accepted_total", shop] == 4
+    assert got["tcm_monitored_decisions_total", (("decision", "match"), *shop)] == 2
+    assert got["tcm_monitored_decisions_total", (("decision", "no_match"), *shop)] == 1
+    key = (("decision", "match"), ("tenant", "shop"), ("verdict", "different"))
+    assert got["tcm_feedback_outcomes_total", key] == 1

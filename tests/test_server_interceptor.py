@@ -120,9 +120,7 @@ class Harness:
         return value or 0.0
 
     def rejections(self, reason: str) -> float:
-        return self.registry.get_sample_value(
-            "tcm_overload_rejections_total", {"reason": reason}
-        )
+        return self.registry.get_sample_value("tcm_overload_rejections_total", {"reason": reason})
 
 
 def run(tmp_path: Path, scenario: Callable[[Harness], Awaitable[None]], **parts) -> None:
@@ -357,9 +355,7 @@ def test_a_message_that_does_not_parse_is_invalid_argument(tmp_path: Path) -> No
             await match(bad, metadata=key(ADMIN))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "malformed request message" in err.value.details()
-        stream = h.channel.stream_stream("/retrieval.v1.Retrieval/MatchStream")(
-            metadata=key(ADMIN)
-        )
+        stream = h.channel.stream_stream("/retrieval.v1.Retrieval/MatchStream")(metadata=key(ADMIN))
         await stream.write(pb.MatchRequest(tenant="a").SerializeToString())
         assert pb.MatchResponse.FromString(await stream.read()).item_id == "a"
         await stream.write(bad)

@@ -175,3 +175,33 @@ def test_reload_recomputes_the_statistics_for_the_new_model(normalised, tmp_path
         assert r.raw_threshold == pytest.approx(after["raw_threshold"], abs=2e-3)
     finally:
         server.stop()
+
+
+def test_normalisation_is_the_same_on_the_faiss_and_milvus_backends(normalised, tmp_path):
+    """The tail statistics are a function of the item set, so a tenant served from Milvus
+    gets the same map, raw threshold and scores as from the in-process store."""
+    servers = {
+        "faiss": serve(normalised, tmp_path / "faiss"),
+        "milvus-lite": serve(
+            normalised, tmp_path / "lite", "--gallery", f"milvus-lite:{tmp_path / 'g.db'}"
+        ),
+    }
+    try:
+        seen = {}
+        for name, server in servers.items():
+            with RetrievalClient(server.address) as client:
+                client.create_tenant("shop")
+                enroll(client, "shop", normalised, range(260))
+                info = client.get_tenant("shop")
+                r = client.match("shop", normalised.png(300), top_k=3)
+                seen[name] = (info, r)
+        (fi, fr), (mi, mr) = seen["faiss"], seen["milvus-lite"]
+        assert fi["normalization_active"] and mi["normalization_active"]
+        assert fi["tail_pairs"] == mi["tail_pairs"]
+        assert fi["raw_threshold"] == pytest.approx(mi["raw_threshold"], abs=1e-9)
+        assert [n.item_id for n in fr.neighbors] == [n.item_id for n in mr.neighbors]
+        assert fr.score == pytest.approx(mr.score, abs=1e-5)
+        assert fr.matched == mr.matched
+    finally:
+        for server in servers.values():
+            server.stop()

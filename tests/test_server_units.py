@@ -131,6 +131,44 @@ def test_batcher_merges_concurrent_requests_and_splits_results() -> None:
     assert calls == [6]  # one model call for six concurrent requests
 
 
+@pytest.mark.parametrize("elsewhere", [False, True], ids=["in-embed-thread", "after-executor"])
+def test_batcher_merges_the_after_calls_of_a_group(elsewhere: bool) -> None:
+    """Callers naming the same group share ONE search over all their rows; another group
+    and an ungrouped caller get their own; results go back to the right callers, also
+    when the searches run in their own executor (Milvus: while the next batch embeds)."""
+    searches: list[tuple[str, int]] = []
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return x.reshape(len(x), -1)[:, :1]
+
+    def search(name: str, rows: np.ndarray) -> list[str]:
+        searches.append((name, len(rows)))
+        return [f"{name}:{float(r[0]):g}" for r in rows]
+
+    async def scenario():
+        from concurrent.futures import ThreadPoolExecutor
+        from functools import partial
+
+        after = ThreadPoolExecutor(2) if elsewhere else None
+        batcher = MicroBatcher(
+            run, ThreadPoolExecutor(1), max_batch=16, max_delay=0.02, after_executor=after
+        )
+        batcher.start()
+        calls = [
+            batcher.embed(np.full((2, 1), 1, np.float32), partial(search, "a"), group="a"),
+            batcher.embed(np.full((1, 1), 2, np.float32), partial(search, "b"), group="b"),
+            batcher.embed(np.full((3, 1), 3, np.float32), partial(search, "a"), group="a"),
+            batcher.embed(np.full((1, 1), 4, np.float32), partial(search, "c")),
+        ]
+        out = await asyncio.gather(*calls)
+        await batcher.close()
+        return out
+
+    out = asyncio.run(scenario())
+    assert out == [["a:1", "a:1"], ["b:2"], ["a:3", "a:3", "a:3"], ["c:4"]]
+    assert sorted(searches) == [("a", 5), ("b", 1), ("c", 1)]
+
+
 def test_batcher_refuses_beyond_its_queue_and_skips_cancelled() -> None:
     gate = threading.Event()
     calls: list[int] = []
@@ -345,3 +383,23 @@ def test_model_paths_must_be_regular_files(path: str) -> None:
     for model, calibration in ((path, DEFAULT_CALIBRATION), (DEFAULT_MODEL, path)):
         with pytest.raises(FileNotFoundError):
             ServingModel.load(model, calibration, "cpu", 1e-3)
+
+
+def test_signed_decision_ids_are_recognised_by_another_replica_and_cannot_be_forged() -> None:
+    from server.decisions import DecisionStore
+
+    secret = b"s" * 32
+    here, there = DecisionStore(10, secret), DecisionStore(10, secret)
+    decision_id = here.add("shop", matched=True, monitored=True)
+    assert there.get(decision_id) is None  # no tenant given: only what it remembers
+    found = there.get(decision_id, "shop")
+    assert found is not None and (found.tenant, found.matched, found.monitored) == (
+        "shop",
+        True,
+        True,
+    )
+    assert there.get(decision_id, "other") is None  # bound to its tenant
+    flipped = decision_id[:24] + "2" + decision_id[25:]  # "not matched", same MAC
+    assert there.get(flipped, "shop") is None
+    assert DecisionStore(10, b"t" * 32).get(decision_id, "shop") is None  # another secret
+    assert DecisionStore(10).get(decision_id, "shop") is None  # no secret: memory only

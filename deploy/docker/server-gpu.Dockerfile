@@ -22,7 +22,7 @@ COPY server ./server
 COPY protos ./protos
 # The base install pulls the CPU wheels; swap them for the GPU builds (same import names:
 # onnxruntime, faiss). faiss-gpu-cu12 is the maintained CUDA 12 wheel of faiss on PyPI.
-RUN pip install . \
+RUN pip install ".[milvus]" \
     && pip uninstall -y onnxruntime faiss-cpu \
     && pip install "onnxruntime-gpu>=1.18" "faiss-gpu-cu12>=1.8" \
     && python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)" \

@@ -1,5 +1,5 @@
-# CPU serving image: the base install only (onnxruntime + faiss-cpu + grpc + prometheus-client),
-# no torch. Build from the repository root:
+# CPU serving image: the base install (onnxruntime + faiss-cpu + grpc + prometheus-client) and
+# the Milvus client (--gallery milvus://...), no torch. Build from the repository root:
 #   docker build -f deploy/docker/server.Dockerfile -t tcm-server .
 FROM python:3.11-slim
 
@@ -14,7 +14,7 @@ COPY embedding ./embedding
 COPY calibrate ./calibrate
 COPY server ./server
 COPY protos ./protos
-RUN pip install . \
+RUN pip install ".[milvus]" \
     && python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)" \
     && useradd --system --uid 10001 --home-dir /data tcm \
     && mkdir -p /data && chown tcm /data

@@ -134,6 +134,9 @@ class LiveMonitor:
         self._min_drift = min_drift_samples
         self._tenants: dict[str, _TenantWindows] = {}
         self._feedback_calls: dict[tuple[str, str], int] = {}
+        # Monotonic counts that add up across replicas (Prometheus sums them by tenant and
+        # divides there: deploy/prometheus/rules/recording.yml); ratios of windows do not.
+        self._counts = _Counts()
         self._lock = threading.Lock()
         registry.register(_Collector(self))
 
@@ -160,6 +163,8 @@ class LiveMonitor:
             raise ValueError(f"top1_similarity must be finite, got {top1_similarity}")
         entry = _Decision(float(top1_similarity), bool(matched), impostor_accepted, impostor_total)
         with self._lock:
+            label = self.labels.label(tenant)
+            self._counts.decision(label, entry)
             windows = self._windows(tenant)
             windows.decisions.append(entry)
             if self._drift_reference == "baseline" and windows.baseline is None:
@@ -173,6 +178,7 @@ class LiveMonitor:
             windows = self._windows(tenant)
             key = (self.labels.label(tenant), "same" if is_same else "different")
             self._feedback_calls[key] = self._feedback_calls.get(key, 0) + 1
+            self._counts.feedback(key[0], key[1], matched)
             windows.add_feedback(_Feedback(decision_id, bool(matched), bool(is_same)))
 
     def tenant_stats(self, tenant: str) -> dict[str, float]:
@@ -359,6 +365,61 @@ _TENANT_GAUGES = {
 }
 
 
+_DECISION = {True: "match", False: "no_match"}
+
+
+class _Counts:
+    """Per tenant label: monitored decisions, label-free pairs and exceedances, feedback
+    verdicts by the decision they judge. Guarded by the monitor's lock."""
+
+    def __init__(self) -> None:
+        self.decisions: dict[tuple[str, str], int] = {}
+        self.lf_accepted: dict[str, int] = {}
+        self.lf_pairs: dict[str, int] = {}
+        self.feedback_outcomes: dict[tuple[str, str, str], int] = {}
+
+    def decision(self, label: str, entry: _Decision) -> None:
+        key = (label, _DECISION[entry.matched])
+        self.decisions[key] = self.decisions.get(key, 0) + 1
+        self.lf_accepted[label] = self.lf_accepted.get(label, 0) + entry.impostor_accepted
+        self.lf_pairs[label] = self.lf_pairs.get(label, 0) + entry.impostor_total
+
+    def feedback(self, label: str, verdict: str, matched: bool) -> None:
+        key = (label, verdict, _DECISION[bool(matched)])
+        self.feedback_outcomes[key] = self.feedback_outcomes.get(key, 0) + 1
+
+    def families(self) -> Iterator[CounterMetricFamily]:
+        decisions = CounterMetricFamily(
+            "tcm_monitored_decisions",
+            "Match decisions at the monitored target FAR",
+            labels=["tenant", "decision"],
+        )
+        for (label, decision), n in sorted(self.decisions.items()):
+            decisions.add_metric([label, decision], n)
+        yield decisions
+        accepted = CounterMetricFamily(
+            "tcm_label_free_accepted",
+            "Label-free impostor pairs at or above the threshold (exceedances)",
+            labels=["tenant"],
+        )
+        pairs = CounterMetricFamily(
+            "tcm_label_free_pairs", "Label-free impostor pairs counted", labels=["tenant"]
+        )
+        for label in sorted(self.lf_pairs):
+            accepted.add_metric([label], self.lf_accepted.get(label, 0))
+            pairs.add_metric([label], self.lf_pairs[label])
+        yield accepted
+        yield pairs
+        outcomes = CounterMetricFamily(
+            "tcm_feedback_outcomes",
+            "Feedback verdicts by the decision they judge (different+match = accepted impostor)",
+            labels=["tenant", "verdict", "decision"],
+        )
+        for (label, verdict, decision), n in sorted(self.feedback_outcomes.items()):
+            outcomes.add_metric([label, verdict, decision], n)
+        yield outcomes
+
+
 class _Collector(Collector):
     """Computes every live gauge from the monitor's windows when Prometheus scrapes."""
 
@@ -368,6 +429,12 @@ class _Collector(Collector):
     def describe(self) -> Iterator[Any]:
         # Names only, so registering never computes (or locks) anything.
         yield CounterMetricFamily("tcm_feedback", "Feedback calls", labels=["tenant", "verdict"])
+        yield CounterMetricFamily("tcm_monitored_decisions", "", labels=["tenant", "decision"])
+        yield CounterMetricFamily("tcm_label_free_accepted", "", labels=["tenant"])
+        yield CounterMetricFamily("tcm_label_free_pairs", "", labels=["tenant"])
+        yield CounterMetricFamily(
+            "tcm_feedback_outcomes", "", labels=["tenant", "verdict", "decision"]
+        )
         for name, (_, doc) in _TENANT_GAUGES.items():
             yield GaugeMetricFamily(name, doc, labels=["tenant"])
         yield GaugeMetricFamily("tcm_far_spread_ratio", "", labels=["estimate"])
@@ -378,12 +445,14 @@ class _Collector(Collector):
         stats = m.snapshot()
         with m._lock:
             calls = dict(m._feedback_calls)
+            counts = list(m._counts.families())
         counter = CounterMetricFamily(
             "tcm_feedback", "Feedback calls by verdict", labels=["tenant", "verdict"]
         )
         for (label, verdict), n in sorted(calls.items()):
             counter.add_metric([label, verdict], n)
         yield counter
+        yield from counts
         for name, (key, doc) in _TENANT_GAUGES.items():
             family = GaugeMetricFamily(name, doc, labels=["tenant"])
             for label in sorted(stats):

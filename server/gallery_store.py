@@ -1,0 +1,213 @@
+"""The boundary between serving and where galleries live: a small protocol, two backends.
+
+``--gallery`` picks the backend (:func:`open_store`):
+
+- ``faiss`` (default): every tenant's gallery in this process, durable on local disk
+  (write-ahead log + segments, server/gallery.py and server/segments.py), searched by a
+  faiss index chosen with ``--index`` (server/ann.py). The fastest on one machine; one
+  process owns a data dir.
+- ``milvus://HOST:PORT`` (or ``milvus-lite:PATH.db`` for tests): galleries in Milvus
+  (server/milvus_store.py); the server keeps no gallery state of its own, so several
+  processes (``--workers N``) or replicas serve the same tenants.
+
+Either way the server decides: a backend returns items with raw cosine similarities,
+and the threshold, the score normalisation and the label-free counts stay in our code
+(server/service.py). The contract both backends must keep is pinned down by one test
+suite run against each (tests/test_gallery_contract.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import grpc
+import numpy as np
+
+from scorenorm import ScoreHistogram, TailMap, TailSettings
+from server.errors import StatusError
+from server.tail_stats import DEFAULT_CAPACITY, TenantTail
+
+RETRY_AFTER = 1.0  # seconds: the hint sent when the gallery backend failed
+
+
+class GalleryError(ValueError):
+    """The stored gallery cannot be loaded as asked; the message says why."""
+
+
+class StaleModelError(RuntimeError):
+    """The caller's embeddings come from another model than the gallery's (a reload raced)."""
+
+
+class StoreUnavailableError(StatusError):
+    """The backend cannot be reached or did not answer in time: nothing was decided or
+    written. UNAVAILABLE, or DEADLINE_EXCEEDED when the backend was too slow; both with
+    a retry hint."""
+
+    def __init__(self, message: str, timeout: bool = False) -> None:
+        code = grpc.StatusCode.DEADLINE_EXCEEDED if timeout else grpc.StatusCode.UNAVAILABLE
+        super().__init__(code, message, RETRY_AFTER)
+        self.timeout = timeout
+
+
+@dataclass(frozen=True)
+class Item:
+    item_id: str
+    label: str
+    image: bytes
+
+
+@dataclass(frozen=True)
+class Hit:
+    item_id: str
+    label: str
+    similarity: float
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Top-k neighbours (best first) and the label-free impostor counts of one query.
+
+    The counts are taken on the tenant's tail sample (server/tail_stats.py: every item
+    up to ``--tail-sample`` items, the bottom-k by id hash beyond): ``impostor_total``
+    = sample items whose identity differs from the top-1's (identity = label, or the
+    item itself when it has no label), ``impostor_accepted`` = those of them with
+    similarity >= the threshold.
+    """
+
+    neighbors: list[Hit]
+    impostor_accepted: int
+    impostor_total: int
+
+    @property
+    def top1(self) -> Hit | None:
+        return self.neighbors[0] if self.neighbors else None
+
+
+def identity(item_id: str, label: str) -> str:
+    """Items with the same label are one identity; an unlabelled item is its own."""
+    return label if label else "\0" + item_id
+
+
+@dataclass(frozen=True)
+class TailOptions:
+    """How a gallery samples itself for its tenant's normalisation statistics."""
+
+    capacity: int = DEFAULT_CAPACITY
+    online_weight: float = 0.5
+
+    def new(self, dim: int) -> TenantTail:
+        return TenantTail(dim, self.capacity, self.online_weight)
+
+
+class TenantGallery(Protocol):
+    """One tenant's gallery, whichever backend holds it. Mutations are durable on return."""
+
+    dim: int
+    model_sha256: str
+    reembedded: int  # items re-embedded on open because the model changed
+    tail: TenantTail
+    write_token: int  # a search with read_after >= this sees this gallery's writes so far
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def index_kind(self) -> str: ...
+
+    def add(
+        self, items: list[Item], embeddings: np.ndarray, model_sha256: str, replace: bool = False
+    ) -> list[str | None]:
+        """Per item None (added) or the gRPC status name of its refusal; ``replace``
+        overwrites an existing id (idempotent upsert)."""
+
+    def remove(self, item_ids: list[str]) -> tuple[list[str], list[str]]:
+        """(removed, not found); visible to every search that starts after it returns."""
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        threshold: float,
+        model_sha256: str,
+        read_after: int = 0,
+    ) -> list[SearchResult]:
+        """Top-k per query and the label-free counts at ``threshold`` (raw similarity);
+        the search sees every write whose token is <= ``read_after``."""
+
+    def range_search(self, query: np.ndarray, threshold: float, model_sha256: str) -> list[Hit]:
+        """Every item with similarity >= ``threshold`` to one query, best first."""
+
+    def items(self) -> list[Item]: ...
+
+    def get(self, item_id: str) -> Item | None: ...
+
+    def prepare_rebuild(self, model_sha256: str, items: list[Item], embeddings: np.ndarray) -> None:
+        """Stage the re-embedded items (Milvus: a new collection) before the switch."""
+
+    def rebuild(self, model_sha256: str, item_ids: list[str], embeddings: np.ndarray) -> None:
+        """Switch to ``model_sha256`` with new embeddings for exactly the current items."""
+
+    def snapshot(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def tail_map(self, global_tail: ScoreHistogram, settings: TailSettings) -> TailMap: ...
+
+    def observe(self, queries: np.ndarray, matched_item_ids: list[str | None]) -> None: ...
+
+
+class GalleryStore(Protocol):
+    """Every tenant and its gallery: created, found, dropped, closed."""
+
+    kind: str
+    shared: bool  # several server processes may use it at once
+    dim: int
+    model_sha256: str
+    embed: Callable[[list[bytes]], np.ndarray] | None
+
+    def load_all(self) -> None: ...
+
+    def create(self, name: str, key_hash: str | None): ...
+
+    def delete(self, name: str) -> int: ...
+
+    def get(self, name: str): ...
+
+    def names(self) -> list[str]: ...
+
+    def all(self) -> list: ...
+
+    def sizes(self) -> dict[str, int]: ...
+
+    def refresh(self) -> dict[str, list[str]]:
+        """Tenant -> key hashes as stored now (other processes' Admin calls included)."""
+
+    def switch_model(self, model_sha256: str, dim: int, embed) -> None:
+        """After every tenant was re-embedded: the model new writes and tenants use."""
+
+    def close(self) -> None: ...
+
+
+def open_store(
+    spec: str,
+    data_dir,
+    dim: int,
+    model_sha256: str,
+    embed: Callable[[list[bytes]], np.ndarray] | None = None,
+    snapshot_every: int = 1000,
+    index: str = "flat",
+    tail: TailOptions | None = None,
+    **options,
+) -> GalleryStore:
+    """The store ``spec`` names: ``faiss``, ``milvus://HOST:PORT`` or ``milvus-lite:PATH``."""
+    if spec in ("", "faiss"):
+        from server.tenants import TenantRegistry
+
+        return TenantRegistry(data_dir, dim, model_sha256, embed, snapshot_every, index, tail)
+    if spec.startswith(("milvus://", "milvus-lite:")):
+        from server.milvus_store import MilvusStore
+
+        return MilvusStore(spec, dim, model_sha256, embed, tail, **options)
+    raise ValueError(f"--gallery {spec!r}: use faiss, milvus://HOST:PORT or milvus-lite:PATH.db")
