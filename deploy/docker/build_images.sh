@@ -8,7 +8,8 @@
 # by debootstrap (python3, pip, venv, passwd) is imported into podman under each
 # Dockerfile's FROM tag; `podman build --isolation=chroot` then runs the Dockerfile as
 # written. Where containers cannot start (crun refused its cgroups and rlimits here),
-# the smoke test runs the image's entry point under chroot on the mounted image:
+# the smoke test runs the image's entry point under chroot on the root of a created
+# (never started) container:
 #   server, server-gpu: `python -m server` answers grpc.health.v1 SERVING and exports
 #                       tcm_ metrics (server-gpu: no GPU here, so its CPU fallback);
 #   train:              `python -m train --help` and a CPU torch build.
@@ -65,7 +66,7 @@ if [ -f "$host_ca" ]; then
 fi
 build_volumes+=(--volume "$work/pip.conf:/etc/pip.conf:ro")
 
-smoke_server() {  # $1 = mounted image root
+smoke_server() {  # $1 = the mounted root of a created container
   local root=$1 log=$work/smoke-$image.log out
   mkdir -p "$root/tmp/smoke"
   mount -t proc proc "$root/proc"
