@@ -216,7 +216,15 @@ def test_deploy_readme_says_what_is_only_validated_statically():
     assert "statically" in text and "promtool" in text
 
 
-PROJECT_PACKAGES = ("contracts", "imagesets", "embedding", "calibrate", "server", "retrieval")
+PROJECT_PACKAGES = (
+    "contracts",
+    "imagesets",
+    "embedding",
+    "scorenorm",
+    "calibrate",
+    "server",
+    "retrieval",
+)
 
 
 @pytest.mark.slow

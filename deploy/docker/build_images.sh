@@ -8,7 +8,8 @@
 # by debootstrap (python3, pip, venv, passwd) is imported into podman under each
 # Dockerfile's FROM tag; `podman build --isolation=chroot` then runs the Dockerfile as
 # written. Where containers cannot start (crun refused its cgroups and rlimits here),
-# the smoke test runs the image's entry point under chroot on the mounted image:
+# the smoke test runs the image's entry point under chroot on the root of a created
+# (never started) container:
 #   server, server-gpu: `python -m server` answers grpc.health.v1 SERVING and exports
 #                       tcm_ metrics (server-gpu: no GPU here, so its CPU fallback);
 #   train:              `python -m train --help` and a CPU torch build.
@@ -49,21 +50,27 @@ if [ ! -f "$base_tar" ]; then
 fi
 
 # pip inside the build sees the same wheel cache and constraints as this machine (the CPU
-# torch wheel is there: the CUDA build must never be pulled)
+# torch wheel is there: the CUDA build must never be pulled), and trusts the same CAs (a
+# TLS-intercepting proxy's CA lives only in the host bundle; the base rootfs lacks it).
+# Build-time mounts only: none of it ends up in an image.
 build_volumes=()
 for path in /opt/wheels /etc/xdg/pip; do
   if [ -e "$path" ]; then build_volumes+=(--volume "$path:$path:ro"); fi
 done
-if [ -d /opt/wheels ]; then
-  printf '[global]\nfind-links = /opt/wheels\n' >"$work/pip.conf"
-  build_volumes+=(--volume "$work/pip.conf:/etc/pip.conf:ro")
+printf '[global]\n' >"$work/pip.conf"
+if [ -d /opt/wheels ]; then printf 'find-links = /opt/wheels\n' >>"$work/pip.conf"; fi
+host_ca=${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}
+if [ -f "$host_ca" ]; then
+  build_volumes+=(--volume "$host_ca:/etc/tcm-build-ca.crt:ro")
+  printf 'cert = /etc/tcm-build-ca.crt\n' >>"$work/pip.conf"
 fi
+build_volumes+=(--volume "$work/pip.conf:/etc/pip.conf:ro")
 
-smoke_server() {  # $1 = mounted image root
+smoke_server() {  # $1 = the mounted root of a created container
   local root=$1 log=$work/smoke-$image.log out
+  mkdir -p "$root/tmp/smoke"
   mount -t proc proc "$root/proc"
   mount --bind /dev "$root/dev"
-  mkdir -p "$root/tmp/smoke"
   chroot "$root" env -i PATH=/opt/venv/bin:/usr/local/bin:/usr/bin:/bin HOME=/tmp \
     python -m server --no-auth --port 0 --metrics-port 0 --data-dir /tmp/smoke \
     >"$log" 2>&1 &
@@ -121,10 +128,15 @@ for image in "${images[@]}"; do
   say "podman build $dockerfile"
   podman build --isolation=chroot --pull=never "${build_volumes[@]}" \
     -f "$dockerfile" -t "localhost/tcm-$image:latest" . >&2
-  root=$(podman image mount "localhost/tcm-$image:latest")
+  # a container's root is writable (an image mount is read-only: no /tmp for the server);
+  # `podman create` only lays out storage, it starts no runtime
+  podman rm -f "tcm-smoke-$image" >/dev/null 2>&1 || true
+  podman create --name "tcm-smoke-$image" "localhost/tcm-$image:latest" >/dev/null
+  root=$(podman mount "tcm-smoke-$image")
   if [ "$image" = train ]; then smoke_train "$root" || failed=1
   else smoke_server "$root" || failed=1; fi
-  podman image unmount "localhost/tcm-$image:latest" >/dev/null
+  podman umount "tcm-smoke-$image" >/dev/null
+  podman rm "tcm-smoke-$image" >/dev/null
   [ $failed = 0 ] && say "$image: OK" || say "$image: FAILED"
 done
 exit $failed

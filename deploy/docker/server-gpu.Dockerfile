@@ -17,14 +17,18 @@ COPY pyproject.toml README.md ./
 COPY contracts ./contracts
 COPY imagesets ./imagesets
 COPY embedding ./embedding
+COPY scorenorm ./scorenorm
 COPY calibrate ./calibrate
 COPY server ./server
 COPY protos ./protos
 # The base install pulls the CPU wheels; swap them for the GPU builds (same import names:
 # onnxruntime, faiss). faiss-gpu-cu12 is the maintained CUDA 12 wheel of faiss on PyPI.
+# onnxruntime-gpu on PyPI is built for CUDA 12 up to 1.26 and for CUDA 13 from 1.27 (its
+# CUDA provider needs libcublasLt.so.13): on this CUDA 12.4 base a newer one silently
+# falls back to the CPU.
 RUN pip install ".[milvus]" \
     && pip uninstall -y onnxruntime faiss-cpu \
-    && pip install "onnxruntime-gpu>=1.18" "faiss-gpu-cu12>=1.8" \
+    && pip install "onnxruntime-gpu>=1.18,<1.27" "faiss-gpu-cu12>=1.8" \
     && python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)" \
     && useradd --system --uid 10001 --home-dir /data tcm \
     && mkdir -p /data && chown tcm /data

@@ -11,6 +11,7 @@ COPY pyproject.toml README.md ./
 COPY contracts ./contracts
 COPY imagesets ./imagesets
 COPY embedding ./embedding
+COPY scorenorm ./scorenorm
 COPY calibrate ./calibrate
 COPY server ./server
 COPY protos ./protos

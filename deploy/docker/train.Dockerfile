@@ -12,6 +12,7 @@ COPY pyproject.toml README.md ./
 COPY contracts ./contracts
 COPY imagesets ./imagesets
 COPY embedding ./embedding
+COPY scorenorm ./scorenorm
 COPY calibrate ./calibrate
 COPY train ./train
 COPY protos ./protos
