@@ -17,7 +17,18 @@ from train.config import TrainConfig, load_config  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
-METRIC_KEYS = {"recall_at_1", "map_at_r", "opis", "eps_opis", "far_spread", "far_min", "far_max"}
+METRIC_KEYS = {
+    "recall_at_1",
+    "map_at_r",
+    "opis",
+    "eps_opis",
+    "far_spread",
+    "far_min",
+    "far_max",
+    "tar",
+    "steps",
+    "val",
+}
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +44,11 @@ def test_run_directory_has_everything(tiny_run: Path) -> None:
         assert (tiny_run / name).is_file(), name
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert set(metrics) >= METRIC_KEYS
-    assert 0.0 <= metrics["recall_at_1"] <= 1.0
+    assert 0.0 <= metrics["recall_at_1"] <= 1.0 and 0.0 <= metrics["tar"] <= 1.0
     assert metrics["export_max_abs_diff"] <= 1e-4
+    # per-epoch metrics come from the held-out train classes, the final ones from test
+    epochs = json.loads((tiny_run / "epochs.json").read_text())
+    assert [e["split"] for e in epochs] == ["val"] and metrics["val"]["step"] == 3
     assert json.loads((tiny_run / "config.json").read_text())["dataset"] == "glyphs-tiny"
 
 
@@ -158,33 +172,6 @@ def test_cuda_request_degrades_to_cpu(capsys) -> None:
     else:
         assert device.type == "cpu"
         assert "CPU instead" in capsys.readouterr().out
-
-
-def test_sweep_pairs_every_baseline_with_its_tcm_twin() -> None:
-    import argparse
-
-    from train.sweep import _runs, table
-
-    args = argparse.Namespace(
-        losses=["multi_similarity", "proxy_anchor"],
-        seeds=[0, 1],
-        margins=["0.9,0.5,1,1", "0.8,0.4,1,2"],
-    )
-    runs = dict(_runs(args))
-    assert len(runs) == 2 * 2 * 2 + 1  # the default margins are not rerun
-    assert runs["proxy_anchor-s1"] == {"loss": "proxy_anchor", "seed": 1, "tcm": False}
-    assert runs["multi_similarity-tcm-s0-m0.8,0.4-l1,2"]["lambda_minus"] == 2.0
-    metrics = {
-        "recall_at_1": 0.5,
-        "map_at_r": 0.25,
-        "opis": 1e-3,
-        "eps_opis": 2e-2,
-        "far_min": 1e-4,
-        "far_max": 1e-2,
-        "far_spread": None,
-    }
-    md = table([{"name": "a", "metrics": metrics}])
-    assert "| a | 0.5000 | 0.2500 | 0.001 | 0.02 | 0.0001 | 0.01 | n/a |" in md
 
 
 def _brute_map_at_r(emb, labels, tenants) -> float:

@@ -100,6 +100,7 @@ def evaluate_embeddings(
         "global_threshold": target.threshold,
         "global_distance": target.distance,
         "achieved_far": target.achieved_far,
+        "tar": target.tar,  # genuine pairs (within tenants) accepted at the global threshold
         "tenant_far": {d.name: d.far for d in measured},
         "far_min": far_min,
         "far_max": far_max,
