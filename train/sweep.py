@@ -285,17 +285,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--figures", type=Path, help="also write the figures to this folder")
     args = parser.parse_args(argv)
     results_path = args.out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else []
     if not args.report:
         base = load_config(args.config).replace(**_overrides(args.set))
-        done = {r["name"] for r in results}
         for name, setting, seed in plan(
             args.losses, args.modes, args.lambdas, args.seeds, args.only
         ):
-            if name in done:
+            if name in {r["name"] for r in _read(results_path)} or _claimed(args.out / name):
                 continue
-            results.append(train_one(base, setting, seed, args.out / name, name))
-            atomic_write_text(results_path, json.dumps(results, indent=2))
+            _append(results_path, train_one(base, setting, seed, args.out / name, name))
+    results = _read(results_path)
     if args.figures:
         from train.plots import plot_sweep
 
@@ -307,8 +305,46 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _read(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def _append(path: Path, result: dict) -> None:
+    """Add one run under a file lock: several sweep processes may share one results file."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with (path.parent / ".results.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        atomic_write_text(path, json.dumps([*_read(path), result], indent=2))
+
+
+def _claimed(run_dir: Path) -> bool:
+    """Claim a run for this process; False when another live sweep process holds it.
+
+    Lets several sweep processes (one per CPU lane) share one plan and results file.
+    """
+    import os
+
+    marker = run_dir / ".sweep-pid"
+    if marker.is_file():
+        try:
+            pid = int(marker.read_text())
+            os.kill(pid, 0)
+        except (ValueError, ProcessLookupError):
+            pass  # stale claim of a process that is gone: take it over
+        else:
+            if pid != os.getpid():
+                print(f"{run_dir.name}: being trained by process {pid}, skipped")
+                return True
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(os.getpid()))
+    return False
+
+
 def train_one(base, setting: Setting, seed: int, run_dir: Path, name: str) -> dict:
-    from train.trainer import Trainer, json_safe
+    from train.evaluate import json_safe
+    from train.trainer import Trainer
 
     cfg = base.replace(**setting.changes(seed))
     start = time.perf_counter()

@@ -33,7 +33,7 @@ from train.base_losses import build_losses
 from train.callbacks import Callback, StopWhenFlat
 from train.config import TrainConfig
 from train.data import class_subset, eval_loader, hold_out_classes, load_dataset, train_loader
-from train.evaluate import evaluate_embeddings
+from train.evaluate import evaluate_embeddings, json_safe
 from train.export import embedder_meta, export_model
 from train.losses import SharedCosineSimilarity
 from train.models import Embedder, build_model
@@ -434,15 +434,6 @@ def _brief(metrics: dict[str, Any]) -> dict[str, Any]:
     out = {k: metrics.get(k) for k in _BRIEF}
     out["far_spread"] = metrics["far_spread"] if math.isfinite(metrics["far_spread"]) else None
     return json_safe(out)
-
-
-def json_safe(value):
-    """JSON has no infinity or NaN: an unmeasurable value becomes null."""
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def _line(m: dict) -> str:
