@@ -216,3 +216,29 @@ def test_map_at_r_ignores_neighbours_of_other_tenants():
     tenants = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     assert map_at_r(emb, labels, tenants) == 1.0
     assert map_at_r(emb, labels, np.zeros(8, int)) < 1.0  # one pooled gallery mixes them
+
+
+@pytest.mark.slow
+def test_evaluate_cli_measures_the_exported_model_like_the_run(tiny_run: Path, tmp_path, capsys):
+    from train.evaluate import main as evaluate_main
+
+    model = tiny_run / "model.onnx"
+    out = tmp_path / "eval.json"
+    assert evaluate_main([str(model), "--dataset", "glyphs-tiny", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())[str(model)]
+    from embedding import OnnxEmbedder
+    from imagesets import load_images
+    from train.evaluate import evaluate_embeddings
+
+    images = load_images("glyphs-tiny", "test")
+    emb = OnnxEmbedder(model, device="cpu").embed_set(images)
+    want, _ = evaluate_embeddings(emb, images.labels, images.tenants, images.tenant_names)
+    for key in ("recall_at_1", "map_at_r", "opis", "eps_opis", "tar", "far_min", "far_max"):
+        assert got[key] == want[key], key
+    # and the run's own (torch) test metrics: the same split; a 3-step model has many
+    # near-tied neighbours, so 1e-7 embedding differences may flip a few of them
+    run = json.loads((tiny_run / "metrics.json").read_text())
+    assert got["recall_at_1"] == pytest.approx(run["recall_at_1"], abs=0.05)
+    assert got["images"] == run["images"]
+    table = capsys.readouterr().out
+    assert "| Recall@1 |" in table and "| TAR at target FAR |" in table
