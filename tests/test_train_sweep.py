@@ -116,3 +116,33 @@ def test_table_has_every_run() -> None:
     assert text.count("\n") == len(results) + 1
     assert "| ms-calibrated-l10-s2 | 10 | 0.9050 |" in text
     assert math.isclose(float(text.split("| ms-s0 | 10 | ")[1].split(" |")[0]), 0.9)
+
+
+def test_figures_draw_margins_and_utility_of_seed_zero(tmp_path) -> None:
+    import json
+
+    import numpy as np
+
+    from train.sweep import write_figures
+
+    results = _results([0.010, 0.011, 0.012], [0.895, 0.9, 0.905])
+    results.append(_result("ms-fixed-l10", 0, opis=0.02, eps_opis=0.2))
+    rng = np.random.default_rng(0)
+    for name in ("ms-s0", "ms-calibrated-l10-s0", "ms-fixed-l10-s0"):
+        run = tmp_path / "sweep" / name
+        run.mkdir(parents=True)
+        history = [
+            {"step": s, "loss": 1.0 / s, "tcm/margin_plus": 0.9, "tcm/margin_minus": 0.5}
+            for s in range(1, 21)
+        ]
+        history[9] |= {"range_lo": 0.8, "range_hi": 0.95}
+        (run / "history.json").write_text(json.dumps(history))
+        np.savez(
+            run / "utility_curves.npz",
+            grid=np.linspace(0.8, 0.95, 11),
+            class_utility=rng.uniform(size=(5, 11)),
+        )
+    write_figures(results, tmp_path / "sweep", tmp_path / "fig")
+    names = sorted(p.name for p in (tmp_path / "fig").iterdir())
+    assert names == ["train_margins_ms.png", "train_sweep.png", "train_utility_ms.png"]
+    assert all((tmp_path / "fig" / n).stat().st_size > 10_000 for n in names)

@@ -295,14 +295,38 @@ def main(argv: list[str] | None = None) -> int:
             _append(results_path, train_one(base, setting, seed, args.out / name, name))
     results = _read(results_path)
     if args.figures:
-        from train.plots import plot_sweep
-
-        args.figures.mkdir(parents=True, exist_ok=True)
-        plot_sweep(results, args.figures / "train_sweep.png")
+        write_figures(results, args.out, args.figures)
     md = report(results)
     atomic_write_text(args.out / "results.md", md + "\n")
     print(md)
     return 0
+
+
+def write_figures(results: list[dict], out: Path, figures: Path) -> None:
+    """The sweep scatter, and per base loss the margins and utility curves of seed 0.
+
+    For each base loss, the calibrated setting run on the most seeds (ties: larger
+    lambda) is drawn against its fixed-margin twin (margins over training) and
+    against the base loss (per-class utility, the paper's Figure 2 view).
+    """
+    from train.plots import plot_margin_runs, plot_sweep, plot_utility_pair
+
+    figures.mkdir(parents=True, exist_ok=True)
+    plot_sweep(results, figures / "train_sweep.png")
+    by = _by_setting(results)
+    for loss in dict.fromkeys(r["config"]["loss"] for r in results):
+        calibrated = [s for s in by if s.startswith(f"{loss}-calibrated-") and 0 in by[s]]
+        if not calibrated:
+            continue
+        best = max(calibrated, key=lambda s: (len(by[s]), float(s.rsplit("-l", 1)[1])))
+        fixed = best.replace("-calibrated-", "-fixed-")
+        runs = {f"{fixed} (paper's margins)": out / f"{fixed}-s0"} if 0 in by.get(fixed, {}) else {}
+        runs[f"{best} (calibrated)"] = out / f"{best}-s0"
+        plot_margin_runs(runs, figures / f"train_margins_{loss}.png")
+        if 0 in by.get(loss, {}):
+            plot_utility_pair(
+                out / f"{loss}-s0", out / f"{best}-s0", figures / f"train_utility_{loss}.png"
+            )
 
 
 def _read(path: Path) -> list[dict]:
