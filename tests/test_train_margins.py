@@ -110,6 +110,21 @@ def test_callback_sets_margins_from_the_measured_range():
     assert [row["step"] for row in cb.measured] == [0, 5]
 
 
+def test_callback_waits_for_the_warm_up():
+    emb, labels, tenants = _embedded(6)
+    tcm = TCMLoss(margin_plus=0.9, margin_minus=0.5)
+    cb = CalibratedMargins(
+        tcm, _held_out(labels, tenants), every=2, warmup=3, far_range=(1e-2, 1e-1)
+    )
+    trainer = FakeTrainer(emb)
+    cb.on_fit_start(trainer)
+    measured_at = [step for step in range(1, 8) if cb.on_step_end(trainer, step)]
+    assert trainer.calls == 3 and measured_at == [3, 5, 7]
+    assert (tcm.margin_plus, tcm.margin_minus) != (0.9, 0.5)
+    with pytest.raises(ValueError, match="warm-up"):
+        CalibratedMargins(tcm, _held_out(labels, tenants), warmup=-1)
+
+
 def test_callback_momentum_and_resume():
     emb, labels, tenants = _embedded(3)
     held = _held_out(labels, tenants)
@@ -162,6 +177,7 @@ def calibrated_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("calibrated")
     argv = ["--tiny", "--quiet", "--threads", "1", "--out", str(out), "--epochs", "2"]
     argv += ["--margins", "calibrated", "--margin-every", "2", "--margin-offset", "0.01"]
+    argv += ["--margin-warmup", "2", "--margin-plus", "0.9", "--margin-minus", "0.5"]
     argv += ["--margin-far-lo", "1e-3", "--margin-far-hi", "1e-1"]
     assert main(argv) == 0
     return out
@@ -172,6 +188,8 @@ def test_a_calibrated_run_moves_its_margins_to_the_measured_range(calibrated_run
     history = json.loads((calibrated_run / "history.json").read_text())
     measured = [h for h in history if "range_lo" in h]
     assert [h["step"] for h in measured] == [2, 4, 6]
+    # the warm-up steps train with the configured (paper's) margins
+    assert [(h["tcm/margin_plus"], h["tcm/margin_minus"]) for h in history[:2]] == [(0.9, 0.5)] * 2
     for before, after in itertools.pairwise(history):
         if "range_lo" in before:  # the step after a measurement trains with its margins
             assert after["tcm/margin_plus"] == pytest.approx(min(1.0, before["range_hi"] + 0.01))

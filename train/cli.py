@@ -49,6 +49,8 @@ HELP = {
     "margins": "TCM margins: fixed (--margin-plus/--margin-minus) or calibrated (follow the "
     "model's operating range on the held-out classes)",
     "margin_every": "steps between operating-range measurements (--margins calibrated)",
+    "margin_warmup": "steps trained with the fixed margins before the first measurement "
+    "(a random network's range is ~[1, 1])",
     "margin_offset": "calibrated margins: m- = t(FAR hi) - offset, m+ = t(FAR lo) + offset",
     "margin_momentum": "smoothing of calibrated margins between measurements (0 = none)",
     "margin_far_lo": "calibrated margins: the strict end of the operating range (FAR)",

@@ -44,6 +44,7 @@ class TrainConfig:
     margin_minus: float = 0.5
     margins: str = "fixed"  # fixed (the two above) or calibrated (from the operating range)
     margin_every: int = 100  # steps between operating-range measurements (calibrated)
+    margin_warmup: int = 200  # steps with the fixed margins before the first measurement
     margin_offset: float = 0.0  # m- = t(FAR_hi) - offset, m+ = t(FAR_lo) + offset
     margin_momentum: float = 0.0  # smoothing of calibrated margins (0 = none)
     margin_far_lo: float = 1e-4

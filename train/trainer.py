@@ -88,6 +88,7 @@ def recipe_of(cfg: TrainConfig, margins: Mapping[str, float] | None = None) -> d
             recipe.update(
                 margin_offset=cfg.margin_offset,
                 margin_every=cfg.margin_every,
+                margin_warmup=cfg.margin_warmup,
                 margin_far_range=[cfg.margin_far_lo, cfg.margin_far_hi],
             )
         if margins:
@@ -421,6 +422,7 @@ def _calibrated_margins(cfg: TrainConfig, tcm: torch.nn.Module, val_set: ImageSe
         tcm,
         val_set,
         every=cfg.margin_every,
+        warmup=cfg.margin_warmup,
         far_range=(cfg.margin_far_lo, cfg.margin_far_hi),
         offset=cfg.margin_offset,
         momentum=cfg.margin_momentum,
