@@ -127,6 +127,7 @@ def test_figures_draw_margins_and_utility_of_seed_zero(tmp_path) -> None:
 
     results = _results([0.010, 0.011, 0.012], [0.895, 0.9, 0.905])
     results.append(_result("ms-fixed-l10", 0, opis=0.02, eps_opis=0.2))
+    results.append(_result("ms-calibrated-l10-nowarmup", 0, opis=0.02, eps_opis=0.2))
     rng = np.random.default_rng(0)
     for name in ("ms-s0", "ms-calibrated-l10-s0", "ms-fixed-l10-s0"):
         run = tmp_path / "sweep" / name

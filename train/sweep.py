@@ -315,10 +315,12 @@ def write_figures(results: list[dict], out: Path, figures: Path) -> None:
     plot_sweep(results, figures / "train_sweep.png")
     by = _by_setting(results)
     for loss in dict.fromkeys(r["config"]["loss"] for r in results):
-        calibrated = [s for s in by if s.startswith(f"{loss}-calibrated-") and 0 in by[s]]
+        calibrated = {
+            s: lam for s in by if (lam := _calibrated_lambda(s, loss)) is not None and 0 in by[s]
+        }
         if not calibrated:
             continue
-        best = max(calibrated, key=lambda s: (len(by[s]), float(s.rsplit("-l", 1)[1])))
+        best = max(calibrated, key=lambda s: (len(by[s]), calibrated[s]))
         fixed = best.replace("-calibrated-", "-fixed-")
         runs = {f"{fixed} (paper's margins)": out / f"{fixed}-s0"} if 0 in by.get(fixed, {}) else {}
         runs[f"{best} (calibrated)"] = out / f"{best}-s0"
@@ -327,6 +329,15 @@ def write_figures(results: list[dict], out: Path, figures: Path) -> None:
             plot_utility_pair(
                 out / f"{loss}-s0", out / f"{best}-s0", figures / f"train_utility_{loss}.png"
             )
+
+
+def _calibrated_lambda(setting: str, loss: str) -> float | None:
+    """Lambda of ``LOSS-calibrated-lLAMBDA``; None for any other setting name."""
+    prefix = f"{loss}-calibrated-l"
+    try:
+        return float(setting[len(prefix) :]) if setting.startswith(prefix) else None
+    except ValueError:  # e.g. a renamed variant such as ...-l10-nowarmup
+        return None
 
 
 def _read(path: Path) -> list[dict]:
