@@ -18,6 +18,11 @@ from typing import Any
 from train.config import TrainConfig, load_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.toml"
+# docs/CALIBRATION.md, "Shipped calibration": the one command that remakes the shipped JSON
+RECALIBRATE_DEFAULT = (
+    "python -m calibrate --target-far 0.001 --target-far 0.0001,0.01 --bootstrap 200 "
+    "--out embedding/assets/glyphnet.calibration.json"
+)
 TINY = {
     "dataset": "glyphs-tiny",
     "epochs": 1,
@@ -197,6 +202,7 @@ def train_main(argv: list[str]) -> int:
 
         shutil.copyfile(run_dir / "model.onnx", DEFAULT_MODEL)
         print(f"default embedder updated: {DEFAULT_MODEL}")
+        print(f"its calibration is now stale; recalibrate it with\n  {RECALIBRATE_DEFAULT}")
     if metrics:
         keys = ("recall_at_1", "map_at_r", "opis", "eps_opis", "tar", "far_min", "far_max")
         print(" ".join(f"{k}={metrics[k]:.4g}" for k in keys if metrics.get(k) is not None))
