@@ -28,8 +28,13 @@ def test_settings_parse_and_name_their_runs() -> None:
         "seed": 0,
         "tcm": False,
     }
+    shifted = Setting.parse("multi_similarity:calibrated:3:-0.05")
+    assert shifted.name == "multi_similarity-calibrated-l3-o-0.05"
+    assert shifted.changes(0)["margin_offset"] == -0.05
     with pytest.raises(ValueError, match="expected LOSS"):
         Setting.parse("proxy_anchor:adaptive:3")
+    with pytest.raises(ValueError, match="expected LOSS"):
+        Setting.parse("proxy_anchor:fixed:3:0.1")
 
 
 def test_plan_covers_losses_modes_lambdas_and_seeds() -> None:

@@ -43,32 +43,42 @@ COLUMNS = {
 
 @dataclass(frozen=True)
 class Setting:
-    """One point of the sweep without its seed: base loss, TCM mode, lambda."""
+    """One point of the sweep without its seed: base loss, TCM mode, lambda (and offset)."""
 
     loss: str
     mode: str
     lam: float = 0.0
+    offset: float = 0.0  # calibrated margins only (train/margins.py)
 
     @property
     def name(self) -> str:
-        return self.loss if self.mode == "base" else f"{self.loss}-{self.mode}-l{self.lam:g}"
+        if self.mode == "base":
+            return self.loss
+        return f"{self.loss}-{self.mode}-l{self.lam:g}" + (
+            f"-o{self.offset:g}" if self.offset else ""
+        )
 
     def changes(self, seed: int) -> dict[str, Any]:
         out: dict[str, Any] = {"loss": self.loss, "seed": seed, "tcm": self.mode != "base"}
         if self.mode != "base":
             out.update(margins=self.mode, lambda_plus=self.lam, lambda_minus=self.lam)
+        if self.offset:
+            out["margin_offset"] = self.offset
         return out
 
     @classmethod
     def parse(cls, text: str) -> Setting:
-        """``loss``, ``loss:base`` or ``loss:MODE:LAMBDA`` (``proxy_anchor:calibrated:10``)."""
+        """``loss``, ``loss:base``, ``loss:MODE:LAMBDA`` or ``loss:calibrated:LAMBDA:OFFSET``."""
         parts = text.split(":")
         if len(parts) == 1 or parts[1:] == ["base"]:
             return cls(parts[0], "base")
         if len(parts) == 3 and parts[1] in MODES[1:]:
             return cls(parts[0], parts[1], float(parts[2]))
+        if len(parts) == 4 and parts[1] == "calibrated":
+            return cls(parts[0], parts[1], float(parts[2]), float(parts[3]))
         raise ValueError(
-            f"setting {text!r}: expected LOSS, LOSS:base or LOSS:fixed|calibrated:LAMBDA"
+            f"setting {text!r}: expected LOSS, LOSS:base, LOSS:fixed|calibrated:LAMBDA "
+            "or LOSS:calibrated:LAMBDA:OFFSET"
         )
 
 
