@@ -34,7 +34,8 @@ METRIC_KEYS = {
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run")
-    assert main(["--tiny", "--quiet", "--threads", "1", "--device", "cuda", "--out", str(out)]) == 0
+    argv = ["--tiny", "--quiet", "--threads", "1", "--device", "cuda", "--tcm", "--out", str(out)]
+    assert main(argv) == 0
     return out
 
 

@@ -176,7 +176,7 @@ def calibrated_run(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("calibrated")
     argv = ["--tiny", "--quiet", "--threads", "1", "--out", str(out), "--epochs", "2"]
-    argv += ["--margins", "calibrated", "--margin-every", "2", "--margin-offset", "0.01"]
+    argv += ["--tcm", "--margins", "calibrated", "--margin-every", "2", "--margin-offset", "0.01"]
     argv += ["--margin-warmup", "2", "--margin-plus", "0.9", "--margin-minus", "0.5"]
     argv += ["--margin-far-lo", "1e-3", "--margin-far-hi", "1e-1"]
     assert main(argv) == 0
@@ -229,7 +229,9 @@ def test_calibrated_margins_need_held_out_classes(tmp_path: Path, capsys):
     from train.cli import main
 
     argv = ["--tiny", "--quiet", "--out", str(tmp_path), "--margins", "calibrated"]
-    assert main([*argv, "--val-fraction", "0"]) == 2
+    assert main([*argv, "--tcm", "--val-fraction", "0"]) == 2
     assert "--val-fraction" in capsys.readouterr().err
+    assert main([*argv, "--no-tcm"]) == 2  # calibrated margins without TCM would do nothing
+    assert "add --tcm" in capsys.readouterr().err
     assert main(["--tiny", "--quiet", "--out", str(tmp_path), "--margins", "adaptive"]) == 2
     assert "fixed or calibrated" in capsys.readouterr().err

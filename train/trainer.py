@@ -174,10 +174,12 @@ class Trainer:
         steps = cfg.steps_per_epoch or max(1, len(train_set) // cfg.batch_size)
         scheduler = build_schedule(cfg.schedule, optimizer, steps * cfg.epochs, cfg.warmup_steps)
         callbacks: list[Callback] = []
-        if cfg.tcm and cfg.margins == "calibrated":
-            callbacks.append(_calibrated_margins(cfg, losses["tcm"], val_set))
-        elif cfg.margins not in ("fixed", "calibrated"):
+        if cfg.margins not in ("fixed", "calibrated"):
             raise ValueError(f"margins must be fixed or calibrated, got {cfg.margins!r}")
+        if cfg.margins == "calibrated":
+            if not cfg.tcm:  # silently training without the margins asked for would mislead
+                raise ValueError("--margins calibrated moves TCM's margins: add --tcm")
+            callbacks.append(_calibrated_margins(cfg, losses["tcm"], val_set))
         if cfg.patience > 0:
             callbacks.append(StopWhenFlat(cfg.patience))
         return cls(
