@@ -97,7 +97,8 @@ def run(config: DemoConfig) -> int:
 def train_model(config: DemoConfig) -> Path:
     out = config.out / "train"
     argv = [PYTHON, "-m", "train", "--out", str(out), "--seed", str(config.seed)]
-    argv += ["--device", config.device]
+    # --tcm explicitly: the default recipe (train/configs/default.toml) trains without TCM
+    argv += ["--device", config.device, "--tcm"]
     if config.tiny:
         argv.append("--tiny")
     run_step("train (TCM)", argv)

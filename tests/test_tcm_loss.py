@@ -221,3 +221,30 @@ def test_records_terms() -> None:
     total = loss.lambda_plus * loss.pos_term + loss.lambda_minus * loss.neg_term
     assert torch.allclose(value, total, **TOL)
     assert int(loss.active_pos) > 0 and int(loss.active_neg) > 0
+
+
+def test_statistics_report_terms_counts_and_margins() -> None:
+    emb, labels = _batch(16)
+    loss = TCMLoss(margin_plus=0.7, margin_minus=0.2)
+    assert loss.statistics() == {"margin_plus": 0.7, "margin_minus": 0.2}  # nothing run yet
+    loss(emb, labels)
+    stats = loss.statistics()
+    assert stats["pos_term"] == pytest.approx(float(loss.pos_term))
+    assert stats["neg_term"] == pytest.approx(float(loss.neg_term))
+    assert stats["active_pos"] == int(loss.active_pos) > 0
+    assert all(isinstance(v, float) for v in stats.values())
+
+
+def test_set_margins_moves_both_terms_like_a_new_loss() -> None:
+    emb, labels = _batch(17)
+    moved = TCMLoss()
+    moved.set_margins(0.3, -0.1)
+    _assert_same(
+        _value_and_grad(moved, emb, labels),
+        _value_and_grad(
+            pml_losses.ThresholdConsistentMarginLoss(margin_plus=0.3, margin_minus=-0.1),
+            emb,
+            labels,
+        ),
+    )
+    assert moved.statistics()["margin_minus"] == -0.1

@@ -1,51 +1,83 @@
-"""Base metric losses by pytorch-metric-learning name, plus the optional TCM term.
+"""Base metric losses from pytorch-metric-learning, registered by name, plus the TCM term.
 
-Losses on normalised embeddings use cosine similarity, and all of them that ask for
-the batch similarity matrix get one :class:`~train.losses.SharedCosineSimilarity`
-instance together with TCM, so TCM reuses their matrix instead of recomputing it.
+Every factory takes a :class:`LossContext` (what a loss may need to know about the run)
+and its own keyword parameters, whose defaults are the recipe's. Losses on normalised
+embeddings get the run's one :class:`~train.losses.SharedCosineSimilarity` as
+``distance``, so TCM reuses their batch similarity matrix instead of recomputing it.
 Proxy and classifier losses (proxy_anchor, arcface) own parameters that the trainer
 optimises with their own learning rate.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from pytorch_metric_learning import losses
 
 from train.losses import SharedCosineSimilarity, TCMLoss
+from train.registry import LOSSES
 
-# name -> (factory(num_classes, dim, distance, **params), default params)
-Factory = Callable[..., losses.BaseMetricLossFunction]
 
-BASE_LOSSES: dict[str, tuple[Factory, dict[str, Any]]] = {
-    "multi_similarity": (
-        lambda c, d, dist, **p: losses.MultiSimilarityLoss(distance=dist, **p),
-        {"alpha": 2.0, "beta": 50.0, "base": 0.5},
-    ),
-    "proxy_anchor": (
-        lambda c, d, dist, **p: losses.ProxyAnchorLoss(c, d, **p),
-        {"margin": 0.1, "alpha": 32.0},
-    ),
-    "smooth_ap": (
-        lambda c, d, dist, **p: losses.SmoothAPLoss(distance=dist, **p),
-        {"temperature": 0.01},
-    ),
-    "arcface": (
-        lambda c, d, dist, **p: losses.ArcFaceLoss(c, d, **p),
-        {"margin": 28.6, "scale": 64.0},
-    ),
-    "contrastive": (
-        lambda c, d, dist, **p: losses.ContrastiveLoss(distance=dist, **p),
-        {"pos_margin": 1.0, "neg_margin": 0.4},
-    ),
-    "triplet_margin": (
-        lambda c, d, dist, **p: losses.TripletMarginLoss(distance=dist, **p),
-        {"margin": 0.1},
-    ),
-    "none": (lambda c, d, dist, **p: None, {}),
-}
+@dataclass(frozen=True)
+class LossContext:
+    """What a base loss factory may use besides its own parameters."""
+
+    num_classes: int
+    embedding_dim: int
+    distance: SharedCosineSimilarity = field(default_factory=SharedCosineSimilarity)
+
+
+@LOSSES.register("multi_similarity")
+def multi_similarity(
+    ctx: LossContext, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5
+) -> losses.BaseMetricLossFunction:
+    """MultiSimilarityLoss (Wang et al. 2019): pair weighting on the similarity matrix."""
+    return losses.MultiSimilarityLoss(alpha=alpha, beta=beta, base=base, distance=ctx.distance)
+
+
+@LOSSES.register("proxy_anchor")
+def proxy_anchor(
+    ctx: LossContext, margin: float = 0.1, alpha: float = 32.0
+) -> losses.BaseMetricLossFunction:
+    """ProxyAnchorLoss (Kim et al. 2020): one learnt proxy per train class."""
+    return losses.ProxyAnchorLoss(ctx.num_classes, ctx.embedding_dim, margin=margin, alpha=alpha)
+
+
+@LOSSES.register("smooth_ap")
+def smooth_ap(ctx: LossContext, temperature: float = 0.01) -> losses.BaseMetricLossFunction:
+    """SmoothAPLoss (Brown et al. 2020): a smoothed average-precision ranking loss."""
+    return losses.SmoothAPLoss(temperature=temperature, distance=ctx.distance)
+
+
+@LOSSES.register("arcface")
+def arcface(
+    ctx: LossContext, margin: float = 28.6, scale: float = 64.0
+) -> losses.BaseMetricLossFunction:
+    """ArcFaceLoss (Deng et al. 2019): additive angular margin classifier."""
+    return losses.ArcFaceLoss(ctx.num_classes, ctx.embedding_dim, margin=margin, scale=scale)
+
+
+@LOSSES.register("contrastive")
+def contrastive(
+    ctx: LossContext, pos_margin: float = 1.0, neg_margin: float = 0.4
+) -> losses.BaseMetricLossFunction:
+    """ContrastiveLoss on cosine similarity (pull genuine above, push impostors below)."""
+    return losses.ContrastiveLoss(
+        pos_margin=pos_margin, neg_margin=neg_margin, distance=ctx.distance
+    )
+
+
+@LOSSES.register("triplet_margin")
+def triplet_margin(ctx: LossContext, margin: float = 0.1) -> losses.BaseMetricLossFunction:
+    """TripletMarginLoss on cosine similarity, all triplets of the batch."""
+    return losses.TripletMarginLoss(margin=margin, distance=ctx.distance)
+
+
+@LOSSES.register("none")
+def no_base_loss(ctx: LossContext) -> None:
+    """No base loss: train on TCM alone (needs --tcm)."""
+    return None
 
 
 def build_losses(
@@ -59,19 +91,13 @@ def build_losses(
 
     ``name="none"`` trains on TCM alone (it then must be enabled).
     """
-    if name not in BASE_LOSSES:
-        raise ValueError(f"unknown base loss {name!r}; choose one of {sorted(BASE_LOSSES)}")
-    factory, defaults = BASE_LOSSES[name]
-    shared = SharedCosineSimilarity()
-    try:
-        base = factory(num_classes, dim, shared, **{**defaults, **(params or {})})
-    except TypeError as err:
-        raise ValueError(f"bad parameters for loss {name!r}: {err}") from err
+    ctx = LossContext(num_classes, dim)
+    base = LOSSES.create(name, ctx, **(params or {}))
     out: dict[str, losses.BaseMetricLossFunction] = {}
     if base is not None:
         out["base"] = base
     if tcm is not None:
-        out["tcm"] = TCMLoss(distance=shared, **tcm)
+        out["tcm"] = TCMLoss(distance=ctx.distance, **tcm)
     if not out:
         raise ValueError("loss 'none' needs TCM on (--tcm): nothing would be trained")
     return out

@@ -18,6 +18,11 @@ from typing import Any
 from train.config import TrainConfig, load_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.toml"
+# docs/CALIBRATION.md, "Shipped calibration": the one command that remakes the shipped JSON
+RECALIBRATE_DEFAULT = (
+    "python -m calibrate --target-far 0.001 --target-far 0.0001,0.01 --bootstrap 200 "
+    "--out embedding/assets/glyphnet.calibration.json"
+)
 TINY = {
     "dataset": "glyphs-tiny",
     "epochs": 1,
@@ -31,11 +36,10 @@ HELP = {
     "dataset": "glyphs (default), glyphs-tiny, an image folder, or cub:/cars:/sop:/inshop:PATH",
     "m_per_class": "images per class in a batch (PML MPerClassSampler)",
     "workers": "data-loader worker processes",
-    "backbone": "glyphnet (small CNN), timm:NAME or torchvision:NAME",
+    "backbone": "a registered backbone (see --list), timm:NAME or torchvision:NAME",
     "weights": "local state-dict file for timm/torchvision backbones (never downloaded)",
     "width": "glyphnet channel width",
-    "loss": "base loss: multi_similarity, proxy_anchor, smooth_ap, arcface, contrastive, "
-    "triplet_margin or none (TCM alone)",
+    "loss": "registered base loss (see --list), or none (TCM alone)",
     "tcm": "add the TCM regulariser to the base loss",
     "steps_per_epoch": "0 = one pass over the train split",
     "proxy_lr": "learning rate of loss parameters (proxies, class centres)",
@@ -45,6 +49,20 @@ HELP = {
     "threads": "torch CPU threads",
     "eval_limit": "evaluate on whole test classes up to this many images (0 = all)",
     "target_far": "global FAR whose threshold the per-tenant FARs are reported at",
+    "val_fraction": "train classes held out (per tenant) for validation and calibrated margins; "
+    "0 = none",
+    "margins": "TCM margins: fixed (--margin-plus/--margin-minus) or calibrated (follow the "
+    "model's operating range on the held-out classes)",
+    "margin_every": "steps between operating-range measurements (--margins calibrated)",
+    "margin_warmup": "steps trained with the fixed margins before the first measurement "
+    "(a random network's range is ~[1, 1])",
+    "margin_offset": "calibrated margins: m- = t(FAR hi) - offset, m+ = t(FAR lo) + offset",
+    "margin_momentum": "smoothing of calibrated margins between measurements (0 = none)",
+    "margin_far_lo": "calibrated margins: the strict end of the operating range (FAR)",
+    "margin_far_hi": "calibrated margins: the loose end of the operating range (FAR)",
+    "warmup_steps": "linear learning-rate warm-up steps",
+    "patience": "stop after this many evaluations without a held-out Recall@1 gain (0 = off)",
+    "optimizer": "registered optimizer (see --list)",
 }
 
 
@@ -74,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run on glyphs-tiny")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--list",
+        action="store_true",
+        help="print the registered losses, backbones, optimizers and datasets, then exit",
+    )
     opts = parser.add_argument_group("config overrides (defaults shown are the built-in ones)")
     defaults = TrainConfig()
     for f in fields(TrainConfig):
@@ -139,8 +162,21 @@ def run_name(cfg: TrainConfig) -> str:
     return f"{cfg.loss}{tcm}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def print_registered() -> None:
+    """What ``--list`` prints: every registry, one name per line with its summary."""
+    from train.registry import REGISTRIES
+
+    for kind, registry in REGISTRIES.items():
+        print(f"{kind}:")
+        for name, doc in registry.describe().items():
+            print(f"  {name:<18} {doc}")
+
+
 def train_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.list:
+        print_registered()
+        return 0
     try:
         cfg = resolve_config(args)
     except (ValueError, FileNotFoundError) as err:
@@ -149,7 +185,11 @@ def train_main(argv: list[str]) -> int:
     from train.trainer import Trainer
 
     run_dir = args.resume or args.out or Path("out/train") / run_name(cfg)
-    trainer = Trainer(cfg, run_dir, quiet=args.quiet)
+    try:
+        trainer = Trainer.from_config(cfg, run_dir, quiet=args.quiet)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.resume:
         ckpt = args.resume / "checkpoint.pt"
         if not ckpt.is_file():
@@ -162,8 +202,9 @@ def train_main(argv: list[str]) -> int:
 
         shutil.copyfile(run_dir / "model.onnx", DEFAULT_MODEL)
         print(f"default embedder updated: {DEFAULT_MODEL}")
+        print(f"its calibration is now stale; recalibrate it with\n  {RECALIBRATE_DEFAULT}")
     if metrics:
-        keys = ("recall_at_1", "map_at_r", "opis", "eps_opis", "far_min", "far_max", "far_spread")
+        keys = ("recall_at_1", "map_at_r", "opis", "eps_opis", "tar", "far_min", "far_max")
         print(" ".join(f"{k}={metrics[k]:.4g}" for k in keys if metrics.get(k) is not None))
     return 0
 
@@ -191,9 +232,17 @@ def export_main(argv: list[str]) -> int:
     model = build_model(cfg.backbone, cfg.embedding_dim, cfg.width)
     model.load_state_dict(state["model"])
     out = args.out or args.run_dir / "model.onnx"
-    export_model(model, out, recipe_of(cfg))
+    export_model(model, out, recipe_of(cfg, _last_margins(state)))
     print(f"wrote {out}")
     return 0
+
+
+def _last_margins(state: dict) -> dict[str, float] | None:
+    """The TCM margins in force at the checkpoint, from its step history."""
+    for row in reversed(state.get("history", [])):
+        if "tcm/margin_plus" in row:
+            return {"margin_plus": row["tcm/margin_plus"], "margin_minus": row["tcm/margin_minus"]}
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

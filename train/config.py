@@ -28,6 +28,7 @@ class TrainConfig:
     m_per_class: int = 4
     batch_size: int = 128
     workers: int = 0
+    val_fraction: float = 0.1  # train classes held out for validation and margins; 0 = none
     # model
     backbone: str = "glyphnet"
     embedding_dim: int = 64
@@ -41,6 +42,13 @@ class TrainConfig:
     lambda_minus: float = 1.0
     margin_plus: float = 0.9
     margin_minus: float = 0.5
+    margins: str = "fixed"  # fixed (the two above) or calibrated (from the operating range)
+    margin_every: int = 100  # steps between operating-range measurements (calibrated)
+    margin_warmup: int = 200  # steps with the fixed margins before the first measurement
+    margin_offset: float = 0.0  # m- = t(FAR_hi) - offset, m+ = t(FAR_lo) + offset
+    margin_momentum: float = 0.0  # smoothing of calibrated margins (0 = none)
+    margin_far_lo: float = 1e-4
+    margin_far_hi: float = 1e-2
     # optimisation
     epochs: int = 3
     steps_per_epoch: int = 0  # 0: one pass over the train set
@@ -49,12 +57,14 @@ class TrainConfig:
     weight_decay: float = 1e-4
     optimizer: str = "adamw"
     schedule: str = "cosine"
+    warmup_steps: int = 0
     amp: bool = True  # only takes effect on CUDA
     seed: int = 0
     device: str = "auto"
     threads: int = 2
     # evaluation
     eval_every: int = 1
+    patience: int = 0  # stop after this many evaluations without a held-out R@1 gain; 0 = off
     eval_limit: int = 0  # 0: whole test split; else at most this many test images
     target_far: float = 1e-3
 

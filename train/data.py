@@ -1,4 +1,4 @@
-"""Image sets as torch datasets, and m-per-class batches.
+"""Datasets by name (``DATASETS``), torch views of image sets, and m-per-class batches.
 
 Images go through :func:`embedding.preprocess.preprocess` with the model's own
 metadata, so training sees exactly the tensors the ONNX embedder will see at serving
@@ -7,6 +7,8 @@ time (same resize, scaling and normalisation).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from pytorch_metric_learning.samplers import MPerClassSampler
@@ -14,7 +16,88 @@ from torch.utils.data import DataLoader, Dataset
 
 from contracts import EmbedderMeta
 from embedding.preprocess import preprocess
-from imagesets import ImageSet
+from imagesets import ImageSet, load_images
+from imagesets.benchmarks import LOADERS
+from imagesets.folders import load_folder
+from train.registry import DATASETS, split_spec
+
+
+@DATASETS.register("glyphs")
+def glyphs(split: str) -> ImageSet:
+    """The embedded glyph set (3,396 characters, 8 script tenants), rendered once locally."""
+    return load_images("glyphs", split)
+
+
+@DATASETS.register("glyphs-tiny")
+def glyphs_tiny(split: str) -> ImageSet:
+    """At most 6 glyph classes per split and tenant: smoke runs and tests."""
+    return load_images("glyphs-tiny", split)
+
+
+@DATASETS.register("folder")
+def folder(split: str, path: str) -> ImageSet:
+    """folder:PATH, root/<label>/<image> or root/<tenant>/<label>/<image> (no split: all)."""
+    return load_folder(path)
+
+
+BENCHMARKS = {
+    "cub": "CUB-200-2011",
+    "cars": "Cars-196",
+    "sop": "Stanford Online Products",
+    "inshop": "In-Shop Clothes Retrieval",
+}
+
+
+def _benchmark(kind: str):
+    def load(split: str, path: str) -> ImageSet:
+        return LOADERS[kind](path, split)
+
+    load.__doc__ = f"{kind}:PATH, {BENCHMARKS.get(kind, kind)} in its published layout"
+    return load
+
+
+for _kind in sorted(LOADERS):
+    DATASETS.register(_kind)(_benchmark(_kind))
+
+
+def load_dataset(spec: str, split: str) -> ImageSet:
+    """A split of the dataset a spec names: ``glyphs``, ``cub:PATH``, or an image folder."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    name, path = split_spec(spec)
+    if path and name in DATASETS:
+        return DATASETS.create(name, split, path)
+    if not path and spec not in DATASETS and Path(spec).is_dir():
+        return DATASETS.create("folder", split, spec)
+    return DATASETS.create(spec, split)
+
+
+def hold_out_classes(images: ImageSet, fraction: float, seed: int = 0) -> tuple[ImageSet, ImageSet]:
+    """(train, validation): whole classes, ``fraction`` of them, drawn per tenant.
+
+    Validation classes are never trained on, so the validation set is open-world like
+    the test split. Each tenant with at least 4 classes gives at least 2 (FAR needs
+    impostor pairs within a tenant) and keeps at least 2 for training; smaller tenants
+    stay whole in training. The draw uses its own ``seed``, not the run's, so every run
+    of a comparison holds out the same classes.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation fraction must lie in (0, 1), got {fraction}")
+    rng = np.random.default_rng(seed)
+    held: list[np.ndarray] = [np.zeros(0, dtype=images.labels.dtype)]
+    for tenant in np.unique(images.tenants):
+        classes = np.unique(images.labels[images.tenants == tenant])
+        if len(classes) < 4:
+            continue
+        n = min(max(2, round(fraction * len(classes))), len(classes) - 2)
+        held.append(rng.choice(classes, size=n, replace=False))
+    is_val = np.isin(images.labels, np.concatenate(held))
+    if not is_val.any():
+        raise ValueError(f"{images.name}: too few classes per tenant to hold any out (need 4)")
+    return (
+        images.subset(np.flatnonzero(~is_val), name=f"{images.name}-fit"),
+        images.subset(np.flatnonzero(is_val), name=f"{images.name}-val"),
+    )
 
 
 class ImageDataset(Dataset):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -100,6 +101,7 @@ def evaluate_embeddings(
         "global_threshold": target.threshold,
         "global_distance": target.distance,
         "achieved_far": target.achieved_far,
+        "tar": target.tar,  # genuine pairs (within tenants) accepted at the global threshold
         "tenant_far": {d.name: d.far for d in measured},
         "far_min": far_min,
         "far_max": far_max,
@@ -120,3 +122,86 @@ def evaluate_embeddings(
         tenant_utility=np.stack(tenant_u) if tenant_u else np.zeros((0, len(ev.grid))),
     )
     return metrics, curves
+
+
+# ---- python -m train.evaluate: exported models side by side ---------------------------
+ROWS = (
+    ("Recall@1", "recall_at_1", "{:.4f}"),
+    ("MAP@R", "map_at_r", "{:.4f}"),
+    ("OPIS", "opis", "{:.3e}"),
+    ("eps-OPIS", "eps_opis", "{:.4f}"),
+    ("tenant OPIS", "tenant_opis", "{:.3e}"),
+    ("TAR at target FAR", "tar", "{:.4f}"),
+    ("global threshold (similarity)", "global_threshold", "{:.4f}"),
+    ("tenant FAR min", "far_min", "{:.2e}"),
+    ("tenant FAR max", "far_max", "{:.2e}"),
+    ("tenant FAR max/min", "far_spread", "{:.1f}"),
+)
+
+
+def evaluate_model(
+    model: str | Path, dataset: str = "glyphs", split: str = "test", target_far: float = 1e-3
+) -> dict:
+    """The training metrics of an exported ``.onnx`` model (onnxruntime, no torch)."""
+    from embedding import OnnxEmbedder
+    from imagesets import load_images
+
+    images = load_images(dataset, split)
+    emb = OnnxEmbedder(model, device="cpu").embed_set(images, progress=f"embed {Path(model).name}")
+    metrics, _ = evaluate_embeddings(
+        emb, images.labels, images.tenants, images.tenant_names, target_far=target_far
+    )
+    return metrics
+
+
+def side_by_side(named: dict[str, dict]) -> str:
+    """A Markdown table with one column per model."""
+    names = list(named)
+    lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for title, key, fmt in ROWS:
+        cells = []
+        for n in names:
+            v = named[n].get(key)
+            ok = v is not None and not (isinstance(v, float) and not math.isfinite(v))
+            cells.append(fmt.format(v) if ok else "n/a")
+        lines.append(f"| {title} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(
+        prog="python -m train.evaluate",
+        description="Held-out metrics of exported models, side by side (the metrics.json "
+        "definitions: calibrate's thresholds and OPIS, pairs within tenants).",
+    )
+    parser.add_argument("models", nargs="+", type=Path, help=".onnx files")
+    parser.add_argument("--dataset", default="glyphs")
+    parser.add_argument("--split", default="test", choices=["train", "test"])
+    parser.add_argument("--target-far", type=float, default=1e-3)
+    parser.add_argument("--json", type=Path, help="also write every metric to this file")
+    args = parser.parse_args(argv)
+    named = {
+        str(m): evaluate_model(m, args.dataset, args.split, args.target_far) for m in args.models
+    }
+    if args.json:
+        args.json.write_text(json.dumps(json_safe(named), indent=2) + "\n")
+    print(side_by_side(named))
+    return 0
+
+
+def json_safe(value):
+    """JSON has no infinity or NaN: an unmeasurable value becomes null."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

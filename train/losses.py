@@ -96,6 +96,22 @@ class TCMLoss(BaseMetricLossFunction):
             list_of_names=["pos_term", "neg_term", "active_pos", "active_neg"], is_stat=True
         )
 
+    def set_margins(self, margin_plus: float, margin_minus: float) -> None:
+        """Move the margins (e.g. to the model's measured operating range) between steps."""
+        self.margin_plus, self.margin_minus = float(margin_plus), float(margin_minus)
+
+    def statistics(self) -> dict[str, float]:
+        """What to log after a step: both terms, their active pair counts, the margins.
+
+        A trainer logs whatever a loss reports here, so it never needs TCM's internals.
+        """
+        stats = {"margin_plus": self.margin_plus, "margin_minus": self.margin_minus}
+        for name in ("pos_term", "neg_term", "active_pos", "active_neg"):
+            value = getattr(self, name, None)
+            if value is not None:  # None before the first forward
+                stats[name] = float(value)
+        return stats
+
     def get_default_distance(self) -> CosineSimilarity:
         return CosineSimilarity()
 

@@ -1,4 +1,4 @@
-"""Backbones by name: a small CNN for CPUs, timm/torchvision when installed (local weights).
+"""Backbones by name (``BACKBONES``): small CNNs for CPUs, timm/torchvision (local weights).
 
 Every model maps ``(N, C, H, W)`` float images (already normalised by the metadata's
 mean/std) to L2-normalised ``(N, embedding_dim)`` embeddings, so the exported ONNX
@@ -7,13 +7,16 @@ graph returns what calibrate and the server expect without post-processing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
+
+from train.registry import BACKBONES, split_spec
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,17 @@ def _block(cin: int, cout: int) -> nn.Sequential:
     )
 
 
-def glyphnet(width: int = 32) -> tuple[nn.Module, int]:
-    """Four conv stages 32->16->8->4 px, then global average pooling: ~0.3M params at w=32."""
+class Backbone(NamedTuple):
+    """A feature extractor, its output width and the input it expects."""
+
+    net: nn.Module
+    features: int
+    spec: InputSpec
+
+
+@BACKBONES.register("glyphnet")
+def glyphnet(width: int = 32) -> Backbone:
+    """Small VGG-style CNN for 32x32 glyphs: 4 stages of 2 convs, ~0.15M params at width 16."""
     w = width
     net = nn.Sequential(
         _block(1, w),
@@ -70,20 +82,24 @@ def glyphnet(width: int = 32) -> tuple[nn.Module, int]:
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
     )
-    return net, 4 * w
+    return Backbone(net, 4 * w, GLYPH_INPUT)
 
 
-def _timm(name: str, weights: str) -> tuple[nn.Module, int]:
+@BACKBONES.register("timm")
+def timm_backbone(name: str, weights: str = "") -> Backbone:
+    """timm:NAME, any timm model without its classifier (local weights; needs timm)."""
     try:
         import timm
     except ImportError as err:
         raise RuntimeError(f"backbone timm:{name} needs `pip install timm`") from err
     net = timm.create_model(name, pretrained=False, num_classes=0)
     _load_weights(net, weights)
-    return net, int(net.num_features)
+    return Backbone(net, int(net.num_features), IMAGENET_INPUT)
 
 
-def _torchvision(name: str, weights: str) -> tuple[nn.Module, int]:
+@BACKBONES.register("torchvision")
+def torchvision_backbone(name: str, weights: str = "") -> Backbone:
+    """torchvision:NAME, a torchvision classifier with its head removed (needs torchvision)."""
     try:
         from torchvision import models
     except ImportError as err:
@@ -96,7 +112,7 @@ def _torchvision(name: str, weights: str) -> tuple[nn.Module, int]:
     head = getattr(net, head_name)
     features = head.in_features if isinstance(head, nn.Linear) else head[-1].in_features
     setattr(net, head_name, nn.Identity())
-    return net, int(features)
+    return Backbone(net, int(features), IMAGENET_INPUT)
 
 
 def _load_weights(net: nn.Module, weights: str) -> None:
@@ -111,20 +127,21 @@ def _load_weights(net: nn.Module, weights: str) -> None:
     print(f"loaded {path}: {len(missing)} missing, {len(unexpected)} unexpected keys")
 
 
-BACKBONES: dict[str, Callable[..., tuple[nn.Module, int]]] = {"glyphnet": glyphnet}
-
-
 def build_model(backbone: str, dim: int, width: int = 32, weights: str = "") -> Embedder:
-    """``glyphnet`` (default), ``timm:NAME`` or ``torchvision:NAME``."""
-    kind, _, name = backbone.partition(":")
-    if backbone in BACKBONES:
-        net, features = BACKBONES[backbone](width)
-        return Embedder(net, features, dim, GLYPH_INPUT)
-    if kind == "timm" and name:
-        return Embedder(*_timm(name, weights), dim, IMAGENET_INPUT)
-    if kind == "torchvision" and name:
-        return Embedder(*_torchvision(name, weights), dim, IMAGENET_INPUT)
-    raise ValueError(
-        f"unknown backbone {backbone!r}: use one of {sorted(BACKBONES)}, timm:NAME or "
-        "torchvision:NAME"
+    """An embedder from a backbone spec: a registered name, or ``FAMILY:NAME`` (``timm:resnet50``).
+
+    The config's backbone knobs (``width``, ``weights``) go to the factories that take
+    them, so each factory declares what it uses and nothing else.
+    """
+    family, name = split_spec(backbone)
+    factory = BACKBONES.get(family)
+    accepted = inspect.signature(factory).parameters
+    if name and "name" not in accepted:
+        raise ValueError(f"backbone {family!r} takes no name: use {family!r}, not {backbone!r}")
+    if "name" in accepted and not name:
+        raise ValueError(f"backbone {family!r} needs a model name: {family}:NAME")
+    knobs = {"name": name, "width": width, "weights": weights}
+    net, features, spec = BACKBONES.create(
+        family, **{k: v for k, v in knobs.items() if k in accepted}
     )
+    return Embedder(net, features, dim, spec)

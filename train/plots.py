@@ -1,7 +1,8 @@
-"""Figures of a run: training losses per step and held-out metrics per epoch."""
+"""Figures: a run's losses, TCM margins and held-out metrics; utility curves; the sweep."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -11,31 +12,74 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 
+def _smooth(values: np.ndarray, window: int) -> np.ndarray:
+    return np.convolve(values, np.ones(window) / window, mode="valid")
+
+
+def _series(history: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of one logged key; rows that did not log it are skipped."""
+    rows = [(h.get("step", i + 1), h[key]) for i, h in enumerate(history) if key in h]
+    if not rows:
+        return np.zeros(0), np.zeros(0)
+    steps, values = zip(*rows, strict=True)
+    return np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+
+
+LOSS_KEYS = ("base", "tcm", "loss", "tcm/pos_term", "tcm/neg_term")
+
+
 def plot_training(history: list[dict], epochs: list[dict], out: Path) -> None:
-    """Left: each loss term per step (smoothed). Right: Recall@1 and OPIS per epoch."""
-    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(10, 3.6))
-    keys = [k for k in (history[0] if history else {}) if k != "epoch"]
+    """Loss terms per step; TCM margins and the measured operating range; held-out metrics.
+
+    The middle panel is only drawn for TCM runs: the margins in force at every step
+    and, for calibrated margins, the range each measurement found (FAR_hi .. FAR_lo).
+    """
+    has_tcm = any("tcm/margin_plus" in h for h in history)
+    fig, axes = plt.subplots(1, 3 if has_tcm else 2, figsize=(15 if has_tcm else 10, 3.6))
+    ax_loss, ax_eval = axes[0], axes[-1]
     window = max(1, len(history) // 50)
-    for key in keys:
-        values = np.array([h[key] for h in history], dtype=float)
-        smooth = np.convolve(values, np.ones(window) / window, mode="valid")
-        ax_loss.plot(np.arange(len(smooth)) + window - 1, smooth, label=key)
+    for key in LOSS_KEYS:
+        steps, values = _series(history, key)
+        if len(values) >= window:
+            ax_loss.plot(steps[window - 1 :], _smooth(values, window), label=key)
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel(f"loss (mean of {window} steps)")
     ax_loss.legend(fontsize=8)
+    if has_tcm:
+        plot_margins(axes[1], history)
     if epochs:
-        x = [e["epoch"] for e in epochs]
-        ax_eval.plot(x, [e["recall_at_1"] for e in epochs], "o-", label="Recall@1")
-        ax_eval.set_xlabel("epoch")
+        x = [e.get("step", e["epoch"]) for e in epochs]
+        split = epochs[-1].get("split", "test")
+        ax_eval.plot(x, [e["recall_at_1"] for e in epochs], "o-", label=f"Recall@1 ({split})")
+        ax_eval.set_xlabel("step")
         ax_eval.set_ylabel("Recall@1")
         twin = ax_eval.twinx()
-        twin.plot(x, [e["opis"] for e in epochs], "s--", color="C3", label="OPIS")
+        twin.plot(x, [e["opis"] for e in epochs], "s--", color="C3", label=f"OPIS ({split})")
         twin.set_ylabel("OPIS")
         ax_eval.legend(loc="upper left", fontsize=8)
         twin.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def plot_margins(ax, history: list[dict], title: str | None = None) -> None:
+    """TCM's margins per step, and the operating range where it was measured."""
+    for key, color, label in (
+        ("tcm/margin_plus", "C2", "margin+ (genuine below: pulled up)"),
+        ("tcm/margin_minus", "C3", "margin- (impostors above: pushed down)"),
+    ):
+        steps, values = _series(history, key)
+        ax.plot(steps, values, color=color, lw=1.5, label=label)
+    lo_steps, lo = _series(history, "range_lo")
+    hi_steps, hi = _series(history, "range_hi")
+    if len(lo):
+        ax.plot(lo_steps, lo, "v", color="0.3", ms=3, label="t at FAR_hi (measured)")
+        ax.plot(hi_steps, hi, "^", color="0.3", ms=3, label="t at FAR_lo (measured)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cosine similarity")
+    ax.set_title(title or "TCM margins", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
 
 
 def plot_utility_pair(without: Path, with_tcm: Path, out: Path) -> None:
@@ -64,28 +108,39 @@ def plot_utility_pair(without: Path, with_tcm: Path, out: Path) -> None:
 
 
 def plot_sweep(results: list[dict], out: Path) -> None:
-    """OPIS against Recall@1 for every run; arrows join each baseline to its +TCM twin."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    by_name = {r["name"]: r["metrics"] for r in results}
-    for r in results:
-        m = r["metrics"]
-        tcm = r["config"].get("tcm")
+    """OPIS against Recall@1 for every run: one colour per setting, one marker per base loss."""
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    settings = list(dict.fromkeys(r["setting"] for r in results))
+    losses = list(dict.fromkeys(r["config"]["loss"] for r in results))
+    markers = "oxs^vD"
+    cmap = plt.get_cmap("tab20")
+    for i, setting in enumerate(settings):
+        runs = [r for r in results if r["setting"] == setting]
+        marker = markers[losses.index(runs[0]["config"]["loss"]) % len(markers)]
         ax.scatter(
-            m["recall_at_1"], m["opis"], marker="o" if tcm else "x", color="C3" if tcm else "C0"
+            [r["metrics"]["recall_at_1"] for r in runs],
+            [r["metrics"]["opis"] for r in runs],
+            marker=marker,
+            color=cmap(i % 20),
+            label=setting,
+            s=22,
         )
-        ax.annotate(r["name"], (m["recall_at_1"], m["opis"]), fontsize=6)
-        twin = r["name"].replace("-s", "-tcm-s", 1)
-        if not tcm and twin in by_name:
-            t = by_name[twin]
-            ax.annotate(
-                "",
-                (t["recall_at_1"], t["opis"]),
-                (m["recall_at_1"], m["opis"]),
-                arrowprops={"arrowstyle": "->", "color": "0.5"},
-            )
-    ax.set_xlabel("Recall@1")
-    ax.set_ylabel("OPIS (lower = more threshold-consistent)")
-    ax.set_title("x: base loss, o: + TCM", fontsize=9)
+    ax.set_xlabel("Recall@1 (test)")
+    ax.set_ylabel("OPIS (test; lower = more threshold-consistent)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=6, ncol=2, loc="best")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def plot_margin_runs(runs: dict[str, Path], out: Path) -> None:
+    """The calibration-aware-margin figure: margins over training for several runs."""
+    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 3.8), sharey=True)
+    axes = np.atleast_1d(axes)
+    for ax, (title, run) in zip(axes, runs.items(), strict=True):
+        history = json.loads((Path(run) / "history.json").read_text())
+        plot_margins(ax, history, title)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -1,156 +1,413 @@
-"""``python -m train.sweep``: rerun the reproduction table (base loss vs base loss + TCM).
+"""``python -m train.sweep``: base loss with and without TCM, fixed vs calibrated margins, seeds.
 
-Every (base loss, seed) pair trains twice with the same data, steps and seed, once
-without and once with TCM; then a margin/lambda sweep with the first loss and seed.
-Every run is reported (docs/RESULTS.md), not only the best. Results go to
-``OUT/results.json`` and a Markdown table on stdout and in ``OUT/results.md``.
+Every combination of base loss x TCM setting x seed trains with the same data, steps and
+held-out classes; a TCM setting is ``base`` (no TCM), or a margin mode (``fixed``: the
+paper's 0.9 / 0.5, ``calibrated``: the model's operating range, train/margins.py) with a
+weight lambda (both TCM terms). Runs already in ``OUT/results.json`` are skipped, so a
+sweep can be stopped, resumed and extended (more seeds, more lambdas) in place.
+
+The report (``OUT/results.md`` and stdout) has every run, the mean +- std over seeds of
+each setting, and each TCM setting against its own base loss, paired by seed, with a
+plain statement of which changes lie inside the seed-to-seed noise.
+
+  python -m train.sweep --out out/sweep --seeds 0 --lambdas 1 3 10 30          # screening
+  python -m train.sweep --out out/sweep --seeds 0 1 2 --only proxy_anchor:calibrated:10
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from contracts import atomic_write_text
 from train.config import load_config
-from train.trainer import Trainer, json_safe
 
-DEFAULT_MARGINS = ["0.9,0.5,1,1", "0.8,0.4,1,1", "0.9,0.5,1,3"]
-COLUMNS = ("recall_at_1", "map_at_r", "opis", "eps_opis", "far_min", "far_max", "far_spread")
+MODES = ("base", "fixed", "calibrated")
+COLUMNS = {
+    "recall_at_1": ("R@1", "{:.4f}"),
+    "map_at_r": ("MAP@R", "{:.4f}"),
+    "opis": ("OPIS", "{:.2e}"),
+    "eps_opis": ("eps-OPIS", "{:.3f}"),
+    "tenant_opis": ("tenant OPIS", "{:.2e}"),
+    "tar": ("TAR@1e-3", "{:.4f}"),
+    "far_spread": ("FAR max/min", "{:.0f}"),
+}
 
 
-def _runs(args: argparse.Namespace) -> list[tuple[str, dict]]:
-    runs = []
-    for loss in args.losses:
-        for seed in args.seeds:
-            for tcm in (False, True):
-                name = f"{loss}{'-tcm' if tcm else ''}-s{seed}"
-                runs.append((name, {"loss": loss, "seed": seed, "tcm": tcm}))
-    for spec in args.margins:
-        mp, mm, lp, lm = (float(v) for v in spec.split(","))
-        if (mp, mm, lp, lm) == (0.9, 0.5, 1.0, 1.0):
-            continue  # already in the main table
-        name = f"{args.losses[0]}-tcm-s{args.seeds[0]}-m{mp:g},{mm:g}-l{lp:g},{lm:g}"
-        runs.append(
-            (
-                name,
-                {
-                    "loss": args.losses[0],
-                    "seed": args.seeds[0],
-                    "tcm": True,
-                    "margin_plus": mp,
-                    "margin_minus": mm,
-                    "lambda_plus": lp,
-                    "lambda_minus": lm,
-                },
-            )
+@dataclass(frozen=True)
+class Setting:
+    """One point of the sweep without its seed: base loss, TCM mode, lambda (and offset)."""
+
+    loss: str
+    mode: str
+    lam: float = 0.0
+    offset: float = 0.0  # calibrated margins only (train/margins.py)
+
+    @property
+    def name(self) -> str:
+        if self.mode == "base":
+            return self.loss
+        return f"{self.loss}-{self.mode}-l{self.lam:g}" + (
+            f"-o{self.offset:g}" if self.offset else ""
         )
-    return runs
+
+    def changes(self, seed: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"loss": self.loss, "seed": seed, "tcm": self.mode != "base"}
+        if self.mode != "base":
+            out.update(margins=self.mode, lambda_plus=self.lam, lambda_minus=self.lam)
+        if self.offset:
+            out["margin_offset"] = self.offset
+        return out
+
+    @classmethod
+    def parse(cls, text: str) -> Setting:
+        """``loss``, ``loss:base``, ``loss:MODE:LAMBDA`` or ``loss:calibrated:LAMBDA:OFFSET``."""
+        parts = text.split(":")
+        if len(parts) == 1 or parts[1:] == ["base"]:
+            return cls(parts[0], "base")
+        if len(parts) == 3 and parts[1] in MODES[1:]:
+            return cls(parts[0], parts[1], float(parts[2]))
+        if len(parts) == 4 and parts[1] == "calibrated":
+            return cls(parts[0], parts[1], float(parts[2]), float(parts[3]))
+        raise ValueError(
+            f"setting {text!r}: expected LOSS, LOSS:base, LOSS:fixed|calibrated:LAMBDA "
+            "or LOSS:calibrated:LAMBDA:OFFSET"
+        )
+
+
+def plan(
+    losses: Sequence[str],
+    modes: Sequence[str],
+    lambdas: Sequence[float],
+    seeds: Sequence[int],
+    only: Sequence[str] = (),
+) -> list[tuple[str, Setting, int]]:
+    """(run name, setting, seed) in run order: seed-major, each loss's base run first."""
+    if only:
+        settings = [Setting.parse(s) for s in only]
+    else:
+        settings = []
+        for loss in losses:
+            settings.append(Setting(loss, "base"))
+            settings += [Setting(loss, m, lam) for m in modes if m != "base" for lam in lambdas]
+    return [(f"{s.name}-s{seed}", s, seed) for seed in seeds for s in settings]
+
+
+# ---- the report --------------------------------------------------------------------
+def _value(metrics: dict, key: str) -> float | None:
+    v = metrics.get(key)
+    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v)
+
+
+def _cell(v: float | None, fmt: str) -> str:
+    return "n/a" if v is None else fmt.format(v)
 
 
 def table(results: list[dict]) -> str:
-    head = "| run | " + " | ".join(COLUMNS) + " |"
-    rows = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+    """Every run, one row each (test split metrics)."""
+    head = "| run | steps | " + " | ".join(t for t, _ in COLUMNS.values()) + " | val R@1 |"
+    rows = [head, "|" + "---|" * (len(COLUMNS) + 3)]
     for r in results:
-        cells = []
-        for c in COLUMNS:
-            v = r["metrics"].get(c)
-            cells.append("n/a" if v is None else f"{v:.4f}" if c in COLUMNS[:2] else f"{v:.3g}")
-        rows.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+        m = r["metrics"]
+        cells = [_cell(_value(m, k), fmt) for k, (_, fmt) in COLUMNS.items()]
+        val = _cell(_value(m.get("val") or {}, "recall_at_1"), "{:.4f}")
+        rows.append(
+            f"| {r['name']} | {m.get('steps', 'n/a')} | " + " | ".join(cells) + f" | {val} |"
+        )
     return "\n".join(rows)
 
 
-def summary(results: list[dict]) -> str:
-    """Per base loss: seed means without and with TCM, and TCM's relative change."""
-    lines = [
-        "| base loss | seeds | R@1 base | R@1 +TCM | OPIS base | OPIS +TCM | OPIS change |"
-        " eps-OPIS change |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    main_runs = [r for r in results if "margin_plus" not in r["config"]]
-    for loss in dict.fromkeys(r["config"]["loss"] for r in main_runs):
-        pairs = {}
-        for r in main_runs:
-            if r["config"]["loss"] == loss:
-                pairs.setdefault(r["config"]["seed"], {})[r["config"]["tcm"]] = r["metrics"]
-        both = [p for p in pairs.values() if True in p and False in p]
-        if not both:
+def _by_setting(results: list[dict]) -> dict[str, dict[int, dict]]:
+    out: dict[str, dict[int, dict]] = {}
+    for r in results:
+        out.setdefault(r["setting"], {})[r["seed"]] = r["metrics"]
+    return out
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _pm(values: list[float], fmt: str) -> str:
+    if not values:
+        return "n/a"
+    m, s = mean_std(values)
+    return f"{fmt.format(m)} ± {fmt.format(s)}"
+
+
+def seed_summary(results: list[dict]) -> str:
+    """Mean ± std over seeds of every setting; FAR max/min as its geometric mean."""
+    head = "| setting | seeds | " + " | ".join(t for t, _ in COLUMNS.values()) + " |"
+    rows = [head, "|" + "---|" * (len(COLUMNS) + 2)]
+    for setting, runs in _by_setting(results).items():
+        cells = []
+        for key, (_, fmt) in COLUMNS.items():
+            vals = [v for m in runs.values() if (v := _value(m, key)) is not None]
+            if key == "far_spread":
+                missing = len(runs) - len(vals)
+                text = _pm([math.log10(v) for v in vals], "{:.2f}") if vals else "n/a"
+                cells.append(f"log10 {text}" + (f" ({missing} n/a)" if missing else ""))
+            else:
+                cells.append(_pm(vals, fmt))
+        rows.append(f"| {setting} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def paired_changes(results: list[dict]) -> list[dict[str, Any]]:
+    """Each TCM setting against its base loss on the same seeds: relative changes."""
+    by = _by_setting(results)
+    out = []
+    for setting, runs in by.items():
+        loss = setting.split("-", 1)[0]
+        if setting == loss or loss not in by:
             continue
+        seeds = sorted(set(runs) & set(by[loss]))
+        if not seeds:
+            continue
+        base, tcm = [by[loss][s] for s in seeds], [runs[s] for s in seeds]
+        row: dict[str, Any] = {"setting": setting, "base": loss, "seeds": seeds}
+        for key in ("opis", "eps_opis", "tenant_opis"):
+            row[key] = [(t[key] - b[key]) / b[key] for b, t in zip(base, tcm, strict=True)]
+            row[f"{key}_base_cv"] = _cv([b[key] for b in base])
+        for key in ("recall_at_1", "tar"):
+            row[key] = [
+                t[key] - b[key]
+                for b, t in zip(base, tcm, strict=True)
+                if t.get(key) is not None and b.get(key) is not None
+            ]
+        out.append(row)
+    return out
 
-        def mean(key: str, tcm: bool, runs=both) -> float:
-            return sum(p[tcm][key] for p in runs) / len(runs)
 
-        r0, r1 = mean("recall_at_1", False), mean("recall_at_1", True)
-        o0, o1 = mean("opis", False), mean("opis", True)
-        e0, e1 = mean("eps_opis", False), mean("eps_opis", True)
-        lines.append(
-            f"| {loss} | {len(both)} | {r0:.4f} | {r1:.4f} | {o0:.3g} | {o1:.3g} | "
-            f"{(o1 - o0) / o0:+.0%} | {(e1 - e0) / e0:+.0%} |"
+def _cv(values: list[float]) -> float | None:
+    """Coefficient of variation over seeds: the relative noise of one metric."""
+    if len(values) < 2:
+        return None
+    m, s = mean_std(values)
+    return s / m if m else None
+
+
+def comparison(results: list[dict], opis_goal: float = -0.30, recall_window: float = 0.01) -> str:
+    """The paper-style table: change vs base per TCM setting (mean ± std over paired seeds)."""
+    rows = [
+        "| TCM setting | vs | seeds | OPIS change | eps-OPIS change | tenant OPIS change "
+        "| R@1 change (pt) | TAR@1e-3 change (pt) | goal met |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for row in paired_changes(results):
+        o, e, t = row["opis"], row["eps_opis"], row["tenant_opis"]
+        r1 = [100 * v for v in row["recall_at_1"]]
+        tar = [100 * v for v in row["tar"]]
+        met = (
+            len(row["seeds"]) >= 3
+            and max(o) <= opis_goal
+            and max(e) <= opis_goal
+            and min(row["recall_at_1"]) >= -recall_window
         )
-    return "\n".join(lines)
+        rows.append(
+            f"| {row['setting']} | {row['base']} | {len(row['seeds'])} | {_pm(o, '{:+.0%}')} | "
+            f"{_pm(e, '{:+.0%}')} | {_pm(t, '{:+.0%}')} | {_pm(r1, '{:+.1f}')} | "
+            f"{_pm(tar, '{:+.1f}')} | {'yes' if met else 'no'} |"
+        )
+        notes.append(_noise_note(row))
+    goal = (
+        f"Goal: OPIS and eps-OPIS change <= {opis_goal:.0%} on every seed (>= 3 seeds) with "
+        f"Recall@1 no more than {100 * recall_window:.0f} point below the base loss."
+    )
+    return "\n".join([*rows, "", goal, "", *[n for n in notes if n]])
+
+
+def _noise_note(row: dict[str, Any]) -> str:
+    """Which mean changes are larger than two standard errors of the paired difference."""
+    n = len(row["seeds"])
+    if n < 2:
+        return f"- {row['setting']}: one seed, noise not measurable."
+    parts = []
+    for key, label in (("opis", "OPIS"), ("eps_opis", "eps-OPIS"), ("tenant_opis", "tenant OPIS")):
+        m, s = mean_std(row[key])
+        inside = abs(m) <= 2 * s / math.sqrt(n)
+        parts.append(f"{label} {m:+.0%} {'inside' if inside else 'outside'} the noise")
+    m, s = mean_std(row["recall_at_1"])
+    inside = abs(m) <= 2 * s / math.sqrt(n)
+    parts.append(f"R@1 {100 * m:+.1f} pt {'inside' if inside else 'outside'} the noise")
+    return f"- {row['setting']} ({n} seeds; noise = 2 standard errors of the paired change): " + (
+        ", ".join(parts)
+    )
+
+
+def report(results: list[dict]) -> str:
+    return "\n\n".join(
+        [
+            "### Every run (test split)",
+            table(results),
+            "### Mean ± std over seeds",
+            seed_summary(results),
+            "### TCM against the same base loss (paired by seed)",
+            comparison(results),
+        ]
+    )
+
+
+# ---- running -----------------------------------------------------------------------
+def _overrides(items: Sequence[str]) -> dict[str, Any]:
+    import ast
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.replace("-", "_")] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key.replace("-", "_")] = value
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.sweep", description=__doc__)
-    parser.add_argument("--config", type=Path, default=Path("train/configs/default.toml"))
+    parser = argparse.ArgumentParser(
+        prog="python -m train.sweep",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", type=Path, default=Path("train/configs/sweep.toml"))
     parser.add_argument("--out", type=Path, default=Path("out/sweep"))
     parser.add_argument("--losses", nargs="+", default=["multi_similarity", "proxy_anchor"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=150, help="steps per epoch")
-    parser.add_argument("--eval-limit", type=int, default=6000)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--lambdas", type=float, nargs="+", default=[1.0, 3.0, 10.0, 30.0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument(
-        "--margins",
-        nargs="*",
-        default=DEFAULT_MARGINS,
-        help="margin_plus,margin_minus,lambda_plus,lambda_minus per sweep run",
+        "--only", nargs="+", default=[], help="run just these settings (LOSS[:MODE:LAMBDA])"
     )
+    parser.add_argument(
+        "--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every run"
+    )
+    parser.add_argument("--report", action="store_true", help="only print the report")
     parser.add_argument("--figures", type=Path, help="also write the figures to this folder")
     args = parser.parse_args(argv)
-    base = load_config(args.config).replace(
-        epochs=args.epochs,
-        steps_per_epoch=args.steps,
-        eval_every=args.epochs,
-        eval_limit=args.eval_limit,
-        threads=args.threads,
-    )
     results_path = args.out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else []
-    done = {r["name"] for r in results}
-    for name, changes in _runs(args):
-        if name in done:
-            print(f"{name}: already in {results_path}, skipped")
-            continue
-        cfg = base.replace(**changes)
-        start = time.perf_counter()
-        metrics = Trainer(cfg, args.out / name, quiet=True, export=False).run()
-        seconds = time.perf_counter() - start
-        results.append(
-            {"name": name, "config": changes, "seconds": seconds, "metrics": json_safe(metrics)}
-        )
-        print(
-            f"{name}: {seconds:.0f} s  R@1 {metrics['recall_at_1']:.4f} OPIS {metrics['opis']:.3e}"
-        )
-        atomic_write_text(results_path, json.dumps(results, indent=2))
+    if not args.report:
+        base = load_config(args.config).replace(**_overrides(args.set))
+        for name, setting, seed in plan(
+            args.losses, args.modes, args.lambdas, args.seeds, args.only
+        ):
+            if name in {r["name"] for r in _read(results_path)} or _claimed(args.out / name):
+                continue
+            _append(results_path, train_one(base, setting, seed, args.out / name, name))
+    results = _read(results_path)
     if args.figures:
-        from train.plots import plot_sweep, plot_utility_pair
-
-        args.figures.mkdir(parents=True, exist_ok=True)
-        for loss in args.losses:
-            seed = args.seeds[0]
-            plot_utility_pair(
-                args.out / f"{loss}-s{seed}",
-                args.out / f"{loss}-tcm-s{seed}",
-                args.figures / f"train_utility_{loss}.png",
-            )
-        plot_sweep(results, args.figures / "train_sweep.png")
-    md = table(results) + "\n\n" + summary(results)
+        write_figures(results, args.out, args.figures)
+    md = report(results)
     atomic_write_text(args.out / "results.md", md + "\n")
     print(md)
     return 0
+
+
+def write_figures(results: list[dict], out: Path, figures: Path) -> None:
+    """The sweep scatter, and per base loss the margins and utility curves of seed 0.
+
+    For each base loss, the calibrated setting run on the most seeds (ties: larger
+    lambda) is drawn against its fixed-margin twin (margins over training) and
+    against the base loss (per-class utility, the paper's Figure 2 view).
+    """
+    from train.plots import plot_margin_runs, plot_sweep, plot_utility_pair
+
+    figures.mkdir(parents=True, exist_ok=True)
+    plot_sweep(results, figures / "train_sweep.png")
+    by = _by_setting(results)
+    for loss in dict.fromkeys(r["config"]["loss"] for r in results):
+        calibrated = {
+            s: lam for s in by if (lam := _calibrated_lambda(s, loss)) is not None and 0 in by[s]
+        }
+        if not calibrated:
+            continue
+        best = max(calibrated, key=lambda s: (len(by[s]), calibrated[s]))
+        fixed = best.replace("-calibrated-", "-fixed-")
+        runs = {f"{fixed} (paper's margins)": out / f"{fixed}-s0"} if 0 in by.get(fixed, {}) else {}
+        runs[f"{best} (calibrated)"] = out / f"{best}-s0"
+        plot_margin_runs(runs, figures / f"train_margins_{loss}.png")
+        if 0 in by.get(loss, {}):
+            plot_utility_pair(
+                out / f"{loss}-s0", out / f"{best}-s0", figures / f"train_utility_{loss}.png"
+            )
+
+
+def _calibrated_lambda(setting: str, loss: str) -> float | None:
+    """Lambda of ``LOSS-calibrated-lLAMBDA``; None for any other setting name."""
+    prefix = f"{loss}-calibrated-l"
+    try:
+        return float(setting[len(prefix) :]) if setting.startswith(prefix) else None
+    except ValueError:  # e.g. a renamed variant such as ...-l10-nowarmup
+        return None
+
+
+def _read(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def _append(path: Path, result: dict) -> None:
+    """Add one run under a file lock: several sweep processes may share one results file."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with (path.parent / ".results.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        atomic_write_text(path, json.dumps([*_read(path), result], indent=2))
+
+
+def _claimed(run_dir: Path) -> bool:
+    """Claim a run for this process; False when another live sweep process holds it.
+
+    Lets several sweep processes (one per CPU lane) share one plan and results file.
+    """
+    import os
+
+    marker = run_dir / ".sweep-pid"
+    if marker.is_file():
+        try:
+            pid = int(marker.read_text())
+            os.kill(pid, 0)
+        except (ValueError, ProcessLookupError):
+            pass  # stale claim of a process that is gone: take it over
+        else:
+            if pid != os.getpid():
+                print(f"{run_dir.name}: being trained by process {pid}, skipped")
+                return True
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(os.getpid()))
+    return False
+
+
+def train_one(base, setting: Setting, seed: int, run_dir: Path, name: str) -> dict:
+    from train.evaluate import json_safe
+    from train.trainer import Trainer
+
+    cfg = base.replace(**setting.changes(seed))
+    start = time.perf_counter()
+    metrics = Trainer.from_config(cfg, run_dir, quiet=True, export=False).run()
+    seconds = time.perf_counter() - start
+    print(
+        f"{name}: {seconds:.0f} s, {metrics['steps']} steps, R@1 {metrics['recall_at_1']:.4f} "
+        f"OPIS {metrics['opis']:.3e} eps-OPIS {metrics['eps_opis']:.3f}",
+        flush=True,
+    )
+    return {
+        "name": name,
+        "setting": setting.name,
+        "seed": seed,
+        "config": setting.changes(seed),
+        "seconds": seconds,
+        "metrics": json_safe(metrics),
+    }
 
 
 if __name__ == "__main__":
