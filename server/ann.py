@@ -249,7 +249,7 @@ class HnswIndex:
                 )
             selector = faiss.IDSelectorBitmap(self._n, faiss.swig_ptr(self._bits))
             params = faiss.SearchParametersHNSW(sel=selector, efSearch=max(self.EF_SEARCH, k))
-            sims, pos = self.index.search(queries, k, params=params)
+            sims, pos = _search_with_params(self.index, queries, k, params)
             fids = np.where(pos >= 0, self._fids[np.maximum(pos, 0)], -1)
         finally:
             self._lock.release_read()
@@ -316,3 +316,18 @@ def _npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array)
     return buffer.getvalue()
+
+
+def _search_with_params(index: faiss.Index, queries: np.ndarray, k: int, params) -> tuple:
+    """``index.search(queries, k, params=params)`` through the SWIG call itself.
+
+    ``faiss.contrib.torch_utils`` (imported by pytorch-metric-learning, so by any process
+    that also trains or evaluates with it) replaces ``Index.search`` with a wrapper that
+    has no ``params`` argument; the C++ entry point is the same in every case.
+    """
+    x = np.ascontiguousarray(queries, dtype=np.float32)
+    n = len(x)
+    sims = np.empty((n, k), np.float32)
+    pos = np.empty((n, k), np.int64)
+    index.search_c(n, faiss.swig_ptr(x), k, faiss.swig_ptr(sims), faiss.swig_ptr(pos), params)
+    return sims, pos

@@ -244,6 +244,13 @@ class MilvusStore:
         return name
 
     def _secret(self) -> bytes:
+        secret = self._stored_secret()
+        if secret is None:
+            self._put(SECRET_ROW, {"secret": secrets.token_bytes(32).hex()})
+            secret = self._stored_secret()  # the first writer's, if two raced
+        return secret
+
+    def _stored_secret(self) -> bytes | None:
         rows = self.client(
             "query",
             REGISTRY,
@@ -251,18 +258,7 @@ class MilvusStore:
             output_fields=["payload"],
             consistency_level="Strong",
         )
-        if rows:
-            return bytes.fromhex(json.loads(rows[0]["payload"])["secret"])
-        secret = secrets.token_bytes(32)
-        self._put(SECRET_ROW, {"secret": secret.hex()})
-        rows = self.client(
-            "query",
-            REGISTRY,
-            filter=f"pk == {quote(SECRET_ROW)}",
-            output_fields=["payload"],
-            consistency_level="Strong",
-        )
-        return bytes.fromhex(json.loads(rows[0]["payload"])["secret"])  # first writer's
+        return bytes.fromhex(json.loads(rows[0]["payload"])["secret"]) if rows else None
 
     def _put(self, pk: str, payload: dict) -> None:
         row = {"pk": pk, "payload": json.dumps(payload), "dummy": [0.0, 0.0]}

@@ -277,3 +277,21 @@ def test_a_failed_snapshot_does_not_fail_an_acknowledged_write(tmp_path: Path, m
     assert (tmp_path / "manifest.json").exists()
     again.close()
     assert Gallery.open(tmp_path, DIM, SHA).size == 6
+
+
+def test_hnsw_search_survives_faiss_torch_utils(tmp_path: Path) -> None:
+    """pytorch-metric-learning imports faiss.contrib.torch_utils, which swaps Index.search
+    for a wrapper without ``params``: a process that trains and serves (tests, notebooks)
+    must still search HNSW with its removal filter."""
+    pytest.importorskip("torch")
+    import faiss.contrib.torch_utils  # noqa: F401  (the patch, as PML applies it)
+
+    rng = np.random.default_rng(3)
+    vectors = unit(rng, 300, 16)
+    gallery = Gallery.open(tmp_path / "hnsw", 16, SHA, index="hnsw")
+    gallery.add(items(300, [f"L{i}" for i in range(300)]), vectors, SHA)
+    gallery.remove(["id1"])
+    (own, removed) = gallery.search(vectors[[0, 1]], 1, 0.5, SHA)
+    assert own.top1.item_id == "id0"
+    assert removed.top1 is None or removed.top1.item_id != "id1"
+    gallery.close()
