@@ -26,22 +26,18 @@ R = TypeVar("R")
 
 
 def parallel_map(fn: Callable[[J], R], jobs: Sequence[J], workers: int, desc: str) -> list[R]:
-    """``[fn(j) for j in jobs]`` in order, over ``workers`` processes, with a progress bar."""
+    """``[fn(j) for j in jobs]`` in order, over ``workers`` processes.
+
+    The progress bar shows only on a terminal: logs of scripted builds stay readable.
+    """
     from tqdm import tqdm
 
     chunks = max(1, len(jobs) // (workers * 16))
+    bar = {"desc": desc, "unit": "class", "leave": False, "disable": None}  # None: TTY only
     if workers <= 1:
-        return [fn(j) for j in tqdm(jobs, desc=desc, unit="class", leave=False)]
+        return [fn(j) for j in tqdm(jobs, **bar)]
     with ProcessPoolExecutor(workers) as pool:
-        return list(
-            tqdm(
-                pool.map(fn, jobs, chunksize=chunks),
-                total=len(jobs),
-                desc=desc,
-                unit="class",
-                leave=False,
-            )
-        )
+        return list(tqdm(pool.map(fn, jobs, chunksize=chunks), total=len(jobs), **bar))
 
 
 @dataclass
