@@ -36,7 +36,7 @@ import numpy as np
 from imagesets.base import ImageSet
 from imagesets.fonts import Font, fingerprint_paths, load_fonts
 from imagesets.pipeline import cache_dir, class_imageset, keep_distinct, parallel_map, write_npz
-from imagesets.rendering import Augment, render_sample
+from imagesets.rendering import Augment, is_blank, render_sample
 from imagesets.scripts import is_drawable
 
 CACHE_VERSION = 1
@@ -377,18 +377,42 @@ def _render_plain(job: tuple[int, list[str], int]) -> tuple[int, list[np.ndarray
 Sample = tuple[int, int, bool, np.ndarray]  # font index, style, augmented, image
 
 
-def _render_styled(job: tuple[int, list[tuple[int, str, str]], NovelConfig]) -> list[Sample]:
-    """Every (font, style) of one class: the clean render, then its augmented copies."""
+StyleJob = tuple[int, list[tuple[int, str, str, np.ndarray]], NovelConfig]
+
+
+def _render_styled(job: StyleJob) -> list[Sample]:
+    """Every (font, style) of one class: the clean render, then its augmented copies.
+
+    The plain clean render comes with the job (it was drawn for cleaning already). An
+    augmented copy that lost its ink (a small dot faded and blurred away) is left out:
+    a blank picture is no sample of any class.
+    """
     cp, fonts, cfg = job
     out: list[Sample] = []
-    for fi, path, name in fonts:
+    for fi, path, name, plain in fonts:
         for si, stroke in enumerate(cfg.strokes):
-            out.append((fi, si, False, render_sample(cp, path, cfg.size, None, stroke_px=stroke)))
+            clean = (
+                plain if stroke == 0 else render_sample(cp, path, cfg.size, None, stroke_px=stroke)
+            )
+            out.append((fi, si, False, clean))
             for copy in range(1, cfg.augment + 1):
                 rng = style_rng(cfg, cp, name, si, copy)
                 img = render_sample(cp, path, cfg.size, rng, cfg.augmentation, stroke)
-                out.append((fi, si, True, img))
+                if not is_blank(img):
+                    out.append((fi, si, True, img))
     return out
+
+
+def _styled_fonts(
+    cp: int,
+    kept: dict[int, list[int]],
+    cands: dict[int, list[int]],
+    plain: dict[int, list[np.ndarray]],
+    fonts: list[Font],
+) -> list[tuple[int, str, str, np.ndarray]]:
+    """(font index, path, name, plain clean render) of each font that draws ``cp``."""
+    renders = dict(zip(cands[cp], plain[cp], strict=True))
+    return [(fi, fonts[fi].path, fonts[fi].name, renders[fi]) for fi in kept[cp]]
 
 
 def build(cfg: NovelConfig, workers: int | None = None) -> NovelData:
@@ -409,7 +433,7 @@ def build(cfg: NovelConfig, workers: int | None = None) -> NovelData:
     distinct = keep_distinct(cands, plain, cfg.min_fonts)
     codepoints = np.array(sorted(distinct.kept), dtype=np.int64)
     jobs = [
-        (int(cp), [(fi, fonts[fi].path, fonts[fi].name) for fi in distinct.kept[int(cp)]], cfg)
+        (int(cp), _styled_fonts(int(cp), distinct.kept, cands, plain, fonts), cfg)
         for cp in codepoints
     ]
     rendered = parallel_map(_render_styled, jobs, workers, "novel: styles and augmentations")
@@ -432,6 +456,10 @@ def build(cfg: NovelConfig, workers: int | None = None) -> NovelData:
             "candidates": len(cands),
             "skipped": skipped,
             "dropped": distinct.dropped,
+            "blank_augmentations_dropped": sum(
+                len(distinct.kept[int(cp)]) * len(cfg.strokes) * cfg.augment for cp in codepoints
+            )
+            - sum(s[2] for _, s in samples),
             "build_seconds": round(time.perf_counter() - started, 2),
         },
     )
