@@ -28,7 +28,7 @@ import os
 import time
 import zlib
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -224,7 +224,7 @@ class NovelConfig:
     # Stroke growth per style, in render pixels (2x output): plain and heavier strokes.
     strokes: tuple[int, ...] = (0, 2)
     augment: int = 1  # augmented copies per (class, font, style), besides the clean one
-    augmentation: Augment = field(default_factory=lambda: NOVEL_AUGMENT)
+    augmentation: Augment = NOVEL_AUGMENT
     seed: int = 0
     limit: int | None = None  # at most this many classes per tenant: tiny sets
     font_dirs: tuple[str, ...] = FONT_DIRS
@@ -294,8 +294,9 @@ def tenant_of(codepoint: int) -> str | None:
 def glyph_codepoints() -> frozenset[int]:
     """Every codepoint that could be a ``glyphs`` class (its candidates, before cleaning).
 
-    A superset of the glyph classes, computed from font coverage alone (no rendering),
-    so a build can keep out of the glyph set cheaply.
+    A superset of the classes of the default glyph configuration, the one the shipped
+    embedder trained and was calibrated on, computed from font coverage alone (no
+    rendering), so a build can keep out of the glyph set cheaply.
     """
     from imagesets.fonts import discover_fonts
     from imagesets.glyphs import GlyphConfig, _candidates
@@ -325,6 +326,7 @@ def font_paths(cfg: NovelConfig) -> list[Path]:
 
 
 def discover(cfg: NovelConfig) -> list[Font]:
+    """The novel fonts with their character maps (parses every file: about a second)."""
     return load_fonts(font_paths(cfg))
 
 
@@ -420,8 +422,8 @@ def build(cfg: NovelConfig, workers: int | None = None) -> NovelData:
     started = time.perf_counter()
     workers = workers or min(4, os.cpu_count() or 1)
     fonts = discover(cfg)
-    if not fonts_available(cfg):
-        raise RuntimeError(
+    if not fonts_available(cfg):  # an OSError, so CLIs report it like a missing dataset
+        raise FileNotFoundError(
             "the novel set needs Debian's fonts-noto-core, fonts-freefont-ttf and "
             f"fonts-unifont under {', '.join(cfg.font_dirs)}: run scripts/install_fonts.sh"
         )
