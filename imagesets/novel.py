@@ -439,31 +439,36 @@ def build(cfg: NovelConfig, workers: int | None = None) -> NovelData:
         for cp in codepoints
     ]
     rendered = parallel_map(_render_styled, jobs, workers, "novel: styles and augmentations")
-    samples = [(ci, s) for ci, per_class in enumerate(rendered) for s in per_class]
+    data = _assemble(rendered, codepoints, fonts, cfg.size)
+    expected = sum(len(distinct.kept[int(cp)]) for cp in codepoints) * len(cfg.strokes)
+    data.info = {
+        "config": asdict(cfg),
+        "fonts": len(fonts),
+        "font_set": fingerprint_paths(font_paths(cfg)),
+        "candidates": len(cands),
+        "skipped": skipped,
+        "dropped": distinct.dropped,
+        "blank_augmentations_dropped": expected * cfg.augment - int(data.augmented.sum()),
+        "build_seconds": round(time.perf_counter() - started, 2),
+    }
+    return data
+
+
+def _assemble(
+    rendered: list[list[Sample]], codepoints: np.ndarray, fonts: list[Font], size: int
+) -> NovelData:
+    """Per-class sample lists, in class order, as the arrays of a :class:`NovelData`."""
+    rows = [(ci, s) for ci, per_class in enumerate(rendered) for s in per_class]
     return NovelData(
-        images=np.stack([s[3] for _, s in samples])
-        if samples
-        else np.zeros((0, cfg.size, cfg.size), np.uint8),
-        sample_class=np.array([ci for ci, _ in samples], np.int64),
-        sample_font=np.array([s[0] for _, s in samples], np.int64),
-        sample_style=np.array([s[1] for _, s in samples], np.int64),
-        augmented=np.array([s[2] for _, s in samples], bool),
+        images=np.stack([s[3] for _, s in rows]) if rows else np.zeros((0, size, size), np.uint8),
+        sample_class=np.array([ci for ci, _ in rows], np.int64),
+        sample_font=np.array([s[0] for _, s in rows], np.int64),
+        sample_style=np.array([s[1] for _, s in rows], np.int64),
+        augmented=np.array([s[2] for _, s in rows], bool),
         codepoints=codepoints,
         class_tenant=np.array([TENANTS.index(tenant_of(int(cp))) for cp in codepoints], np.int64),
         font_names=tuple(f.name for f in fonts),
-        info={
-            "config": asdict(cfg),
-            "fonts": len(fonts),
-            "font_set": fingerprint_paths(font_paths(cfg)),
-            "candidates": len(cands),
-            "skipped": skipped,
-            "dropped": distinct.dropped,
-            "blank_augmentations_dropped": sum(
-                len(distinct.kept[int(cp)]) * len(cfg.strokes) * cfg.augment for cp in codepoints
-            )
-            - sum(s[2] for _, s in samples),
-            "build_seconds": round(time.perf_counter() - started, 2),
-        },
+        info={},
     )
 
 
