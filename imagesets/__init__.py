@@ -3,6 +3,8 @@
 One entry point, :func:`load_images`, reads any supported source from a spec:
 
 - ``glyphs`` (the embedded default; ``glyphs-tiny`` for tests and smoke runs),
+- ``novel`` (a new customer's scripts, fonts and styles, outside training and
+  calibration; evaluation only, split ``test``; ``novel-tiny`` for tests),
 - a folder ``root/<label>/<image>`` or ``root/<tenant>/<label>/<image>``,
 - ``cub:PATH``, ``cars:PATH``, ``sop:PATH``, ``inshop:PATH`` (benchmark layouts),
 
@@ -19,6 +21,7 @@ from imagesets.folders import load_folder
 from imagesets.npz import load_npz
 
 TINY_LIMIT = 6  # classes per (split, tenant) in glyphs-tiny
+RENDERED = ("glyphs", "glyphs-tiny", "novel", "novel-tiny")  # the specs rendered from fonts
 
 
 def glyph_config(spec: str):
@@ -32,6 +35,18 @@ def glyph_config(spec: str):
     raise ValueError(f"unknown glyph set {spec!r}: use 'glyphs' or 'glyphs-tiny'")
 
 
+def novel_config(spec: str):
+    """The novel-set configuration a spec names: ``novel`` or ``novel-tiny``."""
+    from imagesets.novel import TINY_LIMIT as NOVEL_TINY_LIMIT
+    from imagesets.novel import NovelConfig
+
+    if spec == "novel":
+        return NovelConfig()
+    if spec == "novel-tiny":
+        return NovelConfig(limit=NOVEL_TINY_LIMIT)
+    raise ValueError(f"unknown novel set {spec!r}: use 'novel' or 'novel-tiny'")
+
+
 def load_images(spec: str, split: str = "test") -> ImageSet:
     """Load an image set from a spec string (see module docstring)."""
     if split not in ("train", "test"):
@@ -40,13 +55,18 @@ def load_images(spec: str, split: str = "test") -> ImageSet:
         from imagesets import glyphs
 
         return glyphs.load(glyph_config(spec)).split(split)
+    if spec in ("novel", "novel-tiny"):
+        from imagesets import novel
+
+        novel.check_split(split)  # before rendering anything
+        return novel.load(novel_config(spec)).split(split)
     kind, sep, path = spec.partition(":")
     if sep and kind in LOADERS:
         return LOADERS[kind](path, split)
     if Path(spec).is_dir():
         return load_folder(spec)
     raise ValueError(
-        f"cannot read dataset {spec!r}: expected 'glyphs', 'glyphs-tiny', an image folder, "
+        f"cannot read dataset {spec!r}: expected one of {', '.join(RENDERED)}, an image folder, "
         f"or one of {', '.join(k + ':PATH' for k in LOADERS)}"
     )
 

@@ -9,6 +9,7 @@ they are opt-in and part of the cache key.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,12 +45,20 @@ def system_font_paths() -> list[Path]:
 
 def discover_fonts(system_fonts: bool = False) -> list[Font]:
     """Usable fonts with their character coverage, deduplicated by file name."""
+    paths = matplotlib_font_paths() + (system_font_paths() if system_fonts else [])
+    return load_fonts(path for path in paths if not path.name.startswith(_EXCLUDE_PREFIXES))
+
+
+def load_fonts(paths: Iterable[Path]) -> list[Font]:
+    """Fonts at ``paths`` with their character maps; the first file of a name wins.
+
+    A font that cannot be parsed is skipped: one broken system font must not stop a build.
+    """
     from fontTools.ttLib import TTFont
 
-    paths = matplotlib_font_paths() + (system_font_paths() if system_fonts else [])
     fonts: dict[str, Font] = {}
     for path in paths:
-        if path.name.startswith(_EXCLUDE_PREFIXES) or path.name in fonts:
+        if path.name in fonts:
             continue
         try:
             with TTFont(path, lazy=True) as tt:
@@ -62,7 +71,12 @@ def discover_fonts(system_fonts: bool = False) -> list[Font]:
 
 def fingerprint(fonts: list[Font]) -> str:
     """Identity of a font set: file names and sizes (contents change sizes in practice)."""
+    return fingerprint_paths(Path(font.path) for font in fonts)
+
+
+def fingerprint_paths(paths: Iterable[Path]) -> str:
+    """:func:`fingerprint` from the files alone, without parsing a font."""
     digest = hashlib.sha256()
-    for font in fonts:
-        digest.update(f"{Path(font.path).name}:{Path(font.path).stat().st_size};".encode())
+    for path in paths:
+        digest.update(f"{path.name}:{path.stat().st_size};".encode())
     return digest.hexdigest()[:16]
