@@ -187,6 +187,9 @@ class GalleryStore(Protocol):
     def switch_model(self, model_sha256: str, dim: int, embed) -> None:
         """After every tenant was re-embedded: the model new writes and tenants use."""
 
+    def describe_index(self) -> str:
+        """What the galleries search with (the ``index`` label of ``tcm_model_info``)."""
+
     def close(self) -> None: ...
 
 

@@ -377,6 +377,9 @@ class MilvusStore:
             self.client("alter_alias", name, ALIAS)
         self.collection, self.model_sha256, self.dim, self.embed = name, model_sha256, dim, embed
 
+    def describe_index(self) -> str:
+        return f"milvus HNSW COSINE ({self.server_version})"
+
     def close(self) -> None:
         self._stop.set()
         if self._refresher is not None:
@@ -415,7 +418,7 @@ class MilvusGallery:
 
     @property
     def index_kind(self) -> str:
-        return f"milvus HNSW COSINE ({self.store.server_version})"
+        return self.store.describe_index()
 
     def _pk(self, item_id: str) -> str:
         return f"{self.tenant}/{item_id}"

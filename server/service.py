@@ -37,7 +37,6 @@ from server.auth import KeyRing, Principal, hash_key, new_key
 from server.batcher import MicroBatcher, QueueFullError
 from server.decisions import DecisionStore
 from server.errors import StatusError
-from server.gallery import describe_index
 from server.gallery_store import Item, SearchResult, StaleModelError, TailOptions, open_store
 from server.imaging import ImageError, ImageLimits, header_pixels, to_model_input
 from server.metrics import ServerMetrics, TenantNormalization
@@ -209,7 +208,7 @@ class RetrievalService:
                 "model_sha256": model.sha256,
                 "calibration_sha256": model.calibration_sha256,
                 "provider": model.provider,
-                "index": describe_index(self.config.index),
+                "index": self.tenants.describe_index(),
             },
         )
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from contracts.files import atomic_write_text, fsync_dir
-from server.gallery import Gallery, TailOptions
+from server.gallery import Gallery, TailOptions, describe_index
 
 log = logging.getLogger(__name__)
 
@@ -180,3 +180,6 @@ class TenantRegistry:
     def switch_model(self, model_sha256: str, dim: int, embed) -> None:
         """After a reload re-embedded every gallery: new tenants use the new model."""
         self.model_sha256, self.dim, self.embed = model_sha256, dim, embed
+
+    def describe_index(self) -> str:
+        return describe_index(self.index)
