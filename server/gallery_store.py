@@ -18,8 +18,10 @@ suite run against each (tests/test_gallery_contract.py).
 
 from __future__ import annotations
 
+import importlib
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import grpc
@@ -30,6 +32,9 @@ from server.errors import StatusError
 from server.tail_stats import DEFAULT_CAPACITY, TenantTail
 
 RETRY_AFTER = 1.0  # seconds: the hint sent when the gallery backend failed
+# Matched against the WHOLE name (fullmatch): ``$`` would also accept a trailing newline,
+# and the name becomes a folder name (faiss) or a partition key value (Milvus).
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class GalleryError(ValueError):
@@ -38,6 +43,20 @@ class GalleryError(ValueError):
 
 class StaleModelError(RuntimeError):
     """The caller's embeddings come from another model than the gallery's (a reload raced)."""
+
+
+class TenantError(ValueError):
+    """Bad tenant name, or the tenant exists / does not exist."""
+
+
+def check_name(name: str) -> str:
+    """``name`` when it is a valid tenant name, else TenantError (the same rule for every store)."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise TenantError(
+            f"invalid tenant name {name!r}: use 1-64 letters, digits, '_', '-', '.', "
+            "starting with a letter or digit"
+        )
+    return name
 
 
 class StoreUnavailableError(StatusError):
@@ -158,6 +177,15 @@ class TenantGallery(Protocol):
     def observe(self, queries: np.ndarray, matched_item_ids: list[str | None]) -> None: ...
 
 
+@dataclass
+class Tenant:
+    """One tenant of a store: its name, its gallery and the hashes of its API keys."""
+
+    name: str
+    gallery: TenantGallery
+    key_hashes: list[str] = field(default_factory=list)
+
+
 class GalleryStore(Protocol):
     """Every tenant and its gallery: created, found, dropped, closed."""
 
@@ -166,18 +194,23 @@ class GalleryStore(Protocol):
     dim: int
     model_sha256: str
     embed: Callable[[list[bytes]], np.ndarray] | None
+    # HMAC key of decision ids, shared by every process of the store (None: ids are
+    # only known to the process that made them)
+    decision_secret: bytes | None
 
     def load_all(self) -> None: ...
 
-    def create(self, name: str, key_hash: str | None): ...
+    def create(self, name: str, key_hash: str | None) -> Tenant:
+        """A new tenant (TenantError when ``name`` is invalid or taken)."""
 
     def delete(self, name: str) -> int: ...
 
-    def get(self, name: str): ...
+    def get(self, name: str) -> Tenant:
+        """The tenant called ``name`` (TenantError when there is none)."""
 
     def names(self) -> list[str]: ...
 
-    def all(self) -> list: ...
+    def all(self) -> list[Tenant]: ...
 
     def sizes(self) -> dict[str, int]: ...
 
@@ -190,7 +223,43 @@ class GalleryStore(Protocol):
     def describe_index(self) -> str:
         """What the galleries search with (the ``index`` label of ``tcm_model_info``)."""
 
+    def prepare_thread(self, threads: int) -> None:
+        """Per-thread search settings, run once in every thread that searches (faiss:
+        its OpenMP thread count, which is per calling thread)."""
+
     def close(self) -> None: ...
+
+
+# --gallery SPEC: the scheme (what precedes the first ':', or the whole spec) picks the
+# backend. Backends register themselves when their module is imported; the built-in ones
+# are imported only when a spec names them, so the faiss store never needs pymilvus.
+GALLERY_SPECS = "use faiss, milvus://HOST:PORT or milvus-lite:PATH.db"
+Opener = Callable[..., GalleryStore]
+_OPENERS: dict[str, Opener] = {}
+_BUILT_IN = {
+    "faiss": "server.tenants",
+    "milvus": "server.milvus_store",
+    "milvus-lite": "server.milvus_store",
+}
+
+
+def register(scheme: str, opener: Opener) -> None:
+    """Make ``--gallery SCHEME...`` open stores with ``opener(spec, data_dir, dim,
+    model_sha256, embed, snapshot_every, index, tail, **options)``; the opener refuses
+    a spec of its scheme that it cannot read with :func:`bad_spec`."""
+    _OPENERS[scheme] = opener
+
+
+def scheme_of(spec: str) -> str:
+    """``faiss`` for "" and "faiss", else the part before the first ':'."""
+    if spec in ("", "faiss"):
+        return "faiss"
+    head, colon, _ = spec.partition(":")
+    return head if colon else spec
+
+
+def bad_spec(spec: str) -> ValueError:
+    return ValueError(f"--gallery {spec!r}: {GALLERY_SPECS}")
 
 
 def open_store(
@@ -205,12 +274,10 @@ def open_store(
     **options,
 ) -> GalleryStore:
     """The store ``spec`` names: ``faiss``, ``milvus://HOST:PORT`` or ``milvus-lite:PATH``."""
-    if spec in ("", "faiss"):
-        from server.tenants import TenantRegistry
-
-        return TenantRegistry(data_dir, dim, model_sha256, embed, snapshot_every, index, tail)
-    if spec.startswith(("milvus://", "milvus-lite:")):
-        from server.milvus_store import MilvusStore
-
-        return MilvusStore(spec, dim, model_sha256, embed, tail, **options)
-    raise ValueError(f"--gallery {spec!r}: use faiss, milvus://HOST:PORT or milvus-lite:PATH.db")
+    scheme = scheme_of(spec)
+    if scheme not in _OPENERS and scheme in _BUILT_IN:
+        importlib.import_module(_BUILT_IN[scheme])  # registers its schemes
+    opener = _OPENERS.get(scheme)
+    if opener is None:
+        raise bad_spec(spec)
+    return opener(spec, data_dir, dim, model_sha256, embed, snapshot_every, index, tail, **options)

@@ -31,7 +31,8 @@ from pathlib import Path
 
 from server.audit import AuditLog
 from server.auth import KeyRing, Principal, hash_key, key_id, new_key, read_key_file
-from server.tenants import NAME, TENANT_FILE, read_tenant_keys, write_tenant_keys
+from server.gallery_store import NAME
+from server.tenants import TENANT_FILE, read_tenant_keys, write_tenant_keys
 
 log = logging.getLogger(__name__)
 

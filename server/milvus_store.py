@@ -42,7 +42,6 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -54,7 +53,12 @@ from server.gallery_store import (
     StaleModelError,
     StoreUnavailableError,
     TailOptions,
+    Tenant,
+    TenantError,
+    bad_spec,
+    check_name,
     identity,
+    register,
 )
 from server.tail_stats import Entry, TenantTail, item_hash
 
@@ -141,13 +145,6 @@ def _uri(spec: str) -> str:
     return path
 
 
-@dataclass
-class _Tenant:
-    name: str
-    gallery: MilvusGallery
-    key_hashes: list
-
-
 class MilvusStore:
     """Tenants and galleries in Milvus; safe to share between server processes."""
 
@@ -184,10 +181,10 @@ class MilvusStore:
         # milvus==2.3.5 package reports "v2.3.5-lite": that is a 2.3.5 server
         self.upsert_safe = version.startswith("milvus_lite") or _version_at_least(version, (2, 4))
         self._lock = threading.Lock()
-        self._tenants: dict[str, _Tenant] = {}
+        self._tenants: dict[str, Tenant] = {}
         self._ensure_registry()
         self.collection = self.ensure_collection(dim, model_sha256)
-        self.secret = self._secret()
+        self.decision_secret = self._secret()
         self._stop = threading.Event()
         self._refresher: threading.Thread | None = None
 
@@ -286,20 +283,18 @@ class MilvusStore:
             )
             self._refresher.start()
 
-    def _open(self, name: str, keys: list[str]) -> _Tenant:
+    def _open(self, name: str, keys: list[str]) -> Tenant:
         with self._lock:
             found = self._tenants.get(name)
             if found is not None:
                 found.key_hashes = keys
                 return found
         gallery = MilvusGallery(self, name)
-        tenant = _Tenant(name, gallery, keys)
+        tenant = Tenant(name, gallery, keys)
         with self._lock:
             return self._tenants.setdefault(name, tenant)
 
-    def create(self, name: str, key_hash: str | None):
-        from server.tenants import TenantError, check_name
-
+    def create(self, name: str, key_hash: str | None) -> Tenant:
         check_name(name)
         if name in self._registry():
             raise TenantError(f"tenant {name!r} already exists")
@@ -308,8 +303,6 @@ class MilvusStore:
         return self._open(name, keys)
 
     def delete(self, name: str) -> int:
-        from server.tenants import TenantError
-
         tenant = self.get(name)
         items = tenant.gallery.size
         self.client("delete", self.collection, filter=f"tenant == {quote(name)}")
@@ -319,9 +312,7 @@ class MilvusStore:
                 raise TenantError(f"unknown tenant {name!r}")
         return items
 
-    def get(self, name: str):
-        from server.tenants import TenantError
-
+    def get(self, name: str) -> Tenant:
         with self._lock:
             tenant = self._tenants.get(name)
         if tenant is not None:
@@ -334,7 +325,7 @@ class MilvusStore:
     def names(self) -> list[str]:
         return sorted(self._registry())
 
-    def all(self) -> list:
+    def all(self) -> list[Tenant]:
         with self._lock:
             return list(self._tenants.values())
 
@@ -379,6 +370,9 @@ class MilvusStore:
 
     def describe_index(self) -> str:
         return f"milvus HNSW COSINE ({self.server_version})"
+
+    def prepare_thread(self, threads: int) -> None:
+        """Nothing: Milvus searches in its own processes."""
 
     def close(self) -> None:
         self._stop.set()
@@ -754,3 +748,25 @@ def _version_at_least(version: str, want: tuple[int, int]) -> bool:
         return tuple(int(d) for d in digits[:2]) >= want
     except ValueError:
         return False
+
+
+def open_milvus(
+    spec: str,
+    data_dir,
+    dim: int,
+    model_sha256: str,
+    embed: Callable[[list[bytes]], np.ndarray] | None = None,
+    snapshot_every: int = 1000,
+    index: str = "flat",
+    tail: TailOptions | None = None,
+    **options,
+) -> MilvusStore:
+    """``--gallery milvus://HOST:PORT`` or ``milvus-lite:PATH.db``; the server keeps no
+    gallery state of its own (``data_dir``, ``snapshot_every`` and ``index`` are faiss's)."""
+    if not spec.startswith(("milvus://", "milvus-lite:")):
+        raise bad_spec(spec)
+    return MilvusStore(spec, dim, model_sha256, embed, tail, **options)
+
+
+register("milvus", open_milvus)
+register("milvus-lite", open_milvus)

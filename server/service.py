@@ -27,7 +27,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import faiss
 import grpc
 import numpy as np
 
@@ -37,12 +36,19 @@ from server.auth import KeyRing, Principal, hash_key, new_key
 from server.batcher import MicroBatcher, QueueFullError
 from server.decisions import DecisionStore
 from server.errors import StatusError
-from server.gallery_store import Item, SearchResult, StaleModelError, TailOptions, open_store
+from server.gallery_store import (
+    Item,
+    SearchResult,
+    StaleModelError,
+    TailOptions,
+    TenantError,
+    check_name,
+    open_store,
+)
 from server.imaging import ImageError, ImageLimits, header_pixels, to_model_input
 from server.metrics import ServerMetrics, TenantNormalization
 from server.model import ServingModel
 from server.observer import DecisionObserver
-from server.tenants import TenantError, check_name
 
 log = logging.getLogger(__name__)
 
@@ -123,17 +129,6 @@ class RetrievalService:
         self.observer = observer
         self.metrics = metrics
         self.data_dir = data_dir
-        self.decisions = DecisionStore(config.decision_capacity)
-        # faiss's OpenMP thread count is per calling thread: set it in every pool thread
-        init = functools.partial(faiss.omp_set_num_threads, max(1, config.search_threads))
-        self._embed_pool = ThreadPoolExecutor(1, "embed", initializer=init)
-        self._work_pool = ThreadPoolExecutor(_DECODE_THREADS, "work", initializer=init)
-        self._search_pool: ThreadPoolExecutor | None = None  # searches that wait on a network
-        self._first_model = model
-        self._state: _State | None = None
-        self._mutations: asyncio.Lock | None = None
-        self._tenant_changes: asyncio.Lock | None = None
-        self._background: set[asyncio.Task] = set()
         self.tenants = open_store(
             config.gallery,
             data_dir,
@@ -145,9 +140,18 @@ class RetrievalService:
             tail=config.tail,
             **config.store_options,
         )
-        secret = getattr(self.tenants, "secret", None)
-        if secret:  # replicas share the store: any of them can verify a decision id
-            self.decisions = DecisionStore(config.decision_capacity, secret)
+        # with a secret, replicas share the store: any of them can verify a decision id
+        self.decisions = DecisionStore(config.decision_capacity, self.tenants.decision_secret)
+        # the store's per-thread search settings, in every pool thread that searches
+        init = functools.partial(self.tenants.prepare_thread, max(1, config.search_threads))
+        self._embed_pool = ThreadPoolExecutor(1, "embed", initializer=init)
+        self._work_pool = ThreadPoolExecutor(_DECODE_THREADS, "work", initializer=init)
+        self._search_pool: ThreadPoolExecutor | None = None  # searches that wait on a network
+        self._first_model = model
+        self._state: _State | None = None
+        self._mutations: asyncio.Lock | None = None
+        self._tenant_changes: asyncio.Lock | None = None
+        self._background: set[asyncio.Task] = set()
 
     # -------------------------------------------------------------- lifecycle
     async def start(self) -> None:

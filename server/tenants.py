@@ -10,38 +10,22 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from contracts.files import atomic_write_text, fsync_dir
 from server.gallery import Gallery, TailOptions, describe_index
+from server.gallery_store import NAME, Tenant, TenantError, bad_spec, check_name, register
 
 log = logging.getLogger(__name__)
 
-# Matched against the WHOLE name (fullmatch): ``$`` would also accept a trailing newline,
-# and the name becomes a folder name.
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 TENANT_FILE = "tenant.json"
-
-
-class TenantError(ValueError):
-    """Bad tenant name, or the tenant exists / does not exist."""
-
-
-def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise TenantError(
-            f"invalid tenant name {name!r}: use 1-64 letters, digits, '_', '-', '.', "
-            "starting with a letter or digit"
-        )
-    return name
 
 
 def read_tenant_keys(directory: Path) -> list[str]:
@@ -61,13 +45,6 @@ def write_tenant_keys(directory: Path, keys: list[str]) -> None:
     atomic_write_text(path, json.dumps(raw) + "\n")
 
 
-@dataclass
-class Tenant:
-    name: str
-    gallery: Gallery
-    key_hashes: list[str] = field(default_factory=list)
-
-
 class TenantRegistry:
     """Thread-safe map of tenant name -> :class:`Tenant`, persisted under ``root``.
 
@@ -76,6 +53,7 @@ class TenantRegistry:
 
     kind = "faiss"
     shared = False  # one process owns a data dir
+    decision_secret = None  # decision ids live in this process only
 
     def __init__(
         self,
@@ -183,3 +161,26 @@ class TenantRegistry:
 
     def describe_index(self) -> str:
         return describe_index(self.index)
+
+    def prepare_thread(self, threads: int) -> None:
+        faiss.omp_set_num_threads(threads)
+
+
+def open_faiss(
+    spec: str,
+    data_dir: Path,
+    dim: int,
+    model_sha256: str,
+    embed: Callable[[list[bytes]], np.ndarray] | None = None,
+    snapshot_every: int = 1000,
+    index: str = "flat",
+    tail: TailOptions | None = None,
+    **_options,
+) -> TenantRegistry:
+    """``--gallery faiss`` (the default): galleries in this process under ``data_dir``."""
+    if spec not in ("", "faiss"):
+        raise bad_spec(spec)
+    return TenantRegistry(data_dir, dim, model_sha256, embed, snapshot_every, index, tail)
+
+
+register("faiss", open_faiss)

@@ -18,8 +18,8 @@ from server.auth import AuthError, KeyRing, hash_key
 from server.batcher import MicroBatcher, QueueFullError
 from server.cli import parse_args
 from server.decisions import DecisionStore
+from server.gallery_store import TenantError, check_name
 from server.imaging import ImageError, ImageLimits, decode
-from server.tenants import TenantError, check_name
 
 LIMITS = ImageLimits(max_bytes=1 << 20, max_pixels=1_000_000)
 
