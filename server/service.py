@@ -31,6 +31,7 @@ import grpc
 import numpy as np
 
 from contracts import CalibrationError
+from contracts.calibration import Target
 from scorenorm import TailMap
 from server.auth import KeyRing, Principal, hash_key, new_key
 from server.batcher import MicroBatcher, QueueFullError
@@ -49,6 +50,7 @@ from server.imaging import ImageError, ImageLimits, header_pixels, to_model_inpu
 from server.metrics import ServerMetrics, TenantNormalization
 from server.model import ServingModel
 from server.observer import DecisionObserver
+from server.threshold import TenantThreshold
 
 log = logging.getLogger(__name__)
 
@@ -89,16 +91,32 @@ class MatchOutcome:
     decision_id: str
     matched: bool
     result: SearchResult
-    threshold: float  # on the normalised scale (= raw similarity without normalisation)
-    target_far: float
+    served: TenantThreshold  # the threshold, map and target the decision used
     gallery_size: int
-    mapping: TailMap  # the tenant's score map the decision used
-    normalization: str  # its method name
+
+    @property
+    def threshold(self) -> float:
+        """On the normalised scale (= raw similarity without normalisation)."""
+        return self.served.threshold
+
+    @property
+    def target_far(self) -> float:
+        return self.served.target_far
 
     @property
     def raw_threshold(self) -> float:
         """The tenant's raw similarity that clears ``threshold`` after mapping."""
-        return float(self.mapping.inverse(self.threshold))
+        return self.served.raw
+
+    @property
+    def mapping(self) -> TailMap:
+        """The tenant's score map the decision used."""
+        return self.served.mapping
+
+    @property
+    def normalization(self) -> str:
+        """Its method name."""
+        return self.served.method
 
     @functools.cached_property
     def scores(self) -> list[float]:
@@ -294,11 +312,9 @@ class RetrievalService:
                 raise ServiceError(Code.INVALID_ARGUMENT, str(err)) from err
             decoded = await self._decode(images, state.model)
             good = [d for d in decoded if not isinstance(d, str)]
-            search = functools.partial(
-                self._search, tenant, state.model, target.threshold, k, read_after
-            )
-            group = (tenant_name, id(tenant.gallery), state.model.sha256, target.threshold, k)
-            group += (read_after,)
+            search = functools.partial(self._search, tenant, state.model, target, k, read_after)
+            group = (tenant_name, id(tenant.gallery), state.model.sha256, target.threshold)
+            group += (target.target_far, k, read_after)
             try:
                 results = await self._embed(state, good, search, group) if good else []
             except StaleModelError:
@@ -308,9 +324,7 @@ class RetrievalService:
             return [
                 ServiceError(Code.INVALID_ARGUMENT, d)
                 if isinstance(d, str)
-                else self._decide(
-                    tenant_name, *next(found), target.threshold, target.target_far, size
-                )
+                else self._decide(tenant_name, *next(found), size)
                 for d in decoded
             ]
         raise ServiceError(Code.UNAVAILABLE, "model reloaded repeatedly during the call; retry")
@@ -319,46 +333,39 @@ class RetrievalService:
         self,
         tenant,
         model: ServingModel,
-        threshold: float,
+        target: Target,
         k: int,
         read_after: int,
         embeddings: np.ndarray,
-    ) -> list[tuple[SearchResult, TailMap, str]]:
-        """In the embedding thread: the tenant's map, search at its raw threshold (so the
+    ) -> list[tuple[SearchResult, TenantThreshold]]:
+        """In the embedding thread: the tenant's map and threshold (read here, right before
+        the search, once per micro-batch group), search at its raw threshold (so the
         label-free counts are of normalised scores), and the online tail samples."""
         started = time.perf_counter()
         norm = model.normalization
-        mapping = norm.mapping(tenant.gallery)
-        raw = float(mapping.inverse(threshold))
-        found = tenant.gallery.search(embeddings, k, raw, model.sha256, read_after)
+        served = TenantThreshold.of(norm.mapping(tenant.gallery), target, norm.method)
+        found = tenant.gallery.search(embeddings, k, served.raw, model.sha256, read_after)
         per_image = (time.perf_counter() - started) / len(embeddings)
         for _ in range(len(embeddings)):
             self.metrics.stage_seconds.labels("search").observe(per_image)
         if norm.enabled:
             # matched at the default target decides which identity a sample leaves out
-            default = float(mapping.inverse(model.target(0).threshold))
+            default = TenantThreshold.of(served.mapping, model.target(0), norm.method).raw
             matched = [
                 r.top1.item_id if r.top1 and r.top1.similarity >= default else None for r in found
             ]
             tenant.gallery.observe(embeddings, matched)
-        return [(r, mapping, norm.method) for r in found]
+        return [(r, served) for r in found]
 
     def _decide(
-        self,
-        tenant: str,
-        result: SearchResult,
-        mapping: TailMap,
-        method: str,
-        threshold: float,
-        far: float,
-        size: int,
+        self, tenant: str, result: SearchResult, served: TenantThreshold, size: int
     ) -> MatchOutcome:
         top = result.top1
         # the tenant's raw threshold: the same comparison the label-free counts made
-        matched = top is not None and top.similarity >= float(mapping.inverse(threshold))
+        matched = top is not None and top.similarity >= served.raw
         # The live FAR windows divide by the default target: a call that asked for another
         # target FAR is answered and counted, but kept out of them (and so is its feedback).
-        monitored = far == self.model.default_far
+        monitored = served.target_far == self.model.default_far
         decision_id = self.decisions.add(tenant, matched, monitored)
         if top is not None:
             self.metrics.decision(tenant, matched, top.similarity)
@@ -369,13 +376,13 @@ class RetrievalService:
                     decision_id,
                     top.similarity,
                     matched,
-                    threshold,
+                    served.threshold,
                     result.impostor_accepted,
                     result.impostor_total,
                 )
             except Exception:  # monitoring must never fail a Match
                 log.exception("observer.record_decision failed")
-        return MatchOutcome(decision_id, matched, result, threshold, far, size, mapping, method)
+        return MatchOutcome(decision_id, matched, result, served, size)
 
     # ------------------------------------------------------------- mutations
     async def enroll(
@@ -491,7 +498,6 @@ class RetrievalService:
     def tenant_info(self, tenant_name: str) -> dict:
         tenant = self.tenant(tenant_name)
         model = self.model
-        target = model.target(0)
         stats = {}
         try:
             for key, value in self.observer.tenant_stats(tenant_name).items():
@@ -499,17 +505,19 @@ class RetrievalService:
         except Exception:
             log.exception("observer.tenant_stats failed")
         norm = model.normalization
-        mapping = norm.mapping(tenant.gallery)
+        served = TenantThreshold.of(norm.mapping(tenant.gallery), model.target(0), norm.method)
         return {
             "tenant": tenant_name,
             "gallery_size": tenant.gallery.size,
-            "target_far": target.target_far,
-            "threshold": target.threshold,
+            "target_far": served.target_far,
+            "threshold": served.threshold,
             "stats": stats,
-            "normalization": norm.method,
-            "normalization_active": mapping.active,
-            "tail_pairs": mapping.pairs if norm.enabled else tenant.gallery.tail.gallery.total,
-            "raw_threshold": float(mapping.inverse(target.threshold)),
+            "normalization": served.method,
+            "normalization_active": served.mapping.active,
+            "tail_pairs": (
+                served.mapping.pairs if norm.enabled else tenant.gallery.tail.gallery.total
+            ),
+            "raw_threshold": served.raw,
             "normalization_min_pairs": norm.settings.min_pairs() if norm.settings else 0,
         }
 

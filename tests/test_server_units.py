@@ -354,15 +354,16 @@ def test_token_bucket_refills_at_its_rate_and_bounds_memory() -> None:
 def test_reply_scores_stay_in_their_domain() -> None:
     """float32 inner products of an image with itself gave similarity 1.0000004 and
     distance -3.6e-07 (issue 12): the reply clamps both."""
+    from contracts.calibration import Target
     from scorenorm import identity_map
     from server.app import _match_response
     from server.gallery import Hit, SearchResult
     from server.service import MatchOutcome
+    from server.threshold import TenantThreshold
 
     def outcome(hits: list[Hit]) -> MatchOutcome:
-        return MatchOutcome(
-            "d", True, SearchResult(hits, 0, 1), 0.9, 1e-3, 2, identity_map(), "none"
-        )
+        served = TenantThreshold.of(identity_map(), Target(1e-3, 0.9, 1e-3, 1), "none")
+        return MatchOutcome("d", True, SearchResult(hits, 0, 1), served, 2)
 
     hits = [Hit("a", "x", 1.0000004), Hit("b", "y", -1.0000002)]
     reply = _match_response(outcome(hits))
