@@ -189,7 +189,7 @@ def online_histogram(
     per_query: int = 32,
 ) -> ScoreHistogram:
     """What a server's online tail samples would hold after ``queries`` were served
-    against ``gallery`` (server/tail_stats.py): per query, ``per_query`` random gallery
+    against ``gallery`` (server/storage/tail_stats.py): per query, ``per_query`` random gallery
     items (with replacement), leaving out the top-1's identity when the query matched
     (top-1 >= the tenant's raw threshold). No query label is read."""
     g_lab = labels[gallery]

@@ -16,13 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from client import MatchResult, RetrievalClient
 from demo.processes import ProcessGroup, free_port
 from demo.prometheus import Prometheus, prometheus_binary
 from demo.report import TenantOutcome, attach_live, scrape, table
 from demo.traffic import TenantPlan, plan_tenant, png_bytes
 from embedding.defaults import require_default_model
 from imagesets import ImageSet, load_images
-from server.client import MatchResult, RetrievalClient
 
 PYTHON = sys.executable
 

@@ -85,7 +85,7 @@ def main() -> int:
         ]  # fmt: skip
         a, b = servers
         print(f"# replica A: {a.ready_line}\n# replica B: {b.ready_line}\n")
-        client = ["python", "-m", "server.client"]
+        client = ["python", "-m", "client"]
         run([*client, "--address", a.address, "create-tenant", "shop"], env)
         out = run([*client, "--address", a.address, "enroll", "shop", str(gallery)], env, keep=3)
         token = json.loads(out.strip().splitlines()[-1])["write_token"]

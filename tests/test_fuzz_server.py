@@ -18,7 +18,7 @@ import pytest
 
 from reliability.corpus import Sample, build
 from reliability.fuzz import ServerFuzzer, Tally, raw_messages, requests, run_examples
-from server.imaging import ImageLimits
+from server.matching.imaging import ImageLimits
 from tests import server_fixtures
 from tests.server_fixtures import ADMIN_KEY, LIMIT_FLAGS, Assets, start_server
 

@@ -1,4 +1,4 @@
-"""The GalleryStore contract (server/gallery_store.py), one suite run against every backend.
+"""The GalleryStore contract (server/storage/base.py), one suite run against every backend.
 
 - ``faiss``: the in-process store (WAL + segments), the default;
 - ``milvus-lite``: Milvus' embedded Python engine (``milvus-lite:PATH.db``);
@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from scorenorm import gallery_histogram
-from server.gallery_store import Item, StoreUnavailableError, open_store
-from server.tail_stats import item_hash
+from server.storage import open_store
+from server.storage.base import Item, StoreUnavailableError
+from server.storage.tail_stats import item_hash
 
 DIM = 16
 SHA = "c" * 64
@@ -49,7 +50,7 @@ class Backend:
     """Opens stores of one backend; a second store on the same place is a 'replica'."""
 
     def __init__(self, kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-        from server.gallery_store import TailOptions
+        from server.storage.base import TailOptions
 
         self.kind = kind
         self.tail = TailOptions(capacity=CAPACITY, online_weight=0)

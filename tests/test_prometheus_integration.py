@@ -70,7 +70,8 @@ def metrics_endpoint() -> Iterator[str]:
         reference_top1=reference(rng),
         min_drift_samples=100,
     )
-    # The two serving gauges the feedback alert joins on (server/metrics.py exports them).
+    # The two serving gauges the feedback alert joins on (server/monitoring/serving.py
+    # exports them).
     Gauge("tcm_target_far", "target FAR", registry=registry).set(TARGET_FAR)
     gallery = Gauge("tcm_gallery_items", "items", ["tenant"], registry=registry)
     for tenant in (*CALM, DRIFTING):
@@ -158,7 +159,7 @@ class Traffic:
     the server the truth after each decision, until stopped (so rates never drop to 0)."""
 
     def __init__(self, address: str, glyphs, drifting: bool = True) -> None:
-        from server.client import RetrievalClient
+        from client import RetrievalClient
 
         self.drifting = drifting  # may be switched on while traffic runs
         self.client = RetrievalClient(address)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.client import RetrievalClient
+from client import RetrievalClient
 from tests import server_fixtures
 from tests.prometheus_harness import PrometheusProcess
 from tests.server_fixtures import ADMIN_KEY, Assets, start_server
@@ -261,10 +261,10 @@ def test_a_refresh_that_read_the_store_before_a_create_does_not_forget_the_tenan
     from prometheus_client import CollectorRegistry
 
     from server.auth import KeyRing
-    from server.metrics import ServerMetrics
-    from server.model import ServingModel
-    from server.observer import NullObserver
-    from server.service import RetrievalService, ServiceConfig
+    from server.matching.model import ServingModel
+    from server.matching.observer import NullObserver
+    from server.matching.service import RetrievalService, ServiceConfig
+    from server.monitoring.serving import ServerMetrics
 
     model = ServingModel.load(server_assets.model, server_assets.calibration, "cpu", 0.01, 1)
     config = ServiceConfig(gallery=f"milvus-lite:{tmp_path / 'lite.db'}")
@@ -310,11 +310,11 @@ def test_model_info_names_the_index_of_the_store_in_use(server_assets: Assets, t
     from prometheus_client import CollectorRegistry
 
     from server.auth import KeyRing
-    from server.gallery import describe_index
-    from server.metrics import ServerMetrics
-    from server.model import ServingModel
-    from server.observer import NullObserver
-    from server.service import RetrievalService, ServiceConfig
+    from server.matching.model import ServingModel
+    from server.matching.observer import NullObserver
+    from server.matching.service import RetrievalService, ServiceConfig
+    from server.monitoring.serving import ServerMetrics
+    from server.storage.faiss.gallery import describe_index
 
     model = ServingModel.load(server_assets.model, server_assets.calibration, "cpu", 0.01, 1)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.client import RetrievalClient
+from client import RetrievalClient
 from tests.server_fixtures import ServerProcess, png
 
 pytestmark = pytest.mark.slow

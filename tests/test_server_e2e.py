@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from server.client import ItemRefusedError, RetrievalClient
+from client import ItemRefusedError, RetrievalClient
 from tests import server_fixtures
 from tests.server_fixtures import ADMIN_KEY, Assets, ServerProcess, make_pki, start_server
 
@@ -341,8 +341,7 @@ def test_a_flood_of_concurrent_calls_gets_ok_or_resource_exhausted_never_cancell
 
     from retrieval.v1 import retrieval_pb2 as pb
     from retrieval.v1 import retrieval_pb2_grpc as rpc
-
-    from server.errors import retry_after_of
+    from retrieval.v1.metadata import retry_after_of
 
     # Tight limits, so 2,000 calls overload the server on any machine and the test sees
     # admission refuse: with merged searches it answers fast enough that 32 images in
@@ -519,7 +518,7 @@ def test_client_cli_enroll_and_match(auth_server: ServerProcess, server_assets: 
 
     def cli(*args: str) -> list[dict]:
         out = subprocess.run(
-            [sys.executable, "-m", "server.client", "--address", auth_server.address,
+            [sys.executable, "-m", "client", "--address", auth_server.address,
              "--api-key", ADMIN_KEY, *args],
             capture_output=True, text=True, env=env, cwd=ROOT, timeout=60, check=True,
         )  # fmt: skip

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from calibrate.cli import main as calibrate_main
+from client import RetrievalClient
 from contracts import load_calibration
-from server.client import RetrievalClient
 from tests import server_fixtures
 from tests.server_fixtures import Assets, ServerProcess, start_server
 

@@ -21,7 +21,7 @@ BLOCK = (
 def test_calibrate_and_server_import_without_torch():
     code = BLOCK + (
         "import contracts, imagesets, embedding, calibrate, server\n"
-        "import calibrate.__main__, server.__main__, server.app, server.client, server.monitoring\n"
+        "import calibrate.__main__, server.__main__, server.api.app, client, server.monitoring\n"
         "import demo.__main__, demo.pipeline\n"
         "loaded = {m.split('.')[0] for m in sys.modules}\n"
         "assert not loaded & {'torch', 'train'}, sorted(loaded)\n"

@@ -1,24 +1,18 @@
-"""The boundary between serving and where galleries live: a small protocol, two backends.
+"""The boundary between serving and where galleries live: the protocol every backend keeps.
 
-``--gallery`` picks the backend (:func:`open_store`):
-
-- ``faiss`` (default): every tenant's gallery in this process, durable on local disk
-  (write-ahead log + segments, server/gallery.py and server/segments.py), searched by a
-  faiss index chosen with ``--index`` (server/ann.py). The fastest on one machine; one
-  process owns a data dir.
-- ``milvus://HOST:PORT`` (or ``milvus-lite:PATH.db`` for tests): galleries in Milvus
-  (server/milvus_store.py); the server keeps no gallery state of its own, so several
-  processes (``--workers N``) or replicas serve the same tenants.
+:class:`GalleryStore` (every tenant: created, found, dropped) hands out one
+:class:`TenantGallery` per tenant; the types they exchange (:class:`Item`, :class:`Hit`,
+:class:`SearchResult`, :class:`Tenant`), their errors and the tenant-name rule are
+defined here once for both backends (server/storage/__init__.py picks one).
 
 Either way the server decides: a backend returns items with raw cosine similarities,
 and the threshold, the score normalisation and the label-free counts stay in our code
-(server/service.py). The contract both backends must keep is pinned down by one test
-suite run against each (tests/test_gallery_contract.py).
+(server/matching/service.py). The contract both backends must keep is pinned down by
+one test suite run against each (tests/test_gallery_contract.py).
 """
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +23,7 @@ import numpy as np
 
 from scorenorm import ScoreHistogram, TailMap, TailSettings
 from server.errors import StatusError
-from server.tail_stats import DEFAULT_CAPACITY, TenantTail
+from server.storage.tail_stats import DEFAULT_CAPACITY, TenantTail
 
 RETRY_AFTER = 1.0  # seconds: the hint sent when the gallery backend failed
 # Matched against the WHOLE name (fullmatch): ``$`` would also accept a trailing newline,
@@ -88,7 +82,7 @@ class Hit:
 class SearchResult:
     """Top-k neighbours (best first) and the label-free impostor counts of one query.
 
-    The counts are taken on the tenant's tail sample (server/tail_stats.py: every item
+    The counts are taken on the tenant's tail sample (server/storage/tail_stats.py: every item
     up to ``--tail-sample`` items, the bottom-k by id hash beyond): ``impostor_total``
     = sample items whose identity differs from the top-1's (identity = label, or the
     item itself when it has no label), ``impostor_accepted`` = those of them with
@@ -228,56 +222,3 @@ class GalleryStore(Protocol):
         its OpenMP thread count, which is per calling thread)."""
 
     def close(self) -> None: ...
-
-
-# --gallery SPEC: the scheme (what precedes the first ':', or the whole spec) picks the
-# backend. Backends register themselves when their module is imported; the built-in ones
-# are imported only when a spec names them, so the faiss store never needs pymilvus.
-GALLERY_SPECS = "use faiss, milvus://HOST:PORT or milvus-lite:PATH.db"
-Opener = Callable[..., GalleryStore]
-_OPENERS: dict[str, Opener] = {}
-_BUILT_IN = {
-    "faiss": "server.tenants",
-    "milvus": "server.milvus_store",
-    "milvus-lite": "server.milvus_store",
-}
-
-
-def register(scheme: str, opener: Opener) -> None:
-    """Make ``--gallery SCHEME...`` open stores with ``opener(spec, data_dir, dim,
-    model_sha256, embed, snapshot_every, index, tail, **options)``; the opener refuses
-    a spec of its scheme that it cannot read with :func:`bad_spec`."""
-    _OPENERS[scheme] = opener
-
-
-def scheme_of(spec: str) -> str:
-    """``faiss`` for "" and "faiss", else the part before the first ':'."""
-    if spec in ("", "faiss"):
-        return "faiss"
-    head, colon, _ = spec.partition(":")
-    return head if colon else spec
-
-
-def bad_spec(spec: str) -> ValueError:
-    return ValueError(f"--gallery {spec!r}: {GALLERY_SPECS}")
-
-
-def open_store(
-    spec: str,
-    data_dir,
-    dim: int,
-    model_sha256: str,
-    embed: Callable[[list[bytes]], np.ndarray] | None = None,
-    snapshot_every: int = 1000,
-    index: str = "flat",
-    tail: TailOptions | None = None,
-    **options,
-) -> GalleryStore:
-    """The store ``spec`` names: ``faiss``, ``milvus://HOST:PORT`` or ``milvus-lite:PATH``."""
-    scheme = scheme_of(spec)
-    if scheme not in _OPENERS and scheme in _BUILT_IN:
-        importlib.import_module(_BUILT_IN[scheme])  # registers its schemes
-    opener = _OPENERS.get(scheme)
-    if opener is None:
-        raise bad_spec(spec)
-    return opener(spec, data_dir, dim, model_sha256, embed, snapshot_every, index, tail, **options)

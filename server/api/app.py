@@ -1,9 +1,9 @@
 """gRPC plumbing: servicers for retrieval.v1, health, reflection, and the server options.
 
 The servicers only translate between protobuf messages and
-:class:`~server.service.RetrievalService`; auth, rate limits, admission control,
+:class:`~server.matching.service.RetrievalService`; auth, rate limits, admission control,
 error mapping, metrics and the audit log live in ONE interceptor
-(server/interceptor.py), the same for the unary RPCs and MatchStream.
+(server/api/interceptor.py), the same for the unary RPCs and MatchStream.
 """
 
 # ruff: noqa: N802  (gRPC method names come from the generated base classes)
@@ -17,10 +17,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from retrieval.v1 import retrieval_pb2 as pb
 from retrieval.v1 import retrieval_pb2_grpc as rpc
+from retrieval.v1.metadata import READ_AFTER, WRITE_TOKEN
 
-from server.client import READ_AFTER, WRITE_TOKEN
-from server.interceptor import RetrievalInterceptor
-from server.service import MatchOutcome, RetrievalService, ServiceError
+from server.api.interceptor import RetrievalInterceptor
+from server.matching.service import MatchOutcome, RetrievalService, ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ SERVICES = ("retrieval.v1.Retrieval", "retrieval.v1.Admin")
 # Calls that arrived but that the event loop has not picked up yet wait in gRPC core,
 # which CANCELs them (the client learns nothing) once this backlog passes its soft limit
 # (randomly, more the closer to the hard one). The library default (1000) was reached by
-# 2,000 concurrent calls; admission control (server/admission.py) is meant to answer
+# 2,000 concurrent calls; admission control (server/api/admission.py) is meant to answer
 # instead, with RESOURCE_EXHAUSTED and a retry hint, so the backlog limit is raised well
 # above what the loop leaves waiting and stays only as a memory backstop: a pending
 # call holds its headers and at most one HTTP/2 flow-control window of its message.

@@ -12,7 +12,7 @@ Layout:
   (the alias ``tcm_current`` names its collection).
 
 Milvus returns scores; the threshold, normalisation and label-free counts stay in
-server/service.py. The tail sample is rebuilt by every replica from the store (the
+server/matching/service.py. The tail sample is rebuilt by every replica from the store (the
 items with the ``capacity`` smallest id hashes: a pure function of the item set) when
 a tenant is opened, after a Remove, and every ``tail_refresh`` seconds; the replica's
 own enrolments update it at once.
@@ -46,7 +46,8 @@ from collections.abc import Callable
 import numpy as np
 
 from scorenorm import ScoreHistogram, TailMap, TailSettings, build_map
-from server.gallery_store import (
+from server.storage import bad_spec, register
+from server.storage.base import (
     Hit,
     Item,
     SearchResult,
@@ -55,12 +56,10 @@ from server.gallery_store import (
     TailOptions,
     Tenant,
     TenantError,
-    bad_spec,
     check_name,
     identity,
-    register,
 )
-from server.tail_stats import Entry, TenantTail, item_hash
+from server.storage.tail_stats import Entry, TenantTail, item_hash
 
 log = logging.getLogger(__name__)
 

@@ -1,18 +1,20 @@
 """One tenant's gallery in this process: a store (log + segments), a table, an index.
 
-The faiss backend of server/gallery_store.py, built from parts that each do one thing:
+The faiss backend of server/storage/base.py, built from parts that each do one thing
+(the modules next to this one):
 
-- **durability**: every mutation is appended to the write-ahead log (server/wal.py) and
+- **durability**: every mutation is appended to the write-ahead log (``wal.py``) and
   fsynced *before* it is applied and acknowledged. Every ``snapshot_every`` records a
-  checkpoint writes what changed since the last one as a segment (server/segments.py)
+  checkpoint writes what changed since the last one as a segment (``segments.py``)
   and empties the log; compaction keeps the segment count bounded. Opening reads the
   segments, then replays the log records newer than them, which rebuilds exactly the
   acknowledged state;
-- **the table** (server/item_table.py): the items as numpy columns in RAM, images on
+- **the table** (``item_table.py``): the items as numpy columns in RAM, images on
   disk; searches read an immutable view of it without a lock;
-- **the index** (server/ann.py, ``--index``): flat exact search or HNSW, over the table;
-- **the tail statistics** (server/tail_stats.py): the bottom-k-by-id-hash sample behind
-  score normalisation and the label-free counts, updated as items come and go.
+- **the index** (``ann.py``, ``--index``): flat exact search or HNSW, over the table;
+- **the tail statistics** (server/storage/tail_stats.py): the bottom-k-by-id-hash
+  sample behind score normalisation and the label-free counts, updated as items come
+  and go.
 
 Items keep their source image bytes (on disk) so a gallery can be re-embedded when the
 model changes (DESIGN.md, "Gallery"). With L2-normalised embeddings inner product is
@@ -32,8 +34,7 @@ import numpy as np
 
 from contracts.files import atomic_write_bytes
 from scorenorm import ScoreHistogram, TailMap, TailSettings, build_map
-from server.ann import INDEXES, FlatIndex, SearchIndex, gpu_count, make_index
-from server.gallery_store import (
+from server.storage.base import (
     GalleryError,
     Hit,
     Item,
@@ -42,10 +43,11 @@ from server.gallery_store import (
     TailOptions,
     identity,
 )
-from server.item_table import PENDING, UNLABELLED, ItemTable
-from server.segments import Rows, SegmentError, SegmentStore
-from server.tail_stats import Entry, TenantTail, item_hash
-from server.wal import WriteAheadLog, read_records
+from server.storage.faiss.ann import INDEXES, FlatIndex, SearchIndex, gpu_count, make_index
+from server.storage.faiss.item_table import PENDING, UNLABELLED, ItemTable
+from server.storage.faiss.segments import Rows, SegmentError, SegmentStore
+from server.storage.faiss.wal import WriteAheadLog, read_records
+from server.storage.tail_stats import Entry, TenantTail, item_hash
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +164,7 @@ class Gallery:
     ) -> Gallery:
         """Load segments + log. Items embedded by another model are re-embedded with
         ``embed(list_of_image_bytes) -> (n, dim) float32``; without it that is an error.
-        ``index``: a name of server/ann.py (``flat``, ``hnsw``).
+        ``index``: a name of server/storage/faiss/ann.py (``flat``, ``hnsw``).
         ``tail``: the sample behind the tenant's normalisation statistics."""
         gallery = cls(directory, dim, model_sha256, snapshot_every, index, tail)
         directory.mkdir(parents=True, exist_ok=True)
@@ -699,7 +701,7 @@ class Gallery:
             return self._map_cache[1]
 
     def observe(self, queries: np.ndarray, matched_item_ids: list[str | None]) -> None:
-        """Online tail samples of served queries (see server/tail_stats.py)."""
+        """Online tail samples of served queries (see server/storage/tail_stats.py)."""
         with self._lock:
             gen = self._gen
             codes = []

@@ -4,8 +4,8 @@ For each call (and each message of MatchStream) and in this order:
 
 1. **auth**: the ``x-api-key`` may act on ``request.tenant`` / the Admin service
    (server/auth.py);
-2. **per-tenant rate limit** (server/ratelimit.py), when configured;
-3. **admission control** (server/admission.py): images and request bytes in
+2. **per-tenant rate limit** (server/api/ratelimit.py), when configured;
+3. **admission control** (server/api/admission.py): images and request bytes in
    progress are bounded, the rest is refused at once;
 4. the servicer runs;
 5. **error mapping**: a :class:`~server.errors.StatusError` becomes its status
@@ -13,9 +13,9 @@ For each call (and each message of MatchStream) and in this order:
    else INTERNAL with the traceback in the log, never UNKNOWN;
 6. **metrics**: ``tcm_requests_total{method,code}`` and
    ``tcm_request_duration_seconds{method}`` once per call, streams included;
-7. **audit**: Admin calls, refused ones too (server/audit.py).
+7. **audit**: Admin calls, refused ones too (server/api/audit.py).
 
-Servicers (server/app.py) therefore hold no cross-cutting code, and the stream RPC
+Servicers (server/api/app.py) therefore hold no cross-cutting code, and the stream RPC
 cannot drift from the unary ones. Health and reflection pass through untouched, so
 they answer even when the server is at capacity.
 """
@@ -34,12 +34,12 @@ from typing import Any
 import grpc
 from retrieval.v1 import retrieval_pb2 as pb
 
-from server.admission import Admission, OverloadedError, Ticket
-from server.audit import AuditLog, request_summary
+from server.api.admission import Admission, OverloadedError, Ticket
+from server.api.audit import AuditLog, request_summary
+from server.api.ratelimit import RateLimitedError, TenantRateLimiter
 from server.auth import AuthError, KeyRing, Principal
 from server.errors import StatusError, retry_trailers
-from server.metrics import ServerMetrics
-from server.ratelimit import RateLimitedError, TenantRateLimiter
+from server.monitoring.serving import ServerMetrics
 
 log = logging.getLogger(__name__)
 

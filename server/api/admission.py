@@ -3,7 +3,7 @@
 gRPC's own defaults do not protect a Python server: calls the event loop has not
 picked up yet wait in gRPC core, which cancels them past its pending-request limits
 (the client sees CANCELLED and learns nothing). So the server admits calls itself,
-cheaply, as soon as they arrive (server/interceptor.py). Work is counted in images,
+cheaply, as soon as they arrive (server/api/interceptor.py). Work is counted in images,
 the unit the embedder's cost grows with (a Match or a stream message is 1, a
 MatchBatch or Enroll one per image, any other call 1): at most ``max_images`` of
 them and ``max_bytes`` of request messages are worked on at once; beyond that a call

@@ -1,9 +1,9 @@
 """Search indexes over a gallery's item table, chosen by name (``--index``).
 
-The table (server/item_table.py) is the store: rows, vectors, liveness. An index only
+The table (server/storage/faiss/item_table.py) is the store: rows, vectors, liveness. An index only
 answers "the k most similar live rows" for a batch of queries, so a new index type is
 one class registered here, not edits across the gallery. Every index searches a
-:class:`~server.item_table.TableView` without taking the gallery's locks.
+:class:`~server.storage.faiss.item_table.TableView` without taking the gallery's locks.
 
 - ``flat``: exact inner product (``faiss.knn`` over the table's vector column: BLAS for
   a batch of queries, no copy of the vectors). Removed rows have zeroed vectors, so
@@ -30,7 +30,7 @@ import faiss
 import numpy as np
 
 from contracts.files import atomic_write_bytes
-from server.item_table import TableView
+from server.storage.faiss.item_table import TableView
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ parse is refused with an error in the log and the previous keys stay in force.
 
 Rotation is "add the new key, move the clients over, revoke the old one"::
 
-    python -m server.keys rotate --data-dir out/server acme     # prints acme's new key
-    python -m server.keys list   --data-dir out/server acme     # key ids of acme's keys
-    python -m server.keys revoke --data-dir out/server acme sha256:1f0c9a2b7d3e
-    python -m server.keys hash 'a-new-admin-key'                # sha256:... for the key file
+    python -m server.api.keys rotate --data-dir out/server acme     # prints acme's new key
+    python -m server.api.keys list   --data-dir out/server acme     # key ids of acme's keys
+    python -m server.api.keys revoke --data-dir out/server acme sha256:1f0c9a2b7d3e
+    python -m server.api.keys hash 'a-new-admin-key'                # sha256:... for the key file
 
 Admin keys live in the key file: add the new one's hash (``hash``), deploy, remove
 the old one. Only hashes are ever written; ``rotate`` prints the new key once and
@@ -29,10 +29,10 @@ import os
 import sys
 from pathlib import Path
 
-from server.audit import AuditLog
+from server.api.audit import AuditLog
 from server.auth import KeyRing, Principal, hash_key, key_id, new_key, read_key_file
-from server.gallery_store import NAME
-from server.tenants import TENANT_FILE, read_tenant_keys, write_tenant_keys
+from server.storage.base import NAME
+from server.storage.faiss.tenants import TENANT_FILE, read_tenant_keys, write_tenant_keys
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def list_keys(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m server.keys",
+        prog="python -m server.api.keys",
         description="Rotate tenant API keys of a server's data dir; the running server "
         "picks the change up without a restart.",
     )

@@ -4,7 +4,7 @@ A gallery used to keep one Python object per item (id, label, image bytes): abou
 1.5 KB each. Here every item is a row of numpy columns (vector, stable id, id hash,
 identity code, where its image lies on disk, its id's UTF-8 bytes), so the memory
 beyond the vectors is a few dozen bytes per item, and images stay on disk
-(server/segments.py) until a re-embedding needs them.
+(server/storage/faiss/segments.py) until a re-embedding needs them.
 
 Readers never take a lock. Rows are only ever appended into spare capacity and
 published as a new immutable :class:`TableView` (the count grows); a growth or a
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.tail_stats import item_hash
+from server.storage.tail_stats import item_hash
 
 # Identity codes: a label's code is its index in the label table; an item without a
 # label is its own identity, coded above every label code (all codes stay >= 0).

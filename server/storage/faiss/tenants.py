@@ -20,8 +20,8 @@ import faiss
 import numpy as np
 
 from contracts.files import atomic_write_text, fsync_dir
-from server.gallery import Gallery, TailOptions, describe_index
-from server.gallery_store import NAME, Tenant, TenantError, bad_spec, check_name, register
+from server.storage.base import NAME, Tenant, TenantError, check_name
+from server.storage.faiss.gallery import Gallery, TailOptions, describe_index
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def write_tenant_keys(directory: Path, keys: list[str]) -> None:
 class TenantRegistry:
     """Thread-safe map of tenant name -> :class:`Tenant`, persisted under ``root``.
 
-    The ``faiss`` GalleryStore (server/gallery_store.py): galleries in this process.
+    The ``faiss`` GalleryStore (server/storage/base.py): galleries in this process.
     """
 
     kind = "faiss"
@@ -164,23 +164,3 @@ class TenantRegistry:
 
     def prepare_thread(self, threads: int) -> None:
         faiss.omp_set_num_threads(threads)
-
-
-def open_faiss(
-    spec: str,
-    data_dir: Path,
-    dim: int,
-    model_sha256: str,
-    embed: Callable[[list[bytes]], np.ndarray] | None = None,
-    snapshot_every: int = 1000,
-    index: str = "flat",
-    tail: TailOptions | None = None,
-    **_options,
-) -> TenantRegistry:
-    """``--gallery faiss`` (the default): galleries in this process under ``data_dir``."""
-    if spec not in ("", "faiss"):
-        raise bad_spec(spec)
-    return TenantRegistry(data_dir, dim, model_sha256, embed, snapshot_every, index, tail)
-
-
-register("faiss", open_faiss)

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from server.metrics import ServerMetrics
+from server.monitoring.serving import ServerMetrics
 
 log = logging.getLogger(__name__)
 

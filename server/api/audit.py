@@ -1,7 +1,7 @@
 """The audit log: who did what to the server's tenants and model, and how it ended.
 
 Every call of the Admin service (CreateTenant, DeleteTenant, ListTenants, Reload),
-refused ones included, and every key rotation made with ``python -m server.keys``
+refused ones included, and every key rotation made with ``python -m server.api.keys``
 appends one JSON line::
 
     {"time": "2026-12-01T21:40:00.123Z", "method": "CreateTenant", "code": "OK",

@@ -2,7 +2,7 @@
 
 The calibration gives one threshold t per target FAR on the calibration's (normalised)
 scale; a tenant's raw similarity s matches when its map sends s to t or above, i.e.
-when s >= map^-1(t) (server/normalization.py). The search counts label-free impostors
+when s >= map^-1(t) (server/matching/normalization.py). The search counts label-free impostors
 at that raw threshold, the decision compares the top-1 with it and the reply reports
 both: they must be one number, so it is computed here once and passed down.
 """

@@ -16,8 +16,8 @@ import numpy as np
 from contracts import CalibrationDoc, load_calibration, sha256_file
 from contracts.calibration import Target
 from embedding import OnnxEmbedder
-from server.imaging import ImageLimits, to_model_input
-from server.normalization import ServedNormalization
+from server.matching.imaging import ImageLimits, to_model_input
+from server.matching.normalization import ServedNormalization
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 :class:`RetrievalService` owns the serving state (model + its micro-batcher), the
 tenants, the decision store and the observer. Errors are :class:`ServiceError` with
-the gRPC status code the caller should see; server/interceptor.py translates. Blocking work
+the gRPC status code the caller should see; server/api/interceptor.py translates. Blocking work
 (decoding, onnxruntime, faiss, fsync) runs in thread pools so the event loop keeps
 serving.
 
@@ -34,23 +34,23 @@ from contracts import CalibrationError
 from contracts.calibration import Target
 from scorenorm import TailMap
 from server.auth import KeyRing, Principal, hash_key, new_key
-from server.batcher import MicroBatcher, QueueFullError
-from server.decisions import DecisionStore
 from server.errors import StatusError
-from server.gallery_store import (
+from server.matching.batcher import MicroBatcher, QueueFullError
+from server.matching.decisions import DecisionStore
+from server.matching.imaging import ImageError, ImageLimits, header_pixels, to_model_input
+from server.matching.model import ServingModel
+from server.matching.observer import DecisionObserver
+from server.matching.threshold import TenantThreshold
+from server.monitoring.serving import ServerMetrics, TenantNormalization
+from server.storage import open_store
+from server.storage.base import (
     Item,
     SearchResult,
     StaleModelError,
     TailOptions,
     TenantError,
     check_name,
-    open_store,
 )
-from server.imaging import ImageError, ImageLimits, header_pixels, to_model_input
-from server.metrics import ServerMetrics, TenantNormalization
-from server.model import ServingModel
-from server.observer import DecisionObserver
-from server.threshold import TenantThreshold
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class ServiceConfig:
     limits: ImageLimits = field(default_factory=ImageLimits)
     normalize: str | None = None  # score normalisation; None = the calibration's own
     tail: TailOptions = field(default_factory=TailOptions)
-    gallery: str = "faiss"  # or milvus://HOST:PORT, milvus-lite:PATH.db (server/gallery_store.py)
+    gallery: str = "faiss"  # or milvus://HOST:PORT, milvus-lite:PATH.db (server/storage/base.py)
     store_options: dict = field(default_factory=dict)  # e.g. Milvus timeout, consistency
 
 
@@ -291,7 +291,7 @@ class RetrievalService:
         """One outcome per image (a ServiceError for an image that was refused).
 
         ``read_after``: a write token of an earlier Enroll/Remove (any replica) that the
-        search must see (server/gallery_store.py)."""
+        search must see (server/storage/base.py)."""
         tenant = self.tenant(tenant_name)
         if not images:
             raise ServiceError(Code.INVALID_ARGUMENT, "no image in the request")
