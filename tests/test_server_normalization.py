@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calibrate.cli import main as calibrate_main
+from calibrate.cli.main import main as calibrate_main
 from client import RetrievalClient
 from contracts import load_calibration
 from tests import server_fixtures

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from calibrate.results import Evaluation, TargetResult
+from calibrate.engine.results import Evaluation, TargetResult
 
 
 def _num(v: float | None, fmt: str = ".4f") -> str:

@@ -8,11 +8,11 @@ from typing import Any
 import numpy as np
 
 from calibrate.consistency import eps_opis, opis, opis_terms, utility
-from calibrate.grids import GridCounts
-from calibrate.prepare import Prepared
-from calibrate.results import DatasetAtTarget, DatasetResult, Evaluation, Opis, TargetResult
-from calibrate.sweep import Genuine
-from calibrate.tail import Tail
+from calibrate.engine.grids import GridCounts
+from calibrate.engine.prepare import Prepared
+from calibrate.engine.results import DatasetAtTarget, DatasetResult, Evaluation, Opis, TargetResult
+from calibrate.engine.sweep import Genuine
+from calibrate.engine.tail import Tail
 from scorenorm import ScoreHistogram
 
 FEW_ERRORS = 30  # fewer accepted impostors than this: the FAR rests on too few errors

@@ -12,7 +12,7 @@ import warnings
 
 import numpy as np
 
-from calibrate.sweep import ScoreFn, scores_cpu
+from calibrate.engine.sweep import ScoreFn, scores_cpu
 
 DEVICES = ("cpu", "cuda", "auto")
 GPU_MARGIN = 4e-3  # > TF32's 2^-11 relative rounding of each product, summed, for unit rows

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from calibrate.assemble import Measured
-from calibrate.prepare import Prepared
-from calibrate.results import Interval
+from calibrate.engine.assemble import Measured
+from calibrate.engine.prepare import Prepared
+from calibrate.engine.results import Interval
 
 LEVEL = 0.95
 

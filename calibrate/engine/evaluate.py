@@ -15,17 +15,17 @@ from fractions import Fraction
 
 import numpy as np
 
-from calibrate.assemble import Measured, assemble
-from calibrate.bootstrap import class_bootstrap
 from calibrate.consistency import threshold_grid
-from calibrate.device import score_function
-from calibrate.grids import GridCounts
-from calibrate.passes import SENTINEL_FLOOR, Engine, genuine_grid_counts
-from calibrate.prepare import Prepared, prepare
-from calibrate.progress import Ticker
-from calibrate.results import Evaluation
-from calibrate.sweep import DEFAULT_BLOCK, n_blocks
-from calibrate.tail import Tail, TailTooShortError, bin_of, pooled
+from calibrate.engine.assemble import Measured, assemble
+from calibrate.engine.bootstrap import class_bootstrap
+from calibrate.engine.device import score_function
+from calibrate.engine.grids import GridCounts
+from calibrate.engine.passes import SENTINEL_FLOOR, Engine, genuine_grid_counts
+from calibrate.engine.prepare import Prepared, prepare
+from calibrate.engine.progress import Ticker
+from calibrate.engine.results import Evaluation
+from calibrate.engine.sweep import DEFAULT_BLOCK, n_blocks
+from calibrate.engine.tail import Tail, TailTooShortError, bin_of, pooled
 from imagesets import EmbeddingSet
 
 BOOT_GRID = 512  # thresholds at which the bootstrap counts pairs
@@ -72,7 +72,7 @@ def evaluate(
     ranks = _Ranks(prep, targets, far_range, bootstrap > 0, tail_level)
     shard = None
     if distributed:
-        from calibrate.distributed import torch_sharding  # the only route that imports torch
+        from calibrate.engine.distributed import torch_sharding  # the only route that imports torch
 
         shard = torch_sharding()
         progress = progress and shard.rank == 0

@@ -176,8 +176,8 @@ class Evaluation:
         """The calibration document (validate and write with contracts.save_calibration).
 
         ``normalization``: {"method", "settings"} to record with the global tail;
-        ``held_out``: {target: {dataset: entry}} from calibrate/normalized.py;
-        ``fpir``: {target: entry} from calibrate/serving.py.
+        ``held_out``: {target: {dataset: entry}} from calibrate/heldout/normalized.py;
+        ``fpir``: {target: entry} from calibrate/heldout/serving.py.
         """
         doc = self._document(model_sha256, model_file)
         if normalization is not None and self.global_tail is not None:

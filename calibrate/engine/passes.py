@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from calibrate.grids import GridCounts
-from calibrate.prepare import Prepared
-from calibrate.sweep import (
+from calibrate.engine.grids import GridCounts
+from calibrate.engine.prepare import Prepared
+from calibrate.engine.sweep import (
     Block,
     Genuine,
     ScoreFn,
@@ -20,10 +20,10 @@ from calibrate.sweep import (
     sweep,
     tolerance,
 )
-from calibrate.tail import NBINS, Tail, bin_of
+from calibrate.engine.tail import NBINS, Tail, bin_of
 
 if TYPE_CHECKING:
-    from calibrate.distributed import Sharding
+    from calibrate.engine.distributed import Sharding
 
 SENTINEL_FLOOR = -3.0  # below every real score, above the -inf of ignored pairs
 SAMPLE_ROWS = 256
@@ -79,7 +79,7 @@ class Engine:
     """Runs the passes with one score function and block size.
 
     With ``shard`` this process sweeps only its share of the blocks, and every pass
-    ends by combining the ranks' accumulators (calibrate/distributed.py), so each
+    ends by combining the ranks' accumulators (calibrate/engine/distributed.py), so each
     rank leaves a pass with the state a single process would have.
     """
 

@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from calibrate.prepare import NORM_TOLERANCE, Prepared
+from calibrate.engine.prepare import NORM_TOLERANCE, Prepared
 
 if TYPE_CHECKING:
-    from calibrate.distributed import Sharding
+    from calibrate.engine.distributed import Sharding
 
 DEFAULT_BLOCK = 2048
 EXACT_CHUNK = 1 << 15  # pairs recomputed per gather: bounds the gather's memory

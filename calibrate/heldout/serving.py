@@ -3,8 +3,8 @@
 The engine's numbers are exact but in-sample (every pair of the calibration set). A
 served tenant sees its own gallery and new queries, so next to them a calibration
 reports, per dataset, the FAR on held-out classes at the global threshold, raw and
-with the normalisation it will be served with (calibrate/normalized.py), and, given a
-gallery size, the per-search false positive identification rate (calibrate/fpir.py).
+with the normalisation it will be served with (calibrate/heldout/normalized.py), and, given a
+gallery size, the per-search false positive identification rate (calibrate/heldout/fpir.py).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from calibrate.fpir import DatasetFpir, held_out_fpir, independent_fpir
-from calibrate.normalized import TargetHeldOut, held_out, outside, rows_for_document
-from calibrate.results import Evaluation
+from calibrate.engine.results import Evaluation
+from calibrate.heldout.fpir import DatasetFpir, held_out_fpir, independent_fpir
+from calibrate.heldout.normalized import TargetHeldOut, held_out, outside, rows_for_document
 from imagesets import EmbeddingSet
 from scorenorm import TailSettings
 

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from calibrate.results import Evaluation
+from calibrate.engine.results import Evaluation
 
 if TYPE_CHECKING:
-    from calibrate.serving import ServingReport
+    from calibrate.heldout.serving import ServingReport
 
 
 def render(ev: Evaluation, serving: ServingReport | None = None) -> dict[str, bytes]:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from calibrate.plots import render
-from calibrate.report import markdown
-from calibrate.results import Evaluation
-from calibrate.serving import ServingReport
+from calibrate.engine.results import Evaluation
+from calibrate.heldout.serving import ServingReport
+from calibrate.reports.plots import render
+from calibrate.reports.report import markdown
 from contracts import CalibrationDoc, atomic_write_bytes, atomic_write_text, save_calibration
 from contracts.files import sha256_file
 

@@ -15,33 +15,37 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from calibrate.cli import CheckFailedError, CliError, _embedded, _model, tail_level
+from calibrate.inputs import InputError, embedded, model_file, tail_level
 from contracts import CalibrationError, load_calibration
 from scorenorm import TailSettings
 
 
+class CheckFailedError(Exception):
+    """--check found a dataset off target; the table above says which."""
+
+
 def run_check(args: argparse.Namespace) -> None:
-    from calibrate.evaluate import evaluate
-    from calibrate.prepare import CalibrationInputError
-    from calibrate.report import table
-    from calibrate.serving import Served, serving_report
+    from calibrate.engine.evaluate import evaluate
+    from calibrate.engine.prepare import CalibrationInputError
+    from calibrate.heldout.serving import Served, serving_report
+    from calibrate.reports.report import table
 
     if not args.dataset:
-        raise CliError("--check needs the new data: --dataset PATH (repeatable)")
+        raise InputError("--check needs the new data: --dataset PATH (repeatable)")
     if args.target_far or args.target_fpir is not None:
-        raise CliError("--check measures the document's own targets; drop --target-far/-fpir")
+        raise InputError("--check measures the document's own targets; drop --target-far/-fpir")
     try:
         doc = load_calibration(args.check)
     except CalibrationError as err:
-        raise CliError(str(err)) from err
+        raise InputError(str(err)) from err
     model = _resolve_model(args, doc)
     targets = doc.targets()
     if not targets:
-        raise CliError(f"{args.check} holds no measurable target to check")
+        raise InputError(f"{args.check} holds no measurable target to check")
     norm = doc.normalization()
     method = norm.method if norm else "none"
     progress = not args.no_progress
-    sets = [_embedded(s, args.split, model, args.device, progress) for s in args.dataset]
+    sets = [embedded(s, args.split, model, args.device, progress) for s in args.dataset]
     data = sets[0] if len(sets) == 1 else sets
     fars = [t.target_far for t in targets]
     try:
@@ -60,7 +64,7 @@ def run_check(args: argparse.Namespace) -> None:
             tail_level=tail_level(fars, tuple(doc.raw["settings"]["far_range"])),
         )
     except (CalibrationInputError, ValueError) as err:
-        raise CliError(str(err)) from err
+        raise InputError(str(err)) from err
     # map onto the deployed global tail, never onto the new data's own
     ev = replace(ev, global_tail=norm.global_tail if norm else None)
     settings = norm.settings if norm else TailSettings()
@@ -90,9 +94,9 @@ def run_check(args: argparse.Namespace) -> None:
 
 
 def _resolve_model(args: argparse.Namespace, doc) -> Path:
-    model = _model(args.model)
+    model = model_file(args.model)
     try:
         doc.check_model(model)
     except CalibrationError as err:
-        raise CliError(f"{err} (pass the model the document was made for with --model)") from err
+        raise InputError(f"{err} (pass the model the document was made for with --model)") from err
     return model

@@ -13,16 +13,14 @@ import sys
 from pathlib import Path
 
 import scorenorm
-from calibrate.device import DEVICES
-from calibrate.sweep import DEFAULT_BLOCK
+from calibrate.cli.check import CheckFailedError, run_check
+from calibrate.engine.device import DEVICES
+from calibrate.engine.sweep import DEFAULT_BLOCK
+from calibrate.inputs import InputError, embedded, model_file, tail_level
 
 DEFAULT_OUT = Path("out/calibrate/calibration.json")
 EXIT_BAD_INPUT = 2
 EXIT_CHECK_FAILED = 3  # --check: a tenant's FAR interval lies outside [target/2, 2 target]
-
-
-class CliError(Exception):
-    """A problem the user can fix; printed without a traceback."""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -119,15 +117,11 @@ def parse_fars(values: list[str] | None) -> list[float]:
             try:
                 a = float(part)
             except ValueError as err:
-                raise CliError(f"--target-far {part!r} is not a number; e.g. 0.001") from err
+                raise InputError(f"--target-far {part!r} is not a number; e.g. 0.001") from err
             if not 0.0 < a < 1.0:
-                raise CliError(f"--target-far must lie in (0, 1), got {part}; e.g. 0.001")
+                raise InputError(f"--target-far must lie in (0, 1), got {part}; e.g. 0.001")
             fars.append(a)
     return fars
-
-
-class CheckFailedError(Exception):
-    """--check found a dataset off target; the table above says which."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     except CheckFailedError as err:
         print(f"check failed: {err}", file=sys.stderr)
         return EXIT_CHECK_FAILED
-    except CliError as err:
+    except InputError as err:
         if not args.distributed or os.environ.get("RANK", "0") == "0":  # one message per run
             print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -146,14 +140,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> None:
     if args.check is not None:
-        from calibrate.check import run_check
-
         run_check(args)
         return
     fars = _operating_points(args)
     sources = args.dataset or ["glyphs"]
     if args.model is None and any(s.endswith(".npz") for s in sources):
-        raise CliError(
+        raise InputError(
             "--model is required with precomputed embeddings (.npz): the calibration is "
             "bound to the model that made them, pass that .onnx file"
         )
@@ -170,36 +162,31 @@ def run(args: argparse.Namespace) -> None:
 def _operating_points(args: argparse.Namespace) -> list[float]:
     """Per-pair target FARs: --target-far, or the one a --target-fpir implies at N items."""
     if args.gallery_size is not None and args.gallery_size < 1:
-        raise CliError(f"--gallery-size must be >= 1 items, got {args.gallery_size}")
+        raise InputError(f"--gallery-size must be >= 1 items, got {args.gallery_size}")
     if args.target_fpir is None:
         return parse_fars(args.target_far)
     if args.gallery_size is None:
-        raise CliError("--target-fpir needs --gallery-size N: FPIR is per search of N items")
+        raise InputError("--target-fpir needs --gallery-size N: FPIR is per search of N items")
     if args.target_far:
-        raise CliError("give --target-far (per pair) or --target-fpir (per search), not both")
-    from calibrate.fpir import per_pair_far
+        raise InputError("give --target-far (per pair) or --target-fpir (per search), not both")
+    from calibrate.heldout.fpir import per_pair_far
 
     try:
         return [per_pair_far(args.target_fpir, args.gallery_size)]
     except ValueError as err:
-        raise CliError(str(err)) from err
-
-
-def tail_level(fars: list[float], far_range: tuple[float, float]) -> float:
-    """The shallowest tail level the normalisation maps: twice the loosest FAR reported."""
-    return min(0.5, 2 * max(*fars, far_range[1]))
+        raise InputError(str(err)) from err
 
 
 def _run_on(args: argparse.Namespace, fars: list[float], sources: list[str], rank: int) -> None:
-    from calibrate.evaluate import evaluate
-    from calibrate.outputs import write_outputs
-    from calibrate.prepare import CalibrationInputError
+    from calibrate.engine.evaluate import evaluate
+    from calibrate.engine.prepare import CalibrationInputError
+    from calibrate.reports.outputs import write_outputs
 
     progress = not args.no_progress and rank == 0
-    model = _model(args.model)
+    model = model_file(args.model)
 
     def embed_all():
-        return [_embedded(s, args.split, model, args.device, progress) for s in sources]
+        return [embedded(s, args.split, model, args.device, progress) for s in sources]
 
     sets = _from_rank0(embed_all) if args.distributed else embed_all()
     data = sets[0] if len(sets) == 1 else sets
@@ -221,14 +208,14 @@ def _run_on(args: argparse.Namespace, fars: list[float], sources: list[str], ran
             tail_level=level,
         )
     except (CalibrationInputError, ValueError) as err:
-        raise CliError(str(err)) from err
+        raise InputError(str(err)) from err
     bad = [t for t in ev.targets if not t.measurable]
     if bad:
-        raise CliError("; ".join(t.warnings[0] for t in bad) + ". Nothing was written.")
+        raise InputError("; ".join(t.warnings[0] for t in bad) + ". Nothing was written.")
     if rank != 0:
         return
-    from calibrate.report import table
-    from calibrate.serving import Served, serving_report
+    from calibrate.heldout.serving import Served, serving_report
+    from calibrate.reports.report import table
 
     settings = scorenorm.TailSettings(top_level=level)
     served = Served(args.normalize, settings, args.gallery_size, args.target_fpir)
@@ -252,11 +239,11 @@ def _join_group() -> tuple[int, bool]:
     try:
         import torch.distributed as dist
     except ImportError as err:
-        raise CliError("--distributed needs torch: pip install '.[train]'") from err
+        raise InputError("--distributed needs torch: pip install '.[train]'") from err
     joined = not dist.is_initialized()
     if joined:
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            raise CliError(
+            raise InputError(
                 "--distributed runs under torchrun, e.g. "
                 "torchrun --nproc_per_node 2 -m calibrate --distributed --target-far 0.001"
             )
@@ -272,67 +259,10 @@ def _from_rank0(make):
     if dist.get_rank() == 0:
         try:
             box[0] = ("ok", make())
-        except CliError as err:
+        except InputError as err:
             box[0] = ("error", str(err))
     dist.broadcast_object_list(box, src=0)
     kind, value = box[0]
     if kind == "error":
-        raise CliError(value)
+        raise InputError(value)
     return value
-
-
-def _model(path: str | None) -> Path:
-    if path is None:
-        from embedding.defaults import require_default_model
-
-        try:
-            return require_default_model()
-        except FileNotFoundError as err:
-            raise CliError(str(err)) from err
-    model = Path(path)
-    if not model.is_file():
-        raise CliError(f"model file not found: {model}; pass an exported embedder .onnx")
-    return model
-
-
-def _embedded(spec: str, split: str, model: Path, device: str, progress: bool):
-    """An EmbeddingSet: precomputed from .npz, or images embedded with the model."""
-    from imagesets import load_embeddings, load_images
-
-    try:
-        if spec.endswith(".npz"):
-            return _check_dim(load_embeddings(spec), spec, model)
-        images = load_images(spec, split)
-    except (OSError, ValueError, KeyError) as err:
-        raise CliError(f"cannot read dataset {spec!r}: {err}") from err
-    return _embed(images, model, device, progress)
-
-
-def _check_dim(embedded, spec: str, model: Path):
-    """Precomputed embeddings must come from --model: at least their dimension must match."""
-    from contracts import MetadataError, read_embedder_meta
-
-    try:
-        dim = read_embedder_meta(model).embedding_dim
-    except (MetadataError, ValueError) as err:
-        raise CliError(f"cannot read model {model}: {err}") from err
-    if embedded.embeddings.shape[1] != dim:
-        raise CliError(
-            f"{spec} holds {embedded.embeddings.shape[1]}-d embeddings but {model} makes "
-            f"{dim}-d ones: embed with that model, or pass the model that made them"
-        )
-    return embedded
-
-
-def _embed(images, model: Path, device: str, progress: bool):
-    from embedding import OnnxEmbedder
-    from imagesets import EmbeddingSet
-
-    try:
-        embedder = OnnxEmbedder(model, device="auto" if device == "auto" else device)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise CliError(f"cannot load model {model}: {err}") from err
-    vectors = embedder.embed_set(images, progress=f"embedding {images.name}" if progress else None)
-    return EmbeddingSet(
-        images.name, images.labels, images.class_names, images.tenants, images.tenant_names, vectors
-    )

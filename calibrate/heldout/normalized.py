@@ -4,7 +4,7 @@ A calibration (or a ``--check`` of new data) reports, next to the exact in-sampl
 numbers of the engine, what a tenant would see in service: its statistics come from a
 gallery of some of its classes, and its FAR is counted on pairs of other classes.
 Each dataset's classes are split into three parts; every part is once the gallery and
-once evaluated (calibrate/holdout.py), and both columns, raw and normalised, are
+once evaluated (calibrate/heldout/holdout.py), and both columns, raw and normalised, are
 counted on exactly the same pairs, with class-bootstrap intervals (classes resampled
 within the dataset, thresholds held fixed).
 """
@@ -16,10 +16,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from calibrate.bootstrap import class_weights
-from calibrate.holdout import Part, accepted, part_pairs, per_class, rotations, split_classes
-from calibrate.prepare import prepare
-from calibrate.progress import Ticker
+from calibrate.engine.bootstrap import class_weights
+from calibrate.engine.prepare import prepare
+from calibrate.engine.progress import Ticker
+from calibrate.heldout.holdout import (
+    Part,
+    accepted,
+    part_pairs,
+    per_class,
+    rotations,
+    split_classes,
+)
 from imagesets import EmbeddingSet
 from scorenorm import ScoreHistogram, TailSettings, build_map
 

@@ -1,12 +1,12 @@
 """The leave-tenant-out consistency study: does one threshold give every tenant its FAR?
 
-``python -m calibrate.leave_tenant_out`` runs the protocol of docs/CONSISTENCY.md on
+``python -m calibrate.studies.leave_tenant_out`` runs the protocol of docs/CONSISTENCY.md on
 the glyph test tenants (or any labelled set with tenants) and writes the report whose
 tables that page shows:
 
 - every tenant's classes are split into three parts; in each rotation one part is its
   gallery (normalisation statistics), one the oracle's labelled calibration set, one
-  is evaluated (calibrate/holdout.py);
+  is evaluated (calibrate/heldout/holdout.py);
 - the global threshold for a tenant is calibrated on the *other* tenants' evaluated
   pairs (leave-tenant-out), in the method's own score space;
 - the noise floor is the oracle: a per-tenant threshold from labelled classes of the
@@ -22,14 +22,14 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from calibrate.consistency import eps_opis, opis, utility
-from calibrate.grids import GridCounts
-from calibrate.holdout import (
+from calibrate.engine.grids import GridCounts
+from calibrate.heldout.holdout import (
     Part,
     Scored,
     accepted,
@@ -43,56 +43,25 @@ from calibrate.holdout import (
     tail_maps,
     threshold_at,
 )
+from calibrate.studies.outcomes import (
+    FLOOR,
+    GOAL_TARGETS,
+    METHODS,
+    Outcome,
+    SplitResult,
+    StudyResult,
+    StudySettings,
+)
 from imagesets import EmbeddingSet
 from scorenorm import Cohort, ScoreHistogram, TailSettings, build_map, gallery_histogram
 from scorenorm.histogram import mix
 from scorenorm.pairs import BLOCK, scores
 
-METHODS = ("raw", "tenant-tail", "as-norm")
-FLOOR = "oracle"
-WITHIN = 2.0  # a tenant is on target when FAR / a lies in [1/WITHIN, WITHIN]
-GOAL_STD = 1.25  # std of log10(FAR / a) at most this many times the floor's
-GOAL_POOLED = (0.8, 1.25)
-GOAL_TAR_POINTS = 1.0
-GOAL_TARGETS = (1e-2, 1e-3)
 OPIS_RANGE = (1e-4, 1e-2)
 GRID = 101
 ONLINE_WEIGHT = 0.5  # the server's default --online-tail-weight
 ONLINE_TARGET = 1e-3  # the served target whose match decides what a sample leaves out
 MAX_ONLINE_QUERIES = 2000  # served queries per tenant and rotation in the simulation
-
-
-@dataclass(frozen=True)
-class StudySettings:
-    targets: tuple[float, ...] = (1e-2, 1e-3, 1e-4)
-    splits: int = 5
-    parts: int = 3
-    seed: int = 0
-    methods: tuple[str, ...] = METHODS
-    tail: TailSettings = field(default_factory=TailSettings)
-    as_norm_top_k: int = 100
-    bootstrap: int = 200
-    gallery_sizes: tuple[int, ...] = (25, 50, 100, 200, 400, 800)
-
-
-@dataclass
-class Outcome:
-    """One method at one target in one split: per-tenant and per-class counts."""
-
-    acc: np.ndarray  # per tenant, accepted impostor pairs (pooled over rotations)
-    pairs: np.ndarray  # per tenant, impostor pairs
-    gen_acc: np.ndarray
-    gen_pairs: np.ndarray
-    class_acc: np.ndarray  # per class, accepted impostor pairs (both classes credited)
-    class_pairs: np.ndarray  # per class, its impostor pairs in its evaluated part
-    tar_at_equal_far: float = float("nan")  # raw pooled TAR at this method's pooled FAR
-
-
-@dataclass
-class SplitResult:
-    outcomes: dict[tuple[str, float], Outcome]
-    opis: dict[str, dict[str, float]]
-    sizes: dict[tuple[int, float], tuple[np.ndarray, np.ndarray, int]]  # gallery-size study
 
 
 # ------------------------------------------------------------------ one split
@@ -163,7 +132,7 @@ def _lto_threshold(scored: Sequence[Scored], k: int, a: float) -> float | None:
 
 def _as_normed(x: np.ndarray, labels: np.ndarray, part: Part, cohort: Cohort) -> Scored:
     """All pairs of the part AS-normed; the top KEEP share of impostors kept explicitly."""
-    from calibrate.holdout import KEEP_LEVEL
+    from calibrate.heldout.holdout import KEEP_LEVEL
 
     rows = part.rows
     lab = labels[rows]
@@ -374,111 +343,6 @@ def _sized(sp: _Split, s: StudySettings, rots, galleries: dict, a: float):
     return acc, pairs, active
 
 
-# ------------------------------------------------------------------ statistics
-def far_stats(acc: np.ndarray, pairs: np.ndarray, a: float) -> dict[str, float]:
-    """Spread of per-tenant FAR at target ``a`` (DESIGN.md, "Consistency across tenants").
-
-    A tenant with no accepted pair counts as half an accept (as the live spread gauge
-    does), so one quiet tenant gives a large but finite spread.
-    """
-    if np.isnan(acc).any():
-        nan = float("nan")
-        return {"std_log10": nan, "max_min": nan, "within": nan, "pooled": nan}
-    ratio = np.maximum(acc, 0.5) / pairs / a
-    logs = np.log10(ratio)
-    within = np.sum((ratio >= 1 / WITHIN) & (ratio <= WITHIN))
-    return {
-        "std_log10": float(logs.std()),
-        "max_min": float(ratio.max() / ratio.min()),
-        "within": float(within),
-        "pooled": float(acc.sum() / pairs.sum() / a),
-    }
-
-
-def bootstrap_intervals(
-    outcomes: list[Outcome], class_tenant: np.ndarray, a: float, n: int, seed: int
-) -> dict[str, tuple[float, float]]:
-    """95% class-bootstrap intervals of the split-averaged max/min and tenants within.
-
-    Classes are resampled within their tenant (the same draw for every split);
-    thresholds stay fixed. A tenant's FAR in a draw is sum_c w_c acc_c / sum_c w_c m_c.
-    """
-    if n < 1 or any(np.isnan(o.acc).any() for o in outcomes):
-        return {}
-    rng = np.random.default_rng(seed)
-    tenants = int(class_tenant.max()) + 1
-    members = [np.flatnonzero(class_tenant == k) for k in range(tenants)]
-    stats = {"max_min": [], "within": [], "std_log10": []}
-    for _ in range(n):
-        w = np.zeros(len(class_tenant))
-        for cs in members:
-            w[cs] = np.bincount(rng.integers(0, len(cs), len(cs)), minlength=len(cs))
-        draws = []
-        for o in outcomes:
-            acc = np.array([w[cs] @ o.class_acc[cs] / 2 for cs in members])
-            pairs = np.array([w[cs] @ o.class_pairs[cs] / 2 for cs in members])
-            draws.append(far_stats(acc, np.maximum(pairs, 1), a))
-        for key, values in stats.items():
-            values.append(np.mean([d[key] for d in draws]))
-    return {k: tuple(np.percentile(v, [2.5, 97.5]).tolist()) for k, v in stats.items()}
-
-
-@dataclass
-class StudyResult:
-    name: str
-    tenants: list[str]
-    settings: StudySettings
-    splits: list[SplitResult]
-    class_tenant: np.ndarray
-    seconds: float
-
-    def methods(self) -> list[str]:
-        return [*self.settings.methods, FLOOR]
-
-    def summary(self, method: str, a: float) -> dict[str, float]:
-        per = [
-            far_stats(sr.outcomes[(method, a)].acc, sr.outcomes[(method, a)].pairs, a)
-            for sr in self.splits
-        ]
-        out = {k: float(np.mean([p[k] for p in per])) for k in per[0]}
-        tars, gaps = [], []
-        for sr in self.splits:
-            o = sr.outcomes[(method, a)]
-            tar = o.gen_acc.sum() / o.gen_pairs.sum()
-            tars.append(tar)
-            gaps.append(100 * (tar - o.tar_at_equal_far))
-        out["pooled_tar"] = float(np.mean(tars))
-        out["tar_gap_points"] = float(np.mean(gaps))
-        return out
-
-    def per_tenant(self, method: str, a: float) -> tuple[np.ndarray, np.ndarray]:
-        """Per tenant FAR / a and TAR, averaged over splits."""
-        far = np.mean(
-            [
-                sr.outcomes[(method, a)].acc / sr.outcomes[(method, a)].pairs / a
-                for sr in self.splits
-            ],
-            axis=0,
-        )
-        tar = np.mean(
-            [
-                sr.outcomes[(method, a)].gen_acc / sr.outcomes[(method, a)].gen_pairs
-                for sr in self.splits
-            ],
-            axis=0,
-        )
-        return far, tar
-
-    def intervals(self, method: str, a: float) -> dict[str, tuple[float, float]]:
-        return bootstrap_intervals(
-            [sr.outcomes[(method, a)] for sr in self.splits],
-            self.class_tenant,
-            a,
-            self.settings.bootstrap,
-            self.settings.seed,
-        )
-
-
 def run_study(emb: EmbeddingSet, settings: StudySettings, progress: bool = True) -> StudyResult:
     started = time.perf_counter()
     splits = []
@@ -503,7 +367,7 @@ def run_study(emb: EmbeddingSet, settings: StudySettings, progress: bool = True)
 # ------------------------------------------------------------------ command line
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m calibrate.leave_tenant_out",
+        prog="python -m calibrate.studies.leave_tenant_out",
         description="Leave-tenant-out study of one global threshold across tenants: per-tenant "
         "FAR raw, normalised and with a labelled per-tenant oracle (the noise floor), averaged "
         "over random class splits (docs/CONSISTENCY.md).",
@@ -531,22 +395,22 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from calibrate.cli import CliError, _embedded, _model
-    from calibrate.consistency_report import figure, markdown
+    from calibrate.inputs import InputError, embedded, model_file
+    from calibrate.studies.consistency_report import figure, markdown
 
     args = parser().parse_args(argv)
     try:
         settings = _settings(args)
         results = []
         for name, path in _models(args.model):
-            model = _model(path)
-            emb = _embedded(args.dataset, args.split, model, "cpu", True)
+            model = model_file(path)
+            emb = embedded(args.dataset, args.split, model, "cpu", True)
             emb = replace(emb, name=name)
             results.append(run_study(emb, settings))
-    except (CliError, ValueError) as err:
+    except (InputError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    command = "python -m calibrate.leave_tenant_out " + " ".join(argv or sys.argv[1:])
+    command = "python -m calibrate.studies.leave_tenant_out " + " ".join(argv or sys.argv[1:])
     text = markdown(results, command)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.md").write_text(text + "\n![per-tenant FAR](per_tenant_far.png)\n")

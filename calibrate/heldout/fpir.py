@@ -8,7 +8,7 @@ calibrating for a target FPIR at a gallery size is a second operating mode
 (docs/CALIBRATION.md, "Per pair or per search").
 
 Measured here on held-out classes: for each dataset, a gallery of N random items of
-some classes (calibrate/holdout.py parts) and queries of other classes; a query is a
+some classes (calibrate/heldout/holdout.py parts) and queries of other classes; a query is a
 false positive when its best gallery score passes the threshold. With normalisation
 the tenant's map comes from that same gallery of N items.
 """
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from calibrate.holdout import rotations, split_classes
-from calibrate.prepare import prepare
+from calibrate.engine.prepare import prepare
+from calibrate.heldout.holdout import rotations, split_classes
 from imagesets import EmbeddingSet
 from scorenorm import ScoreHistogram, TailSettings, build_map, gallery_histogram, scores
 
