@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client import MatchResult, RetrievalClient
+from demo.config import DemoConfig
 from demo.processes import ProcessGroup, free_port
 from demo.prometheus import Prometheus, prometheus_binary
 from demo.report import TenantOutcome, attach_live, scrape, table
@@ -25,31 +26,6 @@ from embedding.defaults import require_default_model
 from imagesets import ImageSet, load_images
 
 PYTHON = sys.executable
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    target_far: float = 1e-3
-    model: Path | None = None
-    tenants: tuple[str, ...] = ("latin", "greek", "cyrillic", "math")
-    enrolled: int = 100
-    gallery_per_class: int = 5
-    genuine_per_class: int = 2
-    impostor_classes: int = 60
-    impostor_per_class: int = 3
-    out: Path = Path("out/demo")
-    device: str = "auto"
-    seed: int = 0
-    tiny: bool = False
-    train: bool = False
-    compare: bool = False
-    compare_steps: int = 400
-    prometheus: bool = False
-    serve: bool = False
-
-    @property
-    def dataset(self) -> str:
-        return "glyphs-tiny" if self.tiny else "glyphs"
 
 
 @dataclass(frozen=True)
