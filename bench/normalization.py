@@ -37,7 +37,7 @@ GALLERY = 600  # items per tenant in the Match case: enough pairs for an active 
 def match_cost(args) -> None:
     from bench.server import _median, measure, start
     from imagesets import load_images
-    from tests.server_fixtures import png
+    from testing.server_fixtures import png
 
     glyphs = load_images("glyphs-tiny", "test")
     images = [png(glyphs.pixels[i]) for i in range(len(glyphs))]

@@ -62,7 +62,7 @@ def unit_vectors(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
 
 def glyph_pngs(count: int = 512) -> list[bytes]:
     from imagesets import load_images
-    from tests.server_fixtures import png
+    from testing.server_fixtures import png
 
     glyphs = load_images("glyphs-tiny", "test")
     return [png(glyphs.pixels[i % len(glyphs)]) for i in range(count)]
@@ -695,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     milvus = None
     spec = None
     if args.milvus == "auto" and sections & {"search", "milvus"}:
-        from tests.milvus_fixtures import start_milvus
+        from testing.milvus_fixtures import start_milvus
 
         milvus = start_milvus(args.work / "milvus")
         spec = milvus.spec

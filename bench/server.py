@@ -135,7 +135,7 @@ def _median(runs: list[dict]) -> dict:
 
 def start(model, calibration, data_dir: Path, max_batch: int, extra: list[str]):
     from client import RetrievalClient
-    from tests.server_fixtures import ServerProcess
+    from testing.server_fixtures import ServerProcess
 
     server = ServerProcess(
         [
@@ -163,7 +163,7 @@ def start(model, calibration, data_dir: Path, max_batch: int, extra: list[str]):
 def assets(args) -> tuple[Path, Path, list[bytes], str]:
     from embedding.defaults import DEFAULT_CALIBRATION, DEFAULT_MODEL
     from imagesets import load_images
-    from tests.server_fixtures import make_assets, png
+    from testing.server_fixtures import make_assets, png
 
     glyphs = load_images("glyphs-tiny", "test")
     images = [png(glyphs.pixels[i]) for i in range(len(glyphs))]

@@ -542,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
 def fuzz_server(corpus: list[Sample], args, limits: ImageLimits, tally: Tally) -> float:
     """The server layer on a fresh server; returns the server's peak RSS in MiB."""
     from imagesets import load_images
-    from tests.server_fixtures import ADMIN_KEY, LIMIT_FLAGS, make_assets, png, start_server
+    from testing.server_fixtures import ADMIN_KEY, LIMIT_FLAGS, make_assets, png, start_server
 
     glyphs = load_images("glyphs-tiny", "test")
     rng = np.random.default_rng(args.seed)

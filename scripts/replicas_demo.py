@@ -45,9 +45,9 @@ def run(args: list[str], env: dict, keep: int = 0) -> str:
 
 def main() -> int:
     from imagesets import load_images
-    from tests.milvus_fixtures import start_milvus
-    from tests.prometheus_harness import PrometheusProcess
-    from tests.server_fixtures import ServerProcess, png
+    from testing.milvus_fixtures import start_milvus
+    from testing.prometheus_harness import PrometheusProcess
+    from testing.server_fixtures import ServerProcess, png
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/tcm-replicas"))

@@ -3,7 +3,7 @@
 - ``faiss``: the in-process store (WAL + segments), the default;
 - ``milvus-lite``: Milvus' embedded Python engine (``milvus-lite:PATH.db``);
 - ``milvus``: a real Milvus 2.3.5 standalone on 127.0.0.1, started by PID for the
-  session (tests/milvus_fixtures.py; marked slow, run by ./test.sh like every test).
+  session (testing/milvus_fixtures.py; marked slow, run by ./test.sh like every test).
 
 Each test takes a fresh tenant (the real server is shared by the session). Known
 version-specific behaviour is marked where it is tested, never skipped.
@@ -244,7 +244,7 @@ def test_reopening_keeps_every_item(backend: Backend) -> None:
 
 
 def test_unreachable_milvus_is_unavailable_not_a_decision(tmp_path: Path) -> None:
-    from tests.milvus_fixtures import free_port
+    from testing.milvus_fixtures import free_port
 
     with pytest.raises(StoreUnavailableError) as caught:
         open_store(f"milvus://127.0.0.1:{free_port()}", tmp_path, DIM, SHA, timeout=2.0)

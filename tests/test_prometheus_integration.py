@@ -26,7 +26,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from server.monitoring import LiveMonitor
-from tests.prometheus_harness import INSTALL_HINT, PrometheusProcess, binary, free_port
+from testing.prometheus_harness import INSTALL_HINT, PrometheusProcess, binary, free_port
 
 TARGET_FAR = 0.001
 GALLERY = 51  # items per tenant: 50 impostor pairs per query besides the top-1
@@ -170,7 +170,7 @@ class Traffic:
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
     def __enter__(self) -> Traffic:
-        from tests.server_fixtures import png
+        from testing.server_fixtures import png
 
         names = self.glyphs.class_names
         for tenant, (gallery, _) in self.plans.items():
@@ -189,7 +189,7 @@ class Traffic:
         self.client.close()
 
     def _loop(self) -> None:
-        from tests.server_fixtures import png
+        from testing.server_fixtures import png
 
         names = self.glyphs.class_names
         while not self.stop.is_set():
@@ -219,8 +219,8 @@ def test_real_server_drifting_tenant_pages_and_every_expression_has_data(
     """python -m server + synthetic traffic + a real Prometheus with the project's rules."""
     if binary("prometheus") is None:
         pytest.fail(f"prometheus is not installed: {INSTALL_HINT}")
-    from tests.prometheus_harness import promql_names, recording_names, rule_groups
-    from tests.server_fixtures import make_assets, start_server
+    from testing.prometheus_harness import promql_names, recording_names, rule_groups
+    from testing.server_fixtures import make_assets, start_server
 
     rng = np.random.default_rng(0)
     pick = np.sort(rng.choice(len(tiny_glyphs), 400, replace=False))
@@ -291,7 +291,7 @@ def record_figure(out: Path, calm_s: float = 20.0, drift_s: float = 25.0) -> Non
     import matplotlib.pyplot as plt
 
     from imagesets import load_images
-    from tests.server_fixtures import make_assets, start_server
+    from testing.server_fixtures import make_assets, start_server
 
     glyphs = load_images("glyphs-tiny", "test")
     rng = np.random.default_rng(0)

@@ -17,9 +17,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from client import RetrievalClient
-from tests import server_fixtures
-from tests.prometheus_harness import PrometheusProcess
-from tests.server_fixtures import ADMIN_KEY, Assets, start_server
+from testing import server_fixtures
+from testing.prometheus_harness import PrometheusProcess
+from testing.server_fixtures import ADMIN_KEY, Assets, start_server
 
 server_assets = server_fixtures.server_assets
 pytestmark = pytest.mark.slow

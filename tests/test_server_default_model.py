@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from client import RetrievalClient
-from tests.server_fixtures import ServerProcess, png
+from testing.server_fixtures import ServerProcess, png
 
 pytestmark = pytest.mark.slow
 CLASSES = 20

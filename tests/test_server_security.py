@@ -1,7 +1,7 @@
 """Security of the running server, end to end: TLS and mTLS with a real client, API keys
 rotated without a restart, per-tenant rate limits that starve nobody, the audit log.
 
-Each test starts ``python -m server`` as an operator would (tests/server_fixtures.py).
+Each test starts ``python -m server`` as an operator would (testing/server_fixtures.py).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from retrieval.v1.metadata import retry_after_of
 from client import RetrievalClient
 from server.api.audit import read_records
 from server.auth import hash_key, key_id
-from tests import server_fixtures
-from tests.server_fixtures import ROOT, Assets, make_pki, start_server
+from testing import server_fixtures
+from testing.server_fixtures import ROOT, Assets, make_pki, start_server
 
 server_assets = server_fixtures.server_assets
 pytestmark = pytest.mark.slow

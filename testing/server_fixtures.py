@@ -1,6 +1,6 @@
 """A real server on loopback for tests and benchmarks: tiny ONNX model + its calibration.
 
-The model is tests.onnx_models.make_linear_embedder; the calibration document is
+The model is testing.onnx_models.make_linear_embedder; the calibration document is
 measured here on glyph images with the exact order statistic of DESIGN.md, so the
 server's threshold means what it says for this model. The server runs as
 ``python -m server`` in a subprocess, exactly as an operator starts it.
@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 from contracts import save_calibration, sha256_file
-from tests.onnx_models import make_linear_embedder
+from testing.onnx_models import make_linear_embedder
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "admin-secret-key"
