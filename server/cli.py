@@ -127,7 +127,7 @@ def parser() -> argparse.ArgumentParser:
         default="flat",
         help="flat = exact search; hnsw = approximate top-k for very large galleries",
     )
-    g = p.add_argument_group("where galleries live (server/storage/base.py, docs/SCALE.md)")
+    g = p.add_argument_group("where galleries live (server/storage/, docs/SCALE.md)")
     g.add_argument(
         "--gallery",
         default="faiss",
@@ -373,7 +373,7 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def store_options(args: argparse.Namespace) -> dict:
-    """The backend's own settings (server/storage/base.py, open_store)."""
+    """The backend's own settings (server/storage/__init__.py, open_store)."""
     if not str(args.gallery).startswith(("milvus://", "milvus-lite:")):
         return {}
     return {

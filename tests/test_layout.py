@@ -144,7 +144,19 @@ FORBIDDEN = {
     ),
     "calibrate.heldout": ("calibrate.reports", "calibrate.cli", "calibrate.studies"),
     "calibrate.reports": ("calibrate.cli", "calibrate.studies"),
-    "server": ("train", "client", "demo", "testing"),
+    "server": (
+        "train",
+        "client",
+        "demo",
+        "testing",
+        # of calibrate, only the OPIS math (live consistency gauges)
+        "calibrate.engine",
+        "calibrate.heldout",
+        "calibrate.reports",
+        "calibrate.cli",
+        "calibrate.studies",
+        "calibrate.inputs",
+    ),
     "server.storage": ("server.api", "server.matching", "server.monitoring", "server.cli"),
     "server.matching": (
         "server.api",
@@ -154,6 +166,8 @@ FORBIDDEN = {
     ),
     "server.monitoring": ("server.api", "server.matching", "server.storage", "server.cli"),
     "client": ("server", "calibrate", "train", "testing"),
+    "train": ("server", "client", "demo", "testing"),
+    "demo": ("server", "train", "testing"),
     "contracts": ("calibrate", "server", "train", "client"),
     "scorenorm": ("calibrate", "server", "train", "client"),
 }

@@ -82,7 +82,7 @@ class ServiceConfig:
     limits: ImageLimits = field(default_factory=ImageLimits)
     normalize: str | None = None  # score normalisation; None = the calibration's own
     tail: TailOptions = field(default_factory=TailOptions)
-    gallery: str = "faiss"  # or milvus://HOST:PORT, milvus-lite:PATH.db (server/storage/base.py)
+    gallery: str = "faiss"  # or milvus://HOST:PORT, milvus-lite:PATH.db (server/storage/)
     store_options: dict = field(default_factory=dict)  # e.g. Milvus timeout, consistency
 
 
