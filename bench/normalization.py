@@ -37,7 +37,7 @@ GALLERY = 600  # items per tenant in the Match case: enough pairs for an active 
 def match_cost(args) -> None:
     from bench.server import _median, measure, start
     from imagesets import load_images
-    from tests.server_fixtures import png
+    from testing.server_fixtures import png
 
     glyphs = load_images("glyphs-tiny", "test")
     images = [png(glyphs.pixels[i]) for i in range(len(glyphs))]
@@ -90,8 +90,8 @@ def search_path_cost(args) -> None:
     from embedding import OnnxEmbedder
     from embedding.defaults import DEFAULT_CALIBRATION, DEFAULT_MODEL
     from imagesets import load_images
-    from server.gallery import Gallery, Item
-    from server.normalization import ServedNormalization
+    from server.matching.normalization import ServedNormalization
+    from server.storage.faiss.gallery import Gallery, Item
 
     faiss.omp_set_num_threads(1)  # as the server's search threads
     doc = load_calibration(DEFAULT_CALIBRATION)
@@ -140,7 +140,7 @@ def search_path_cost(args) -> None:
 
 def enrol_cost(args) -> None:
     from scorenorm import gallery_histogram
-    from server.tail_stats import DEFAULT_CAPACITY, Entry, TenantTail
+    from server.storage.tail_stats import DEFAULT_CAPACITY, Entry, TenantTail
 
     rng = np.random.default_rng(0)
     dim, n = 64, args.items

@@ -62,7 +62,7 @@ def unit_vectors(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
 
 def glyph_pngs(count: int = 512) -> list[bytes]:
     from imagesets import load_images
-    from tests.server_fixtures import png
+    from testing.server_fixtures import png
 
     glyphs = load_images("glyphs-tiny", "test")
     return [png(glyphs.pixels[i % len(glyphs)]) for i in range(count)]
@@ -70,7 +70,7 @@ def glyph_pngs(count: int = 512) -> list[bytes]:
 
 def build_gallery(directory: Path, n: int, dim: int, sha: str, pngs: list[bytes], index="flat"):
     """A tenant folder the server can open: ``directory/tenants/bench``. Reused if there."""
-    from server.gallery import Gallery, Item
+    from server.storage.faiss.gallery import Gallery, Item
 
     folder = directory / "tenants" / TENANT
     if (folder / "tenant.json").exists() and (folder / "manifest.json").exists():
@@ -96,7 +96,7 @@ def build_gallery(directory: Path, n: int, dim: int, sha: str, pngs: list[bytes]
 _OPEN = """
 import ctypes, gc, json, os, sys, time
 from pathlib import Path
-from server.gallery import Gallery
+from server.storage.faiss.gallery import Gallery
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 dim, sha, index = int(sys.argv[2]), sys.argv[3], sys.argv[4]
@@ -113,7 +113,7 @@ print(json.dumps({"seconds": seconds, "rss": rss() - base, "size": g.size,
                   "columns": g.memory_bytes(), "peak": hwm * 1024 - base}))
 if len(sys.argv) > 5:  # crash case: write records, then die without a checkpoint
     import numpy as np
-    from server.gallery import Item
+    from server.storage.faiss.gallery import Item
     rng = np.random.default_rng(1)
     n = int(sys.argv[5])
     x = rng.normal(size=(n, dim)).astype("float32")
@@ -139,7 +139,7 @@ def open_in_subprocess(
 # --------------------------------------------------------------------- store
 def enrol_rate(folder: Path, dim: int, sha: str, pngs: list[bytes], items: int) -> dict:
     """Items/s of 16-item enrolment calls into the gallery (then removed again)."""
-    from server.gallery import Gallery, Item
+    from server.storage.faiss.gallery import Gallery, Item
 
     gallery = Gallery.open(folder, dim, sha)
     rng = np.random.default_rng(7)
@@ -167,7 +167,7 @@ def search_ceiling(folder: Path, model, threshold: float, batch: int, seconds: f
     """Queries/s of gallery.search alone, ``batch`` queries per call (embeddings ready)."""
     import faiss
 
-    from server.gallery import Gallery
+    from server.storage.faiss.gallery import Gallery
 
     faiss.omp_set_num_threads(1)
     gallery = Gallery.open(folder, model.embedder.dim, model.sha256)
@@ -191,8 +191,8 @@ def pipeline_ceiling(folder: Path, model, threshold, pngs, batch: int, seconds: 
     """decode + embed + search in this process, ``batch`` images a call: images/s."""
     import faiss
 
-    from server.gallery import Gallery
-    from server.imaging import ImageLimits, to_model_input
+    from server.matching.imaging import ImageLimits, to_model_input
+    from server.storage.faiss.gallery import Gallery
 
     faiss.omp_set_num_threads(1)
     gallery = Gallery.open(folder, model.embedder.dim, model.sha256)
@@ -357,7 +357,7 @@ def decisions(sims: np.ndarray, ids: np.ndarray, threshold: float) -> list:
 def search_section(args, model, pngs, milvus_spec: str | None) -> list[dict]:
     import faiss
 
-    from server.gallery import Gallery
+    from server.storage.faiss.gallery import Gallery
 
     faiss.omp_set_num_threads(1)
     dim, sha = model.embedder.dim, model.sha256
@@ -407,7 +407,7 @@ def search_section(args, model, pngs, milvus_spec: str | None) -> list[dict]:
 
 def milvus_search(spec, n, dim, sha, x, queries, threshold, exact) -> dict:
     """Insert the same vectors into Milvus (HNSW M=16, COSINE), time searches, recall."""
-    from server.milvus_store import MilvusStore
+    from server.storage.milvus import MilvusStore
 
     store = MilvusStore(spec, dim, "s" + sha[1:], tail_refresh=0, timeout=600)
     name = f"s{n}"
@@ -505,7 +505,7 @@ def print_search(rows: list[dict]) -> None:
 def milvus_section(args, model, pngs, spec: str) -> dict:
     """Faiss vs Milvus serving at 64 clients (1 and 2 workers); Enroll-then-Match."""
     from bench.server import _median, measure, start
-    from server.client import RetrievalClient
+    from client import RetrievalClient
 
     out: dict = {"items": args.milvus_items}
     n = args.milvus_items
@@ -514,14 +514,14 @@ def milvus_section(args, model, pngs, spec: str) -> dict:
     faiss_dir = args.work / f"store-{n}"
     build_gallery(faiss_dir, n, dim, model.sha256, pngs)
     # the same items in Milvus, through the store (so size, tail and keys are as served)
-    from server.milvus_store import MilvusStore
+    from server.storage.milvus import MilvusStore
 
     store = MilvusStore(spec, dim, model.sha256, tail_refresh=0, timeout=600)
     with contextlib.suppress(Exception):
         store.delete(TENANT)
     gallery = store.create(TENANT, None).gallery
     x = unit_vectors(np.random.default_rng(n), n, dim)
-    from server.gallery_store import Item
+    from server.storage.base import Item
 
     t = time.perf_counter()
     for s in range(0, n, 2000):
@@ -652,7 +652,7 @@ def print_milvus(out: dict) -> None:
 # ---------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     from embedding.defaults import DEFAULT_CALIBRATION, DEFAULT_MODEL
-    from server.model import ServingModel
+    from server.matching.model import ServingModel
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="1000,100000,1000000")
@@ -695,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     milvus = None
     spec = None
     if args.milvus == "auto" and sections & {"search", "milvus"}:
-        from tests.milvus_fixtures import start_milvus
+        from testing.milvus_fixtures import start_milvus
 
         milvus = start_milvus(args.work / "milvus")
         spec = milvus.spec

@@ -101,9 +101,9 @@ def in_process_ceiling(
     """decode + embed + search in this process, ``batch`` images at a time: images/s."""
     import faiss
 
-    from server.gallery import Gallery, Item
-    from server.imaging import ImageLimits, to_model_input
-    from server.model import ServingModel
+    from server.matching.imaging import ImageLimits, to_model_input
+    from server.matching.model import ServingModel
+    from server.storage.faiss.gallery import Gallery, Item
 
     faiss.omp_set_num_threads(1)  # as the server does (--search-threads 1)
     served = ServingModel.load(model, calibration, "auto", 1e-3, threads)
@@ -134,8 +134,8 @@ def _median(runs: list[dict]) -> dict:
 
 
 def start(model, calibration, data_dir: Path, max_batch: int, extra: list[str]):
-    from server.client import RetrievalClient
-    from tests.server_fixtures import ServerProcess
+    from client import RetrievalClient
+    from testing.server_fixtures import ServerProcess
 
     server = ServerProcess(
         [
@@ -163,7 +163,7 @@ def start(model, calibration, data_dir: Path, max_batch: int, extra: list[str]):
 def assets(args) -> tuple[Path, Path, list[bytes], str]:
     from embedding.defaults import DEFAULT_CALIBRATION, DEFAULT_MODEL
     from imagesets import load_images
-    from tests.server_fixtures import make_assets, png
+    from testing.server_fixtures import make_assets, png
 
     glyphs = load_images("glyphs-tiny", "test")
     images = [png(glyphs.pixels[i]) for i in range(len(glyphs))]

@@ -1,8 +1,8 @@
-"""``python -m calibrate``: see calibrate/cli.py."""
+"""``python -m calibrate``: see calibrate/cli/main.py."""
 
 import sys
 
-from calibrate.cli import main
+from calibrate.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -71,7 +71,7 @@ _DATASET_AT_TARGET = {
     "far_ratio": Opt(NUMBER),
     "threshold": Opt(_THRESHOLD),
     "threshold_drift": Opt(NUMBER),
-    # on held-out classes, raw and tenant-tail normalised (calibrate/normalized.py)
+    # on held-out classes, raw and tenant-tail normalised (calibrate/heldout/normalized.py)
     "held_out": Opt(
         {
             "raw": _HELD_OUT_FAR,

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import grpc
 
-from demo.pipeline import DemoConfig, run
+from demo.config import DemoConfig
+from demo.pipeline import run
 
 DEFAULT_TENANTS = ("latin", "greek", "cyrillic", "math")
 

@@ -11,10 +11,8 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from demo.pipeline import DemoConfig
+from demo.config import DemoConfig
 
 COLUMNS = (
     ("Recall@1", "recall_at_1", "{:.3f}"),

@@ -16,40 +16,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from client import MatchResult, RetrievalClient
+from demo.config import DemoConfig
 from demo.processes import ProcessGroup, free_port
 from demo.prometheus import Prometheus, prometheus_binary
 from demo.report import TenantOutcome, attach_live, scrape, table
 from demo.traffic import TenantPlan, plan_tenant, png_bytes
 from embedding.defaults import require_default_model
 from imagesets import ImageSet, load_images
-from server.client import MatchResult, RetrievalClient
 
 PYTHON = sys.executable
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    target_far: float = 1e-3
-    model: Path | None = None
-    tenants: tuple[str, ...] = ("latin", "greek", "cyrillic", "math")
-    enrolled: int = 100
-    gallery_per_class: int = 5
-    genuine_per_class: int = 2
-    impostor_classes: int = 60
-    impostor_per_class: int = 3
-    out: Path = Path("out/demo")
-    device: str = "auto"
-    seed: int = 0
-    tiny: bool = False
-    train: bool = False
-    compare: bool = False
-    compare_steps: int = 400
-    prometheus: bool = False
-    serve: bool = False
-
-    @property
-    def dataset(self) -> str:
-        return "glyphs-tiny" if self.tiny else "glyphs"
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from server.imaging import FORMATS as ACCEPTED
+from server.matching.imaging import FORMATS as ACCEPTED
 
 MODES = ("L", "RGB", "RGBA", "P", "1", "LA", "I;16", "CMYK", "F", "I")
 FIXED_DATE = time.strptime("2026-01-01", "%Y-%m-%d")  # Pillow's PDF writer takes struct_time

@@ -57,7 +57,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
 from retrieval.v1 import retrieval_pb2 as pb  # noqa: E402
 from retrieval.v1 import retrieval_pb2_grpc as rpc  # noqa: E402
 
-from tests.server_fixtures import ServerProcess  # noqa: E402
+from testing.server_fixtures import ServerProcess  # noqa: E402
 
 
 # ------------------------------------------------------------------ helpers
@@ -153,8 +153,8 @@ class Assets:
 
 def make_assets(work: Path) -> Assets:
     from imagesets import load_images
-    from tests.server_fixtures import make_assets as make
-    from tests.server_fixtures import png
+    from testing.server_fixtures import make_assets as make
+    from testing.server_fixtures import png
 
     glyphs = load_images("glyphs-tiny", "test")
     pick = np.sort(np.random.default_rng(0).choice(len(glyphs), 400, replace=False))
@@ -325,7 +325,7 @@ def crash_section(assets: Assets, work: Path, rounds: int, seed: int) -> dict:
 
 # ------------------------------------------------------------ 2. disk full
 def noise_png(rng: np.random.Generator, side: int = 256) -> bytes:
-    from tests.server_fixtures import png
+    from testing.server_fixtures import png
 
     return png(rng.integers(0, 256, (side, side), dtype=np.uint8))
 
@@ -495,7 +495,7 @@ def overload_section(
 ) -> dict:
     from embedding.defaults import DEFAULT_CALIBRATION, DEFAULT_MODEL
     from imagesets import load_images
-    from tests.server_fixtures import png
+    from testing.server_fixtures import png
 
     glyphs = load_images("glyphs-tiny", "test")
     images = [png(glyphs.pixels[i]) for i in range(len(glyphs))]

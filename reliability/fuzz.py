@@ -3,7 +3,7 @@
 Two layers, one corpus (reliability/corpus.py) plus hypothesis strategies:
 
 1. **decode**: every corpus file, and hypothesis mutations of the seeds, through
-   ``server.imaging.decode`` in process: an image comes back or ImageError is
+   ``server.matching.imaging.decode`` in process: an image comes back or ImageError is
    raised, nothing else.
 2. **server**: a real ``python -m server`` with API keys. Corpus files go through
    Match, MatchBatch (between two valid images), Enroll and MatchStream; hypothesis
@@ -50,8 +50,8 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
 from reliability.corpus import Sample, build
-from server.imaging import ImageError, ImageLimits, decode
-from server.tenants import NAME
+from server.matching.imaging import ImageError, ImageLimits, decode
+from server.storage.faiss.tenants import NAME
 
 # The statuses each RPC may give fuzzed input. UNKNOWN and INTERNAL never are.
 COMMON = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED"}
@@ -542,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
 def fuzz_server(corpus: list[Sample], args, limits: ImageLimits, tally: Tally) -> float:
     """The server layer on a fresh server; returns the server's peak RSS in MiB."""
     from imagesets import load_images
-    from tests.server_fixtures import ADMIN_KEY, LIMIT_FLAGS, make_assets, png, start_server
+    from testing.server_fixtures import ADMIN_KEY, LIMIT_FLAGS, make_assets, png, start_server
 
     glyphs = load_images("glyphs-tiny", "test")
     rng = np.random.default_rng(args.seed)

@@ -1,7 +1,7 @@
 """The impostor pairs of a gallery, scored the way every part of the project scores them.
 
 A pair's score is the float64 inner product of the two float32 embeddings rounded
-once to float32 (calibrate/sweep.py defines it so); computed in float64 it does not
+once to float32 (calibrate/engine/sweep.py defines it so); computed in float64 it does not
 depend on how pairs are grouped, so a histogram built pair by pair while items come
 and go equals the one rebuilt from scratch after a restart.
 """

@@ -45,9 +45,9 @@ def run(args: list[str], env: dict, keep: int = 0) -> str:
 
 def main() -> int:
     from imagesets import load_images
-    from tests.milvus_fixtures import start_milvus
-    from tests.prometheus_harness import PrometheusProcess
-    from tests.server_fixtures import ServerProcess, png
+    from testing.milvus_fixtures import start_milvus
+    from testing.prometheus_harness import PrometheusProcess
+    from testing.server_fixtures import ServerProcess, png
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/tcm-replicas"))
@@ -85,7 +85,7 @@ def main() -> int:
         ]  # fmt: skip
         a, b = servers
         print(f"# replica A: {a.ready_line}\n# replica B: {b.ready_line}\n")
-        client = ["python", "-m", "server.client"]
+        client = ["python", "-m", "client"]
         run([*client, "--address", a.address, "create-tenant", "shop"], env)
         out = run([*client, "--address", a.address, "enroll", "shop", str(gallery)], env, keep=3)
         token = json.loads(out.strip().splitlines()[-1])["write_token"]

@@ -22,10 +22,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
+from retrieval.v1.metadata import API_KEY
 
 from server.errors import StatusError
 
-METADATA_KEY = "x-api-key"
 _PREFIX = "sha256:"
 
 
@@ -104,7 +104,7 @@ class KeyRing:
 
     Sources (``"file"`` for the key file, ``"tenant:<name>"`` for a tenant's
     tenant.json) are replaced whole by :meth:`set_source`, which is how keys are
-    rotated while the server runs (server/keys.py re-reads them when they change).
+    rotated while the server runs (server/api/keys.py re-reads them when they change).
     """
 
     def __init__(self, enabled: bool = True) -> None:
@@ -166,10 +166,10 @@ class KeyRing:
         """The caller, if its key may act on ``tenant`` / as admin; else :class:`AuthError`."""
         if not self.enabled:
             return AUTH_OFF
-        keys = [v for k, v in (metadata or ()) if k == METADATA_KEY]
+        keys = [v for k, v in (metadata or ()) if k == API_KEY]
         if not keys:
             raise AuthError(
-                grpc.StatusCode.UNAUTHENTICATED, f"missing API key: send metadata {METADATA_KEY}"
+                grpc.StatusCode.UNAUTHENTICATED, f"missing API key: send metadata {API_KEY}"
             )
         principal = self.identify(str(keys[0]))
         if principal is None:

@@ -6,7 +6,7 @@ Prints one line when ready::
 
 SIGTERM/SIGINT drain in-flight calls, then flush and close the galleries; SIGHUP
 reloads model + calibration from the paths given at start and re-reads the API keys
-(which are also re-read whenever their files change, see server/keys.py).
+(which are also re-read whenever their files change, see server/api/keys.py).
 Exit status 2 = refused to start (bad flag, config, model, calibration or key file).
 """
 
@@ -23,22 +23,22 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 import scorenorm
 from embedding.defaults import DEFAULT_CALIBRATION, DEFAULT_MODEL
-from server.admission import Admission, AdmissionLimits, OverloadMetrics
-from server.app import MAX_PENDING_CALLS, build_server
-from server.audit import AuditLog
+from server.api.admission import Admission, AdmissionLimits, OverloadMetrics
+from server.api.app import MAX_PENDING_CALLS, build_server
+from server.api.audit import AuditLog
+from server.api.interceptor import RetrievalInterceptor
+from server.api.keys import KeyReloader
+from server.api.ratelimit import TenantRateLimiter
 from server.auth import KeyRing
 from server.errors import StatusError
-from server.gallery_store import TailOptions
-from server.imaging import ImageLimits
-from server.interceptor import RetrievalInterceptor
-from server.keys import KeyReloader
-from server.metrics import ServerMetrics
-from server.model import ServingModel
+from server.matching.imaging import ImageLimits
+from server.matching.model import ServingModel
+from server.matching.observer import DecisionObserver, NullObserver
+from server.matching.service import RetrievalService, ServiceConfig
 from server.monitoring.labels import TenantLabels
-from server.observer import DecisionObserver, NullObserver
-from server.ratelimit import TenantRateLimiter
-from server.service import RetrievalService, ServiceConfig
-from server.tail_stats import DEFAULT_CAPACITY
+from server.monitoring.serving import ServerMetrics
+from server.storage.base import TailOptions
+from server.storage.tail_stats import DEFAULT_CAPACITY
 
 log = logging.getLogger("server")
 
@@ -127,7 +127,7 @@ def parser() -> argparse.ArgumentParser:
         default="flat",
         help="flat = exact search; hnsw = approximate top-k for very large galleries",
     )
-    g = p.add_argument_group("where galleries live (server/gallery_store.py, docs/SCALE.md)")
+    g = p.add_argument_group("where galleries live (server/storage/, docs/SCALE.md)")
     g.add_argument(
         "--gallery",
         default="faiss",
@@ -373,7 +373,7 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def store_options(args: argparse.Namespace) -> dict:
-    """The backend's own settings (server/gallery_store.py, open_store)."""
+    """The backend's own settings (server/storage/__init__.py, open_store)."""
     if not str(args.gallery).startswith(("milvus://", "milvus-lite:")):
         return {}
     return {

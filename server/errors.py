@@ -1,7 +1,7 @@
 """The one error hierarchy of the server: every refusal carries the gRPC status it means.
 
 Handlers, auth, admission control and rate limits raise a :class:`StatusError`; the
-server interceptor (server/interceptor.py) is the only place that turns one into a
+server interceptor (server/api/interceptor.py) is the only place that turns one into a
 gRPC status, so a call can never end UNKNOWN because some layer forgot to translate.
 ``retry_after`` (seconds) is the hint sent with RESOURCE_EXHAUSTED and UNAVAILABLE:
 when the caller should try again, in the two forms gRPC clients read (see
@@ -13,11 +13,7 @@ from __future__ import annotations
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
-
-# gRPC's own retry machinery (gRFC A6) reads this trailer when a retry policy is set.
-PUSHBACK_KEY = "grpc-retry-pushback-ms"
-# The rich error model (google.rpc.Status with details), read by grpcio-status clients.
-DETAILS_KEY = "grpc-status-details-bin"
+from retrieval.v1.metadata import DETAILS_KEY, PUSHBACK_KEY
 
 
 class StatusError(Exception):
@@ -47,15 +43,3 @@ def retry_trailers(code: grpc.StatusCode, message: str, retry_after: float) -> t
     detail.Pack(info)
     status = status_pb2.Status(code=code.value[0], message=message, details=[detail])
     return ((PUSHBACK_KEY, str(millis)), (DETAILS_KEY, status.SerializeToString()))
-
-
-def retry_after_of(error: grpc.RpcError) -> float | None:
-    """Client side: the server's retry hint in seconds, or None when it sent none."""
-    trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
-    for key, value in trailers or ():
-        if key == PUSHBACK_KEY:
-            try:
-                return int(value) / 1000
-            except ValueError:
-                return None
-    return None

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from embedding import OnnxEmbedder
 from embedding.defaults import DEFAULT_MODEL
-from server.imaging import ImageLimits, to_model_input
-from server.tenants import TenantRegistry
+from server.matching.imaging import ImageLimits, to_model_input
+from server.storage.faiss.tenants import TenantRegistry
 
 
 def main(argv: list[str] | None = None) -> int:

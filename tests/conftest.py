@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.onnx_models import make_linear_embedder
+from testing.onnx_models import make_linear_embedder
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -64,7 +64,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 @pytest.fixture(scope="session")
 def milvus_server(tmp_path_factory: pytest.TempPathFactory):
     """A real Milvus 2.3.5 standalone on 127.0.0.1 for the whole session, stopped by PID."""
-    from tests.milvus_fixtures import start_milvus
+    from testing.milvus_fixtures import start_milvus
 
     server = start_milvus(tmp_path_factory.mktemp("milvus"))
     try:

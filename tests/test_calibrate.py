@@ -162,7 +162,7 @@ def test_bad_target_far(far):
 
 
 def test_streamed_passes_equal_the_cached_tail(monkeypatch):
-    from calibrate import passes
+    from calibrate.engine import passes
 
     es = make_set(n=500, seed=6)
     cached = evaluate(es, (0.001, 0.05), bootstrap=20, block=64).to_document("0" * 64)
@@ -173,7 +173,7 @@ def test_streamed_passes_equal_the_cached_tail(monkeypatch):
 
 
 def test_a_too_high_sampled_cutoff_falls_back_to_all_scores(monkeypatch):
-    from calibrate.passes import Engine
+    from calibrate.engine.passes import Engine
 
     es = make_set(n=300, seed=7)
     want_ev = evaluate(es, (0.01, 0.2))
@@ -193,9 +193,9 @@ def test_a_too_high_sampled_cutoff_falls_back_to_all_scores(monkeypatch):
 
 def test_rows_without_tail_scores_get_their_exact_best_impostor():
     """Pass 1 with a high cutoff: most rows' best impostor lies under it, yet is exact."""
-    from calibrate.passes import Engine
-    from calibrate.prepare import prepare
-    from calibrate.sweep import scores_cpu
+    from calibrate.engine.passes import Engine
+    from calibrate.engine.prepare import prepare
+    from calibrate.engine.sweep import scores_cpu
 
     es = make_set(n=300, seed=9)
     dense = Dense(es.embeddings, es.labels, es.tenants)
@@ -215,7 +215,7 @@ def test_a_coarse_score_function_gives_the_same_numbers(monkeypatch):
     """A GPU GEMM (TF32) errs more; with its declared margin the result is unchanged."""
     import sys
 
-    from calibrate.sweep import scores_cpu
+    from calibrate.engine.sweep import scores_cpu
 
     def coarse(a, b):
         s = scores_cpu(a, b)
@@ -225,7 +225,7 @@ def test_a_coarse_score_function_gives_the_same_numbers(monkeypatch):
     coarse.min_margin = 4e-3
     es = make_set(n=400, seed=8)
     want = evaluate(es, (0.01, 0.05), block=100).to_document("0" * 64)
-    module = sys.modules["calibrate.evaluate"]
+    module = sys.modules["calibrate.engine.evaluate"]
     monkeypatch.setattr(module, "score_function", lambda device: (coarse, "cpu"))
     got = evaluate(es, (0.01, 0.05), block=100).to_document("0" * 64)
     want.pop("created_at"), got.pop("created_at")

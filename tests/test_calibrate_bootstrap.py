@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import calibrate.bootstrap as boot
+import calibrate.engine.bootstrap as boot
 from calibrate import evaluate
 from tests.test_calibrate import make_set
 from tests.test_calibrate_reference import Dense

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calibrate.cli import EXIT_BAD_INPUT, main
+from calibrate.cli.main import EXIT_BAD_INPUT, main
 from contracts import load_calibration, sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +156,7 @@ def test_a_whole_run_never_imports_torch(linear_model, tmp_path):
         "        if name.split('.')[0] in ('torch', 'pytorch_metric_learning', 'train'):\n"
         "            raise ImportError('blocked: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "from calibrate.cli import main\n"
+        "from calibrate.cli.main import main\n"
         f"code = main(['--model', {str(model)!r}, '--dataset', {str(npz)!r}, '--bootstrap', '5',"
         f" '--out', {str(tmp_path / 'o' / 'c.json')!r}, '--no-progress'])\n"
         "assert code == 0\n"

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from calibrate import evaluate
-from calibrate.cli import EXIT_BAD_INPUT, main
+from calibrate.cli.main import EXIT_BAD_INPUT, main
 from demo.processes import free_port
 from tests.test_calibrate import make_set, tied_set
 
@@ -55,7 +55,7 @@ def _cases():
 
 
 def _run(case, distributed: bool):
-    from calibrate import passes
+    from calibrate.engine import passes
 
     _, es, kwargs, budget = case
     saved = passes.CACHE_BYTES

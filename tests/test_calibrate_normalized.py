@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from calibrate import evaluate
-from calibrate.cli import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, main
-from calibrate.fpir import held_out_fpir, independent_fpir, per_pair_far
-from calibrate.holdout import threshold_at
-from calibrate.normalized import held_out
+from calibrate.cli.main import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, main
+from calibrate.heldout.fpir import held_out_fpir, independent_fpir, per_pair_far
+from calibrate.heldout.holdout import threshold_at
+from calibrate.heldout.normalized import held_out
 from contracts import load_calibration
 from scorenorm import ScoreHistogram, TailSettings
 from tests.tenant_sets import save_npz, tenants_with_tails

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
+from client import MatchResult, Neighbor
 from contracts import load_calibration
 from demo.__main__ import parse_args
 from demo.compare import comparison_table
@@ -24,7 +25,6 @@ from demo.processes import ProcessGroup, free_port
 from demo.prometheus import Prometheus
 from demo.report import TenantOutcome, attach_live, scrape, table
 from demo.traffic import plan_tenant, png_bytes
-from server.client import MatchResult, Neighbor
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.prometheus_harness import DEPLOY, contract_names, promql_names, recording_names
+from testing.prometheus_harness import DEPLOY, contract_names, promql_names, recording_names
 
 GRAFANA = DEPLOY / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "tcm-retrieval.json"

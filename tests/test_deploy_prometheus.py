@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.prometheus_harness import (
+from testing.prometheus_harness import (
     INSTALL_HINT,
     PROMETHEUS_DIR,
     RULE_FILES,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.prometheus_harness import DEPLOY, ROOT
+from testing.prometheus_harness import DEPLOY, ROOT
 
 DOCKER = DEPLOY / "docker"
 K8S = DEPLOY / "k8s"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from embedding import OnnxEmbedder, preprocess, select_providers
-from tests.onnx_models import make_linear_embedder
+from testing.onnx_models import make_linear_embedder
 
 
 def test_embeddings_are_unit_vectors(linear_model, tiny_glyphs):

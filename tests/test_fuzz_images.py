@@ -13,7 +13,7 @@ from PIL import Image
 
 from reliability.corpus import Sample, build
 from reliability.fuzz import Tally, check_decode, mutated
-from server.imaging import ImageError, ImageLimits, decode
+from server.matching.imaging import ImageError, ImageLimits, decode
 
 LIMITS = ImageLimits(max_bytes=300_000, max_pixels=1_000_000)  # the e2e servers' limits
 

@@ -18,9 +18,9 @@ import pytest
 
 from reliability.corpus import Sample, build
 from reliability.fuzz import ServerFuzzer, Tally, raw_messages, requests, run_examples
-from server.imaging import ImageLimits
-from tests import server_fixtures
-from tests.server_fixtures import ADMIN_KEY, LIMIT_FLAGS, Assets, start_server
+from server.matching.imaging import ImageLimits
+from testing import server_fixtures
+from testing.server_fixtures import ADMIN_KEY, LIMIT_FLAGS, Assets, start_server
 
 server_assets = server_fixtures.server_assets
 pytestmark = pytest.mark.slow

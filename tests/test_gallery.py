@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.gallery import Gallery, GalleryError, Item, StaleModelError
+from server.storage.faiss.gallery import Gallery, GalleryError, Item, StaleModelError
 
 ROOT = Path(__file__).resolve().parents[1]
 SHA = "a" * 64
@@ -130,7 +130,7 @@ def test_model_change_reembeds_or_refuses(tmp_path: Path) -> None:
 WRITER = """
 import sys, numpy as np
 from pathlib import Path
-from server.gallery import Gallery, Item
+from server.storage.faiss.gallery import Gallery, Item
 g = Gallery.open(Path(sys.argv[1]), 8, "a" * 64, snapshot_every=7)
 rng = np.random.default_rng(0)
 for n in range(100000):
@@ -259,7 +259,7 @@ def test_a_failed_snapshot_does_not_fail_an_acknowledged_write(tmp_path: Path, m
     close() still closes the log); the next write tries the snapshot again."""
     import errno
 
-    import server.gallery
+    import server.storage.faiss.gallery
 
     def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -267,7 +267,7 @@ def test_a_failed_snapshot_does_not_fail_an_acknowledged_write(tmp_path: Path, m
     rng = np.random.default_rng(5)
     v = unit(rng, 6)
     gallery = Gallery.open(tmp_path, DIM, SHA, snapshot_every=2)
-    monkeypatch.setattr(server.gallery, "atomic_write_bytes", full)
+    monkeypatch.setattr(server.storage.faiss.gallery, "atomic_write_bytes", full)
     assert gallery.add(items(6)[:3], v[:3], SHA) == [None] * 3  # a snapshot is due: it fails
     gallery.close()
     monkeypatch.undo()

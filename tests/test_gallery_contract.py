@@ -1,9 +1,9 @@
-"""The GalleryStore contract (server/gallery_store.py), one suite run against every backend.
+"""The GalleryStore contract (server/storage/base.py), one suite run against every backend.
 
 - ``faiss``: the in-process store (WAL + segments), the default;
 - ``milvus-lite``: Milvus' embedded Python engine (``milvus-lite:PATH.db``);
 - ``milvus``: a real Milvus 2.3.5 standalone on 127.0.0.1, started by PID for the
-  session (tests/milvus_fixtures.py; marked slow, run by ./test.sh like every test).
+  session (testing/milvus_fixtures.py; marked slow, run by ./test.sh like every test).
 
 Each test takes a fresh tenant (the real server is shared by the session). Known
 version-specific behaviour is marked where it is tested, never skipped.
@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from scorenorm import gallery_histogram
-from server.gallery_store import Item, StoreUnavailableError, open_store
-from server.tail_stats import item_hash
+from server.storage import open_store
+from server.storage.base import Item, StoreUnavailableError
+from server.storage.tail_stats import item_hash
 
 DIM = 16
 SHA = "c" * 64
@@ -49,7 +50,7 @@ class Backend:
     """Opens stores of one backend; a second store on the same place is a 'replica'."""
 
     def __init__(self, kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-        from server.gallery_store import TailOptions
+        from server.storage.base import TailOptions
 
         self.kind = kind
         self.tail = TailOptions(capacity=CAPACITY, online_weight=0)
@@ -243,7 +244,7 @@ def test_reopening_keeps_every_item(backend: Backend) -> None:
 
 
 def test_unreachable_milvus_is_unavailable_not_a_decision(tmp_path: Path) -> None:
-    from tests.milvus_fixtures import free_port
+    from testing.milvus_fixtures import free_port
 
     with pytest.raises(StoreUnavailableError) as caught:
         open_store(f"milvus://127.0.0.1:{free_port()}", tmp_path, DIM, SHA, timeout=2.0)

@@ -1,13 +1,15 @@
-"""The leave-tenant-out consistency study (calibrate/leave_tenant_out.py) on synthetic tenants."""
+"""The leave-tenant-out consistency study (calibrate/studies/leave_tenant_out.py) on
+synthetic tenants."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from calibrate.consistency_report import markdown
-from calibrate.holdout import rotations, split_classes
-from calibrate.leave_tenant_out import FLOOR, StudySettings, far_stats, main, run_study
+from calibrate.heldout.holdout import rotations, split_classes
+from calibrate.studies.consistency_report import markdown
+from calibrate.studies.leave_tenant_out import main, run_study
+from calibrate.studies.outcomes import FLOOR, StudySettings, far_stats
 from tests.tenant_sets import save_npz, tenants_with_tails
 
 
@@ -68,7 +70,7 @@ def test_far_stats_counts_a_silent_tenant_as_half_an_accept():
 
 
 def test_report_states_each_goal_as_met_or_missed(study):
-    text = markdown([study], "python -m calibrate.leave_tenant_out --test")
+    text = markdown([study], "python -m calibrate.studies.leave_tenant_out --test")
     assert "| 0.01 | tenant-tail |" in text and "| 0.01 | oracle |" in text
     goals = [line for line in text.splitlines() if line.startswith("- tails, tenant-tail")]
     assert len(goals) == 2 and all(("met" in g) or ("MISSED" in g) for g in goals)

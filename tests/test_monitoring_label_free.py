@@ -1,8 +1,8 @@
 """The label-free FAR estimator of the live server against the true FAR, on glyph tenants.
 
-The estimator (server/gallery.py, fed to LiveMonitor): for each query, among the tenant's
-gallery items whose label differs from the top-1's, the fraction at or above the
-threshold. The truth needs the query's label, which a live server does not have.
+The estimator (server/storage/faiss/gallery.py, fed to LiveMonitor): for each query,
+among the tenant's gallery items whose label differs from the top-1's, the fraction at
+or above the threshold. The truth needs the query's label, which a live server does not have.
 
 Tests check what holds by construction: when the top-1 is right the estimate's counts are
 exactly the query's impostor pairs; for a query of an unenrolled class it never counts
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from server.gallery import Gallery, Item
 from server.monitoring import wilson_interval
+from server.storage.faiss.gallery import Gallery, Item
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from server.monitoring import LiveMonitor
-from tests.prometheus_harness import INSTALL_HINT, PrometheusProcess, binary, free_port
+from testing.prometheus_harness import INSTALL_HINT, PrometheusProcess, binary, free_port
 
 TARGET_FAR = 0.001
 GALLERY = 51  # items per tenant: 50 impostor pairs per query besides the top-1
@@ -70,7 +70,8 @@ def metrics_endpoint() -> Iterator[str]:
         reference_top1=reference(rng),
         min_drift_samples=100,
     )
-    # The two serving gauges the feedback alert joins on (server/metrics.py exports them).
+    # The two serving gauges the feedback alert joins on (server/monitoring/serving.py
+    # exports them).
     Gauge("tcm_target_far", "target FAR", registry=registry).set(TARGET_FAR)
     gallery = Gauge("tcm_gallery_items", "items", ["tenant"], registry=registry)
     for tenant in (*CALM, DRIFTING):
@@ -158,7 +159,7 @@ class Traffic:
     the server the truth after each decision, until stopped (so rates never drop to 0)."""
 
     def __init__(self, address: str, glyphs, drifting: bool = True) -> None:
-        from server.client import RetrievalClient
+        from client import RetrievalClient
 
         self.drifting = drifting  # may be switched on while traffic runs
         self.client = RetrievalClient(address)
@@ -169,7 +170,7 @@ class Traffic:
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
     def __enter__(self) -> Traffic:
-        from tests.server_fixtures import png
+        from testing.server_fixtures import png
 
         names = self.glyphs.class_names
         for tenant, (gallery, _) in self.plans.items():
@@ -188,7 +189,7 @@ class Traffic:
         self.client.close()
 
     def _loop(self) -> None:
-        from tests.server_fixtures import png
+        from testing.server_fixtures import png
 
         names = self.glyphs.class_names
         while not self.stop.is_set():
@@ -218,8 +219,8 @@ def test_real_server_drifting_tenant_pages_and_every_expression_has_data(
     """python -m server + synthetic traffic + a real Prometheus with the project's rules."""
     if binary("prometheus") is None:
         pytest.fail(f"prometheus is not installed: {INSTALL_HINT}")
-    from tests.prometheus_harness import promql_names, recording_names, rule_groups
-    from tests.server_fixtures import make_assets, start_server
+    from testing.prometheus_harness import promql_names, recording_names, rule_groups
+    from testing.server_fixtures import make_assets, start_server
 
     rng = np.random.default_rng(0)
     pick = np.sort(rng.choice(len(tiny_glyphs), 400, replace=False))
@@ -290,7 +291,7 @@ def record_figure(out: Path, calm_s: float = 20.0, drift_s: float = 25.0) -> Non
     import matplotlib.pyplot as plt
 
     from imagesets import load_images
-    from tests.server_fixtures import make_assets, start_server
+    from testing.server_fixtures import make_assets, start_server
 
     glyphs = load_images("glyphs-tiny", "test")
     rng = np.random.default_rng(0)

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.client import RetrievalClient
-from tests import server_fixtures
-from tests.prometheus_harness import PrometheusProcess
-from tests.server_fixtures import ADMIN_KEY, Assets, start_server
+from client import RetrievalClient
+from testing import server_fixtures
+from testing.prometheus_harness import PrometheusProcess
+from testing.server_fixtures import ADMIN_KEY, Assets, start_server
 
 server_assets = server_fixtures.server_assets
 pytestmark = pytest.mark.slow
@@ -261,10 +261,10 @@ def test_a_refresh_that_read_the_store_before_a_create_does_not_forget_the_tenan
     from prometheus_client import CollectorRegistry
 
     from server.auth import KeyRing
-    from server.metrics import ServerMetrics
-    from server.model import ServingModel
-    from server.observer import NullObserver
-    from server.service import RetrievalService, ServiceConfig
+    from server.matching.model import ServingModel
+    from server.matching.observer import NullObserver
+    from server.matching.service import RetrievalService, ServiceConfig
+    from server.monitoring.serving import ServerMetrics
 
     model = ServingModel.load(server_assets.model, server_assets.calibration, "cpu", 0.01, 1)
     config = ServiceConfig(gallery=f"milvus-lite:{tmp_path / 'lite.db'}")
@@ -300,3 +300,39 @@ def test_a_refresh_that_read_the_store_before_a_create_does_not_forget_the_tenan
             await service.close()
 
     assert asyncio.run(race())
+
+
+def test_model_info_names_the_index_of_the_store_in_use(server_assets: Assets, tmp_path: Path):
+    """tcm_model_info{index} described faiss's --index (flat) also when the galleries
+    lived in Milvus, which searches with its own HNSW index."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from server.auth import KeyRing
+    from server.matching.model import ServingModel
+    from server.matching.observer import NullObserver
+    from server.matching.service import RetrievalService, ServiceConfig
+    from server.monitoring.serving import ServerMetrics
+    from server.storage.faiss.gallery import describe_index
+
+    model = ServingModel.load(server_assets.model, server_assets.calibration, "cpu", 0.01, 1)
+
+    def published_index(gallery: str, data: Path) -> str:
+        registry = CollectorRegistry()
+        config = ServiceConfig(gallery=gallery)
+        service = RetrievalService(
+            model, data, KeyRing(), NullObserver(), ServerMetrics(registry), config
+        )
+
+        async def started() -> None:
+            await service.start()
+            await service.close()
+
+        asyncio.run(started())
+        (sample,) = [s for f in registry.collect() for s in f.samples if s.name == "tcm_model_info"]
+        return sample.labels["index"]
+
+    lite = published_index(f"milvus-lite:{tmp_path / 'lite.db'}", tmp_path / "m")
+    assert lite.startswith("milvus HNSW COSINE"), lite
+    assert published_index("faiss", tmp_path / "f") == describe_index("flat")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from server.gallery import Gallery, Item
-from server.segments import FAN, Manifest, SegmentStore
+from server.storage.faiss.gallery import Gallery, Item
+from server.storage.faiss.segments import FAN, Manifest, SegmentStore
 
 SHA = "e" * 64
 DIM = 8

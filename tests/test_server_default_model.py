@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.client import RetrievalClient
-from tests.server_fixtures import ServerProcess, png
+from client import RetrievalClient
+from testing.server_fixtures import ServerProcess, png
 
 pytestmark = pytest.mark.slow
 CLASSES = 20

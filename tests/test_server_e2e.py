@@ -1,7 +1,7 @@
 """The server end to end: ``python -m server`` on loopback, real grpc, onnxruntime, faiss.
 
 The model is a tiny seeded linear embedder with a calibration measured on the same
-glyph images (tests/server_fixtures.py), so expected similarities are known exactly.
+glyph images (testing/server_fixtures.py), so expected similarities are known exactly.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from server.client import ItemRefusedError, RetrievalClient
-from tests import server_fixtures
-from tests.server_fixtures import ADMIN_KEY, Assets, ServerProcess, make_pki, start_server
+from client import ItemRefusedError, RetrievalClient
+from testing import server_fixtures
+from testing.server_fixtures import ADMIN_KEY, Assets, ServerProcess, make_pki, start_server
 
 # the fixtures this module uses (pytest finds them by name in the module)
 server_assets = server_fixtures.server_assets
@@ -341,8 +341,7 @@ def test_a_flood_of_concurrent_calls_gets_ok_or_resource_exhausted_never_cancell
 
     from retrieval.v1 import retrieval_pb2 as pb
     from retrieval.v1 import retrieval_pb2_grpc as rpc
-
-    from server.errors import retry_after_of
+    from retrieval.v1.metadata import retry_after_of
 
     # Tight limits, so 2,000 calls overload the server on any machine and the test sees
     # admission refuse: with merged searches it answers fast enough that 32 images in
@@ -417,7 +416,7 @@ def test_sigkill_restart_keeps_every_acknowledged_enrolment(
 def test_reload_switches_model_without_dropping_requests(
     server_assets: Assets, tmp_path: Path
 ) -> None:
-    from tests.server_fixtures import make_assets
+    from testing.server_fixtures import make_assets
 
     other = make_assets(tmp_path / "other", server_assets.images, server_assets.labels, seed=1)
     server = start_server(server_assets, tmp_path / "data", "--no-auth")
@@ -473,7 +472,7 @@ def test_refuses_to_start_on_mismatched_calibration_or_silent_auth(
     import subprocess
     import sys
 
-    from tests.server_fixtures import ROOT, make_assets
+    from testing.server_fixtures import ROOT, make_assets
 
     other = make_assets(tmp_path / "other", server_assets.images[:50], server_assets.labels[:50], 1)
     env = {"PYTHONPATH": f"{ROOT}:{ROOT / 'protos'}", "PATH": "/usr/bin:/bin"}
@@ -509,7 +508,7 @@ def test_client_cli_enroll_and_match(auth_server: ServerProcess, server_assets: 
     import subprocess
     import sys
 
-    from tests.server_fixtures import ROOT
+    from testing.server_fixtures import ROOT
 
     for i in range(4):
         folder = tmp_path / "gallery" / f"class{i % 2}"
@@ -519,7 +518,7 @@ def test_client_cli_enroll_and_match(auth_server: ServerProcess, server_assets: 
 
     def cli(*args: str) -> list[dict]:
         out = subprocess.run(
-            [sys.executable, "-m", "server.client", "--address", auth_server.address,
+            [sys.executable, "-m", "client", "--address", auth_server.address,
              "--api-key", ADMIN_KEY, *args],
             capture_output=True, text=True, env=env, cwd=ROOT, timeout=60, check=True,
         )  # fmt: skip
@@ -542,7 +541,7 @@ def test_reembed_command_and_sighup_reload(server_assets: Assets, tmp_path: Path
     import subprocess
     import sys
 
-    from tests.server_fixtures import ROOT, make_assets
+    from testing.server_fixtures import ROOT, make_assets
 
     other = make_assets(tmp_path / "other", server_assets.images, server_assets.labels, seed=2)
     data = tmp_path / "data"
@@ -663,7 +662,7 @@ def test_only_decisions_at_the_monitored_target_enter_the_live_far(
 
 
 def test_reload_restarts_the_live_windows(server_assets: Assets, tmp_path: Path) -> None:
-    from tests.server_fixtures import make_assets
+    from testing.server_fixtures import make_assets
 
     other = make_assets(tmp_path / "other", server_assets.images, server_assets.labels, seed=1)
     server = start_server(server_assets, tmp_path / "data", "--no-auth")

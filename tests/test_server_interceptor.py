@@ -23,14 +23,15 @@ from grpc_status import rpc_status
 from prometheus_client import CollectorRegistry
 from retrieval.v1 import retrieval_pb2 as pb
 from retrieval.v1 import retrieval_pb2_grpc as rpc
+from retrieval.v1.metadata import PUSHBACK_KEY, retry_after_of
 
-from server.admission import Admission, AdmissionLimits, OverloadMetrics
-from server.audit import AuditLog, read_records
+from server.api.admission import Admission, AdmissionLimits, OverloadMetrics
+from server.api.audit import AuditLog, read_records
+from server.api.interceptor import RetrievalInterceptor, cost
+from server.api.ratelimit import TenantRateLimiter
 from server.auth import KeyRing, Principal, hash_key
-from server.errors import PUSHBACK_KEY, StatusError, retry_after_of
-from server.interceptor import RetrievalInterceptor, cost
-from server.metrics import ServerMetrics
-from server.ratelimit import TenantRateLimiter
+from server.errors import StatusError
+from server.monitoring.serving import ServerMetrics
 
 ADMIN, KEY_A = "admin-key-0123456789", "tenant-a-key-0123456789"
 

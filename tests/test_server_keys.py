@@ -1,5 +1,5 @@
 """API keys while the server runs: sources replaced whole, files re-read when they change,
-and the rotation CLI (server/keys.py). The live rotation is in tests/test_server_security.py."""
+and the rotation CLI (server/api/keys.py). The live rotation is in tests/test_server_security.py."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from server.audit import read_records
+from server.api.audit import read_records
+from server.api.keys import KeyReloader, main
 from server.auth import AuthError, KeyRing, Principal, hash_key, key_id
-from server.keys import KeyReloader, main
-from server.tenants import TenantRegistry
+from server.storage.faiss.tenants import TenantRegistry
 
 
 def may(ring: KeyRing, key: str, tenant: str | None = None, admin: bool = False) -> bool:

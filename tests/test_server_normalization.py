@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from calibrate.cli import main as calibrate_main
+from calibrate.cli.main import main as calibrate_main
+from client import RetrievalClient
 from contracts import load_calibration
-from server.client import RetrievalClient
-from tests import server_fixtures
-from tests.server_fixtures import Assets, ServerProcess, start_server
+from testing import server_fixtures
+from testing.server_fixtures import Assets, ServerProcess, start_server
 
 server_assets = server_fixtures.server_assets
 
@@ -153,7 +153,7 @@ def test_an_unknown_or_offline_mode_is_a_usage_error(normalised, tmp_path):
 
 
 def test_reload_recomputes_the_statistics_for_the_new_model(normalised, tmp_path):
-    from tests.onnx_models import make_linear_embedder
+    from testing.onnx_models import make_linear_embedder
 
     other = make_linear_embedder(tmp_path / "other.onnx", seed=1)
     calibration = tmp_path / "other-cal" / "calibration.json"

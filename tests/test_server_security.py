@@ -1,7 +1,7 @@
 """Security of the running server, end to end: TLS and mTLS with a real client, API keys
 rotated without a restart, per-tenant rate limits that starve nobody, the audit log.
 
-Each test starts ``python -m server`` as an operator would (tests/server_fixtures.py).
+Each test starts ``python -m server`` as an operator would (testing/server_fixtures.py).
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from retrieval.v1.metadata import retry_after_of
 
-from server.audit import read_records
+from client import RetrievalClient
+from server.api.audit import read_records
 from server.auth import hash_key, key_id
-from server.client import RetrievalClient
-from server.errors import retry_after_of
-from tests import server_fixtures
-from tests.server_fixtures import ROOT, Assets, make_pki, start_server
+from testing import server_fixtures
+from testing.server_fixtures import ROOT, Assets, make_pki, start_server
 
 server_assets = server_fixtures.server_assets
 pytestmark = pytest.mark.slow
@@ -118,7 +118,7 @@ def test_keys_rotate_without_a_restart(server_assets: Assets, tmp_path: Path) ->
 
     def keys_cli(*args: str) -> str:
         out = subprocess.run(
-            [sys.executable, "-m", "server.keys", *args, "--data-dir", str(data)],
+            [sys.executable, "-m", "server.api.keys", *args, "--data-dir", str(data)],
             capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60, check=True,
         )  # fmt: skip
         return out.stdout

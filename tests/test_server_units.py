@@ -15,11 +15,11 @@ import pytest
 from PIL import Image
 
 from server.auth import AuthError, KeyRing, hash_key
-from server.batcher import MicroBatcher, QueueFullError
 from server.cli import parse_args
-from server.decisions import DecisionStore
-from server.imaging import ImageError, ImageLimits, decode
-from server.tenants import TenantError, check_name
+from server.matching.batcher import MicroBatcher, QueueFullError
+from server.matching.decisions import DecisionStore
+from server.matching.imaging import ImageError, ImageLimits, decode
+from server.storage.base import TenantError, check_name
 
 LIMITS = ImageLimits(max_bytes=1 << 20, max_pixels=1_000_000)
 
@@ -208,7 +208,7 @@ def test_tenant_names_are_checked_whole(name: str) -> None:
 
 
 def test_a_tenant_folder_with_a_newline_is_not_loaded(tmp_path: Path) -> None:
-    from server.tenants import TenantRegistry
+    from server.storage.faiss.tenants import TenantRegistry
 
     registry = TenantRegistry(tmp_path, 4, "sha")
     registry.create("ok", None)
@@ -226,7 +226,7 @@ def test_a_tenant_folder_with_a_newline_is_not_loaded(tmp_path: Path) -> None:
      ("\x85", False), ("", False), ("x" * 257, False)],
 )  # fmt: skip
 def test_item_ids_are_checked_whole(item_id: str, ok: bool) -> None:
-    from server.service import ITEM_ID
+    from server.matching.service import ITEM_ID
 
     assert bool(ITEM_ID.fullmatch(item_id)) is ok
 
@@ -301,7 +301,7 @@ def test_malformed_config_is_a_usage_error(tmp_path: Path, content: str, capsys)
 
 # ---------------------------------------------------------- admission, rates
 def test_admission_counts_images_and_bytes_and_hints_the_mean_hold() -> None:
-    from server.admission import Admission, AdmissionLimits, OverloadedError
+    from server.api.admission import Admission, AdmissionLimits, OverloadedError
 
     admission = Admission(AdmissionLimits(max_images=4, max_bytes=100))
     first = admission.admit(2, 60)
@@ -324,7 +324,7 @@ def test_admission_counts_images_and_bytes_and_hints_the_mean_hold() -> None:
 
 
 def test_token_bucket_refills_at_its_rate_and_bounds_memory() -> None:
-    from server.ratelimit import RateLimitedError, TenantRateLimiter
+    from server.api.ratelimit import RateLimitedError, TenantRateLimiter
 
     now = [0.0]
     limiter = TenantRateLimiter(rate=10, burst=5, clock=lambda: now[0], max_buckets=3)
@@ -354,15 +354,16 @@ def test_token_bucket_refills_at_its_rate_and_bounds_memory() -> None:
 def test_reply_scores_stay_in_their_domain() -> None:
     """float32 inner products of an image with itself gave similarity 1.0000004 and
     distance -3.6e-07 (issue 12): the reply clamps both."""
+    from contracts.calibration import Target
     from scorenorm import identity_map
-    from server.app import _match_response
-    from server.gallery import Hit, SearchResult
-    from server.service import MatchOutcome
+    from server.api.app import _match_response
+    from server.matching.service import MatchOutcome
+    from server.matching.threshold import TenantThreshold
+    from server.storage.faiss.gallery import Hit, SearchResult
 
     def outcome(hits: list[Hit]) -> MatchOutcome:
-        return MatchOutcome(
-            "d", True, SearchResult(hits, 0, 1), 0.9, 1e-3, 2, identity_map(), "none"
-        )
+        served = TenantThreshold.of(identity_map(), Target(1e-3, 0.9, 1e-3, 1), "none")
+        return MatchOutcome("d", True, SearchResult(hits, 0, 1), served, 2)
 
     hits = [Hit("a", "x", 1.0000004), Hit("b", "y", -1.0000002)]
     reply = _match_response(outcome(hits))
@@ -378,7 +379,7 @@ def test_model_paths_must_be_regular_files(path: str) -> None:
     """Reload takes these paths from an admin call: /dev/zero would be read forever and a
     too long name raised OSError (INTERNAL); found by the request fuzzer."""
     from embedding.defaults import DEFAULT_CALIBRATION, DEFAULT_MODEL
-    from server.model import ServingModel
+    from server.matching.model import ServingModel
 
     for model, calibration in ((path, DEFAULT_CALIBRATION), (DEFAULT_MODEL, path)):
         with pytest.raises(FileNotFoundError):
@@ -386,7 +387,7 @@ def test_model_paths_must_be_regular_files(path: str) -> None:
 
 
 def test_signed_decision_ids_are_recognised_by_another_replica_and_cannot_be_forged() -> None:
-    from server.decisions import DecisionStore
+    from server.matching.decisions import DecisionStore
 
     secret = b"s" * 32
     here, there = DecisionStore(10, secret), DecisionStore(10, secret)

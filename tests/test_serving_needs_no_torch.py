@@ -1,4 +1,4 @@
-"""The serving side (calibrate, server) must import with torch absent."""
+"""The serving side (calibrate, server, client) must import with torch absent."""
 
 from __future__ import annotations
 
@@ -20,8 +20,13 @@ BLOCK = (
 
 def test_calibrate_and_server_import_without_torch():
     code = BLOCK + (
-        "import contracts, imagesets, embedding, calibrate, server\n"
-        "import calibrate.__main__, server.__main__, server.app, server.client, server.monitoring\n"
+        "import contracts, imagesets, embedding, calibrate, server, client\n"
+        "import calibrate.__main__, calibrate.engine.evaluate, calibrate.heldout.serving\n"
+        "import calibrate.reports.outputs, calibrate.cli.check\n"
+        "import calibrate.studies.leave_tenant_out\n"
+        "import server.__main__, server.api.app, server.api.keys, server.reembed\n"
+        "import server.matching.service, server.monitoring, server.monitoring.serving\n"
+        "import server.storage.faiss, server.storage.milvus, client.__main__\n"
         "import demo.__main__, demo.pipeline\n"
         "loaded = {m.split('.')[0] for m in sys.modules}\n"
         "assert not loaded & {'torch', 'train'}, sorted(loaded)\n"

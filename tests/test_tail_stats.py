@@ -1,4 +1,4 @@
-"""A tenant's tail statistics (server/tail_stats.py) and their life inside a Gallery."""
+"""A tenant's tail statistics (server/storage/tail_stats.py) and their life inside a Gallery."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from scorenorm import gallery_histogram
-from server.gallery import Gallery, Item, TailOptions
-from server.tail_stats import Entry, TenantTail, item_hash
+from server.storage.faiss.gallery import Gallery, Item, TailOptions
+from server.storage.tail_stats import Entry, TenantTail, item_hash
 
 SHA = "m" * 64
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from server.wal import WriteAheadLog, read_records
+from server.storage.faiss.wal import WriteAheadLog, read_records
 
 
 def test_roundtrip_and_reset(tmp_path: Path) -> None:
@@ -56,7 +56,7 @@ def test_missing_file_is_empty(tmp_path: Path) -> None:
 _FULL_DISK = r"""
 import resource, signal, sys
 from pathlib import Path
-from server.wal import WriteAheadLog, read_records
+from server.storage.faiss.wal import WriteAheadLog, read_records
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
 path = Path(sys.argv[1])

@@ -8,23 +8,35 @@ stopping are callbacks, so the loop itself stays the same for every recipe.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from train.trainer import Trainer
+    import numpy as np
+
+    from imagesets import ImageSet
+
+
+class Run(Protocol):
+    """What a callback may use of the run calling it (:class:`~train.trainer.Trainer`)."""
+
+    def embed(self, images: ImageSet) -> np.ndarray:
+        """Embeddings of ``images`` with the model as it is now (eval mode)."""
+
+    def say(self, text: str) -> None:
+        """Print a line of progress (quiet runs print nothing)."""
 
 
 class Callback:
     """Base class: every hook does nothing; override the ones you need."""
 
-    def on_fit_start(self, trainer: Trainer) -> None:
+    def on_fit_start(self, trainer: Run) -> None:
         """Before the first step of this process (also after a resume)."""
 
-    def on_step_end(self, trainer: Trainer, step: int) -> dict[str, float]:
+    def on_step_end(self, trainer: Run, step: int) -> dict[str, float]:
         """After optimizer step ``step`` (1-based, global); returns statistics to log."""
         return {}
 
-    def on_evaluate(self, trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
+    def on_evaluate(self, trainer: Run, epoch: int, metrics: dict[str, Any]) -> None:
         """After the held-out evaluation of ``epoch`` (validation classes when held out)."""
 
     def should_stop(self) -> bool:
@@ -53,7 +65,7 @@ class StopWhenFlat(Callback):
         self.best: float | None = None
         self.flat = 0
 
-    def on_evaluate(self, trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
+    def on_evaluate(self, trainer: Run, epoch: int, metrics: dict[str, Any]) -> None:
         value = float(metrics[self.metric])
         if self.best is None or value > self.best + self.min_delta:
             self.best, self.flat = value, 0

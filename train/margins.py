@@ -23,17 +23,14 @@ loss keeps the margins it was built with (the paper's), which spread the embeddi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from calibrate import evaluate as calibrate_evaluate
 from imagesets import EmbeddingSet, ImageSet
-from train.callbacks import Callback
+from train.callbacks import Callback, Run
 from train.losses import TCMLoss
-
-if TYPE_CHECKING:
-    from train.trainer import Trainer
 
 
 def operating_range(
@@ -102,19 +99,19 @@ class CalibratedMargins(Callback):
         self.offset, self.momentum = float(offset), float(momentum)
         self.measured: list[dict[str, float]] = []  # step, range_lo, range_hi, margins
 
-    def on_fit_start(self, trainer: Trainer) -> None:
+    def on_fit_start(self, trainer: Run) -> None:
         if self.measured:  # resumed: put back the margins in force at the checkpoint
             last = self.measured[-1]
             self.tcm.set_margins(last["margin_plus"], last["margin_minus"])
         elif self.warmup == 0:
             self._calibrate(trainer, step=0)
 
-    def on_step_end(self, trainer: Trainer, step: int) -> dict[str, float]:
+    def on_step_end(self, trainer: Run, step: int) -> dict[str, float]:
         if step < self.warmup or (step - self.warmup) % self.every:
             return {}
         return self._calibrate(trainer, step)
 
-    def _calibrate(self, trainer: Trainer, step: int) -> dict[str, float]:
+    def _calibrate(self, trainer: Run, step: int) -> dict[str, float]:
         emb = trainer.embed(self.held_out)
         rng = operating_range(
             emb,

@@ -6,7 +6,7 @@ FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /opt/tcm
 
-# Only what serving imports; train/ and demo/ stay out of the image.
+# Only what serving imports; train/, demo/, client/ and testing/ stay out of the image.
 COPY pyproject.toml README.md ./
 COPY contracts ./contracts
 COPY imagesets ./imagesets

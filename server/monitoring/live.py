@@ -77,7 +77,7 @@ class _TenantWindows:
 
 
 class LiveMonitor:
-    """Implements server.observer.DecisionObserver and exports the live gauges.
+    """Implements server.matching.observer.DecisionObserver and exports the live gauges.
 
     ``target_far`` is the FAR the served threshold was calibrated for; the ``*_ratio``
     gauges divide by it. Windows hold the last ``window_decisions`` decisions (and, as a

@@ -1,0 +1,1 @@
+"""``python -m calibrate``: the command (``main``) and its ``--check`` mode (``check``)."""

@@ -1,0 +1,224 @@
+"""The boundary between serving and where galleries live: the protocol every backend keeps.
+
+:class:`GalleryStore` (every tenant: created, found, dropped) hands out one
+:class:`TenantGallery` per tenant; the types they exchange (:class:`Item`, :class:`Hit`,
+:class:`SearchResult`, :class:`Tenant`), their errors and the tenant-name rule are
+defined here once for both backends (server/storage/__init__.py picks one).
+
+Either way the server decides: a backend returns items with raw cosine similarities,
+and the threshold, the score normalisation and the label-free counts stay in our code
+(server/matching/service.py). The contract both backends must keep is pinned down by
+one test suite run against each (tests/test_gallery_contract.py).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import grpc
+import numpy as np
+
+from scorenorm import ScoreHistogram, TailMap, TailSettings
+from server.errors import StatusError
+from server.storage.tail_stats import DEFAULT_CAPACITY, TenantTail
+
+RETRY_AFTER = 1.0  # seconds: the hint sent when the gallery backend failed
+# Matched against the WHOLE name (fullmatch): ``$`` would also accept a trailing newline,
+# and the name becomes a folder name (faiss) or a partition key value (Milvus).
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+class GalleryError(ValueError):
+    """The stored gallery cannot be loaded as asked; the message says why."""
+
+
+class StaleModelError(RuntimeError):
+    """The caller's embeddings come from another model than the gallery's (a reload raced)."""
+
+
+class TenantError(ValueError):
+    """Bad tenant name, or the tenant exists / does not exist."""
+
+
+def check_name(name: str) -> str:
+    """``name`` when it is a valid tenant name, else TenantError (the same rule for every store)."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise TenantError(
+            f"invalid tenant name {name!r}: use 1-64 letters, digits, '_', '-', '.', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+class StoreUnavailableError(StatusError):
+    """The backend cannot be reached or did not answer in time: nothing was decided or
+    written. UNAVAILABLE, or DEADLINE_EXCEEDED when the backend was too slow; both with
+    a retry hint."""
+
+    def __init__(self, message: str, timeout: bool = False) -> None:
+        code = grpc.StatusCode.DEADLINE_EXCEEDED if timeout else grpc.StatusCode.UNAVAILABLE
+        super().__init__(code, message, RETRY_AFTER)
+        self.timeout = timeout
+
+
+@dataclass(frozen=True)
+class Item:
+    item_id: str
+    label: str
+    image: bytes
+
+
+@dataclass(frozen=True)
+class Hit:
+    item_id: str
+    label: str
+    similarity: float
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Top-k neighbours (best first) and the label-free impostor counts of one query.
+
+    The counts are taken on the tenant's tail sample (server/storage/tail_stats.py: every item
+    up to ``--tail-sample`` items, the bottom-k by id hash beyond): ``impostor_total``
+    = sample items whose identity differs from the top-1's (identity = label, or the
+    item itself when it has no label), ``impostor_accepted`` = those of them with
+    similarity >= the threshold.
+    """
+
+    neighbors: list[Hit]
+    impostor_accepted: int
+    impostor_total: int
+
+    @property
+    def top1(self) -> Hit | None:
+        return self.neighbors[0] if self.neighbors else None
+
+
+def identity(item_id: str, label: str) -> str:
+    """Items with the same label are one identity; an unlabelled item is its own."""
+    return label if label else "\0" + item_id
+
+
+@dataclass(frozen=True)
+class TailOptions:
+    """How a gallery samples itself for its tenant's normalisation statistics."""
+
+    capacity: int = DEFAULT_CAPACITY
+    online_weight: float = 0.5
+
+    def new(self, dim: int) -> TenantTail:
+        return TenantTail(dim, self.capacity, self.online_weight)
+
+
+class TenantGallery(Protocol):
+    """One tenant's gallery, whichever backend holds it. Mutations are durable on return."""
+
+    dim: int
+    model_sha256: str
+    reembedded: int  # items re-embedded on open because the model changed
+    tail: TenantTail
+    write_token: int  # a search with read_after >= this sees this gallery's writes so far
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def index_kind(self) -> str: ...
+
+    def add(
+        self, items: list[Item], embeddings: np.ndarray, model_sha256: str, replace: bool = False
+    ) -> list[str | None]:
+        """Per item None (added) or the gRPC status name of its refusal; ``replace``
+        overwrites an existing id (idempotent upsert)."""
+
+    def remove(self, item_ids: list[str]) -> tuple[list[str], list[str]]:
+        """(removed, not found); visible to every search that starts after it returns."""
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        threshold: float,
+        model_sha256: str,
+        read_after: int = 0,
+    ) -> list[SearchResult]:
+        """Top-k per query and the label-free counts at ``threshold`` (raw similarity);
+        the search sees every write whose token is <= ``read_after``."""
+
+    def range_search(self, query: np.ndarray, threshold: float, model_sha256: str) -> list[Hit]:
+        """Every item with similarity >= ``threshold`` to one query, best first."""
+
+    def items(self) -> list[Item]: ...
+
+    def get(self, item_id: str) -> Item | None: ...
+
+    def prepare_rebuild(self, model_sha256: str, items: list[Item], embeddings: np.ndarray) -> None:
+        """Stage the re-embedded items (Milvus: a new collection) before the switch."""
+
+    def rebuild(self, model_sha256: str, item_ids: list[str], embeddings: np.ndarray) -> None:
+        """Switch to ``model_sha256`` with new embeddings for exactly the current items."""
+
+    def snapshot(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def tail_map(self, global_tail: ScoreHistogram, settings: TailSettings) -> TailMap: ...
+
+    def observe(self, queries: np.ndarray, matched_item_ids: list[str | None]) -> None: ...
+
+
+@dataclass
+class Tenant:
+    """One tenant of a store: its name, its gallery and the hashes of its API keys."""
+
+    name: str
+    gallery: TenantGallery
+    key_hashes: list[str] = field(default_factory=list)
+
+
+class GalleryStore(Protocol):
+    """Every tenant and its gallery: created, found, dropped, closed."""
+
+    kind: str
+    shared: bool  # several server processes may use it at once
+    dim: int
+    model_sha256: str
+    embed: Callable[[list[bytes]], np.ndarray] | None
+    # HMAC key of decision ids, shared by every process of the store (None: ids are
+    # only known to the process that made them)
+    decision_secret: bytes | None
+
+    def load_all(self) -> None: ...
+
+    def create(self, name: str, key_hash: str | None) -> Tenant:
+        """A new tenant (TenantError when ``name`` is invalid or taken)."""
+
+    def delete(self, name: str) -> int: ...
+
+    def get(self, name: str) -> Tenant:
+        """The tenant called ``name`` (TenantError when there is none)."""
+
+    def names(self) -> list[str]: ...
+
+    def all(self) -> list[Tenant]: ...
+
+    def sizes(self) -> dict[str, int]: ...
+
+    def refresh(self) -> dict[str, list[str]]:
+        """Tenant -> key hashes as stored now (other processes' Admin calls included)."""
+
+    def switch_model(self, model_sha256: str, dim: int, embed) -> None:
+        """After every tenant was re-embedded: the model new writes and tenants use."""
+
+    def describe_index(self) -> str:
+        """What the galleries search with (the ``index`` label of ``tcm_model_info``)."""
+
+    def prepare_thread(self, threads: int) -> None:
+        """Per-thread search settings, run once in every thread that searches (faiss:
+        its OpenMP thread count, which is per calling thread)."""
+
+    def close(self) -> None: ...
