@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from scorenorm.evidence import Survival
 from scorenorm.histogram import ScoreHistogram
 
 
@@ -121,3 +122,31 @@ def build_map(tenant: ScoreHistogram, global_: ScoreHistogram, settings: TailSet
     if len(knots_r) == 1:
         return identity_map(n)
     return TailMap(np.array([*knots_r, 1.0]), np.array([*knots_n, 1.0]), n, float(ps[-1]))
+
+
+def map_of_survival(
+    tenant: Survival, global_: ScoreHistogram, settings: TailSettings, deepest: float | None = None
+) -> TailMap:
+    """The tenant-tail map of an estimated survival (scorenorm.evidence) onto ``global_``.
+
+    Unlike :func:`build_map`, the tenant side may reach deeper than its own pairs (a
+    prior's shape continues it), so the knots run down to ``deepest`` (default: as deep
+    as the global tail supports). The identity when the estimate stands on fewer pairs
+    than the shallowest level needs."""
+    n = tenant.pairs
+    if n * settings.top_level < settings.min_errors or global_.total <= 0:
+        return identity_map(int(max(n, 0)))
+    floor = settings.min_errors / global_.total
+    deepest = floor if deepest is None else max(deepest, floor)
+    if deepest > settings.top_level:
+        return identity_map(int(n))
+    ps = levels(settings, deepest)
+    raw, norm = tenant.quantile(ps), global_.quantile(ps)
+    knots_r, knots_n = [-1.0], [-1.0]
+    for r, g in zip(raw, norm, strict=True):
+        if np.isfinite(r) and np.isfinite(g) and knots_r[-1] < r < 1.0 and knots_n[-1] < g < 1.0:
+            knots_r.append(float(r))
+            knots_n.append(float(g))
+    if len(knots_r) == 1:
+        return identity_map(int(n))
+    return TailMap(np.array([*knots_r, 1.0]), np.array([*knots_n, 1.0]), int(n), float(ps[-1]))

@@ -1,0 +1,297 @@
+"""A tenant's impostor score tail, estimated from its unlabelled traffic.
+
+Every served query is scored against the tenant's gallery items (or a sample of them).
+Those query-item pairs are what a live FAR is about, and they outnumber a small
+gallery's own pairs by far, but nobody labels them. The estimate rests on three facts:
+
+- **Rank 1 carries the genuine pair.** A query is either *genuine* (one scored item is
+  its own identity, and that item is its best match) or an *impostor of every item*.
+  Leaving out each query's rank-1 pair removes the genuine pairs, so every pair of
+  rank >= 2 is an impostor pair.
+- **Leaving out rank 1 is not neutral** for an impostor query: its rank-1 pair is the
+  highest of N impostor scores, and deep in the tail it is most of what lies above a
+  threshold (for an accepted impostor it is the false accept). For N exchangeable
+  scores with survival S(t), the pairs of rank >= 2 above t number on average
+  ``N S - P(max >= t)`` for an impostor query and ``(N - 1) S`` for a genuine one
+  (:func:`expected_rest`). Given the genuine share, the count above t is a known,
+  increasing function of S(t), and S(t) is read off by inverting it, edge by edge.
+  The rank-1 false accepts are thereby put back in expectation.
+- **The genuine share comes from the rank-1 scores, judged against the gallery.** Each
+  gallery item scored against the items of *other* identities is a query whose every
+  pair is an impostor pair: the rank-1 scores of the gallery items are a sample of what
+  an impostor query's rank-1 score looks like (:func:`null_maxima`). Queries whose
+  rank-1 score lies below that sample's ``lam`` quantile are impostors in all but a few
+  cases, and a share ``lam`` of all impostors land there, so their count divided by
+  ``lam`` estimates the impostor queries (Storey's null-proportion estimator with an
+  empirical null). It assumes, as the gallery-pair statistics of the tenant-tail map
+  do, that enrolment images are drawn like query images.
+
+Queries differ in how close they sit to everything (some are "hubs"), which makes the
+maxima of different queries non-exchangeable. Scores are therefore taken relative to
+each query's own location, the median of its rank >= 2 scores: the model above is
+fitted to residuals ``r = (s - mu_q) / 2`` (halved so they stay in [-1, 1]), and S on
+the similarity scale is the average over queries of ``S_r((t - mu_q) / 2)``. Past the
+last edge with ``TAIL_PAIRS`` pairs of rank >= 2 above it, S decays exponentially at
+the rate measured just before it, so a handful of counted pairs never reads as S = 0.
+The measured bias, per tenant and pooled, is in docs/CONSISTENCY.md, "New customers".
+
+All evidence is kept as weighted histograms on the fixed bins of scorenorm.histogram,
+so it adds up across micro-batches, windows, replicas and restarts, and every process
+that holds the same evidence computes the same fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from scorenorm.histogram import NBINS, WIDTH, bin_of
+
+LAMBDA = 0.7  # Storey's lambda: the null quantile below which rank-1 scores count
+MIN_NULL = 5  # gallery items needed for an empirical null of rank-1 scores
+TAIL_PAIRS = 20  # rank >= 2 pairs above an edge for S to be read there; beyond: extrapolated
+COARSE = 4  # fine bins per fit bin: the fit solves on 1,024 edges
+NEWTON = 8
+REST_SAMPLE = 512  # rank >= 2 residuals binned per query at most (the rest by weight)
+EDGES = -1.0 + WIDTH * np.arange(NBINS + 1)  # fine bin edges over [-1, 1]
+FIT_EDGES = EDGES[::COARSE]
+
+
+def residual(scores: np.ndarray, location: np.ndarray | float) -> np.ndarray:
+    """Scores relative to a query's location, on [-1, 1]."""
+    return (np.asarray(scores, np.float64) - location) / 2.0
+
+
+def expected_rest(n: np.ndarray | int, s: np.ndarray, genuine: float) -> np.ndarray:
+    """Expected impostor pairs of rank >= 2 above a threshold, per query with ``n`` scored
+    items, when a share ``genuine`` of queries is genuine and S(t) = ``s``."""
+    impostor = n * s - 1.0 + (1.0 - s) ** n  # E[(Binomial(n, s) - 1)+]
+    return (1.0 - genuine) * impostor + genuine * (n - 1) * s
+
+
+@dataclass
+class TrafficFit:
+    """The fitted residual survival S_r at FIT_EDGES and what stands behind it."""
+
+    residual_survival: np.ndarray
+    genuine_share: float
+    queries: float
+    pairs: float  # impostor pairs of the traffic, rank-1 pairs of impostor queries included
+    locations: np.ndarray  # histogram (NBINS) of the queries' locations mu_q
+
+    def residual_at(self, r: np.ndarray | float) -> np.ndarray:
+        """S_r at residual(s) ``r`` (log-linear between edges, 0 past the last pair)."""
+        return _log_interp(np.asarray(r, np.float64), FIT_EDGES, self.residual_survival)
+
+    def survival(self) -> np.ndarray:
+        """S(t) of the traffic's impostor pairs at every fine edge of the similarity scale:
+        the queries' residual survival averaged over their locations."""
+        weights = self.locations
+        nz = np.flatnonzero(weights)
+        if not len(nz):
+            return np.zeros(NBINS + 1)
+        centres = EDGES[nz] + WIDTH / 2
+        out = np.zeros(NBINS + 1)
+        for mu, w in zip(centres, weights[nz], strict=True):
+            out += w * self.residual_at(residual(EDGES, mu))
+        return out / weights[nz].sum()
+
+    def far(self, counts: np.ndarray, items: np.ndarray) -> float:
+        """Per-pair FAR of a set of decisions: ``counts[b]`` decisions with ``items[b]``
+        scored items in all had their threshold's residual in fine bin b. NaN without any."""
+        centres = EDGES[:-1] + WIDTH / 2
+        s = self.residual_at(centres)
+        pairs = items - self.genuine_share * counts
+        total = float(pairs.sum())
+        return float((pairs * s).sum() / total) if total > 0 else float("nan")
+
+
+@dataclass
+class TrafficTail:
+    """Unlabelled evidence of one tenant, as weighted histograms of residuals (fine bins):
+    rank >= 2 scores (``rest``), rank-1 scores per number N of scored items (``top``) and
+    the queries' locations (``locations``). Additive: windows subtract what leaves them,
+    replicas add each other's."""
+
+    rest: np.ndarray = field(default_factory=lambda: np.zeros(NBINS))
+    top: dict[int, np.ndarray] = field(default_factory=dict)
+    locations: np.ndarray = field(default_factory=lambda: np.zeros(NBINS))
+
+    @property
+    def queries(self) -> float:
+        return float(self.locations.sum())
+
+    def add_scores(self, scores: np.ndarray, weight: float = 1.0) -> np.ndarray:
+        """Adds queries (rows) scored against the same items; returns each query's location
+        (callers turn a threshold into the residual they count against)."""
+        scores = np.asarray(scores, dtype=np.float64)
+        if scores.ndim != 2 or scores.shape[1] < 2 or not len(scores):
+            return np.zeros(len(scores))
+        n = scores.shape[1]
+        ordered = -np.partition(-scores, 1, axis=1)  # [:, 0] is each row's maximum
+        top = ordered[:, 0]
+        rest = ordered[:, 1:]
+        if rest.shape[1] > REST_SAMPLE:  # a fixed stride keeps it deterministic
+            rest = rest[:, :: -(-rest.shape[1] // REST_SAMPLE)]
+        mu = np.median(ordered[:, 1:], axis=1)
+        hist = self.top.setdefault(int(n), np.zeros(NBINS))
+        hist += weight * np.bincount(bin_of(residual(top, mu)), minlength=NBINS)
+        rest_weight = weight * (n - 1) / rest.shape[1]
+        self.rest += rest_weight * np.bincount(
+            bin_of(residual(rest, mu[:, None]).ravel()), minlength=NBINS
+        )
+        self.locations += weight * np.bincount(bin_of(mu), minlength=NBINS)
+        return mu
+
+    def merged(self, other: TrafficTail, sign: float = 1.0) -> TrafficTail:
+        top = {n: h.copy() for n, h in self.top.items()}
+        for n, h in other.top.items():
+            top[n] = top.get(n, np.zeros(NBINS)) + sign * h
+        top = {n: h for n, h in top.items() if h.sum() > 1e-9}
+        return TrafficTail(
+            self.rest + sign * other.rest, top, self.locations + sign * other.locations
+        )
+
+    def scaled(self, factor: float) -> TrafficTail:
+        return TrafficTail(
+            self.rest * factor,
+            {n: h * factor for n, h in self.top.items()},
+            self.locations * factor,
+        )
+
+    def fit(self, null: np.ndarray | None = None, lam: float = LAMBDA) -> TrafficFit | None:
+        """S_r and the genuine share; None without traffic.
+
+        ``null``: residual rank-1 scores of known impostor "queries", the gallery's own
+        items against the other items (:func:`null_maxima`). The share of queries whose
+        rank-1 residual lies below the null's ``lam`` quantile, divided by ``lam``, is
+        Storey's estimate of the impostor share. Without a null (fewer than
+        ``MIN_NULL`` items) the share is taken as one half."""
+        sizes = {n: float(h.sum()) for n, h in self.top.items() if h.sum() > 0}
+        queries = sum(sizes.values())
+        if queries <= 0:
+            return None
+        genuine = 0.5
+        if null is not None and len(null) >= MIN_NULL:
+            cut = int(bin_of(np.quantile(null, lam)))
+            below = sum(float(h[:cut].sum()) for h in self.top.values())
+            genuine = 1.0 - min(1.0, below / (lam * queries))
+        coarse = self.rest.reshape(-1, COARSE).sum(axis=1)
+        above = np.concatenate([np.cumsum(coarse[::-1])[::-1], [0.0]])
+        survival = _continue_tail(_solve(above, sizes, genuine), above)
+        pairs = sum(c * (n - genuine) for n, c in sizes.items())
+        return TrafficFit(survival, genuine, queries, pairs, self.locations.copy())
+
+    # ------------------------------------------------------------------ persistence
+    def to_json(self) -> dict[str, Any]:
+        """Sparse form: only non-empty bins (evidence rows in a shared store stay small)."""
+        return {
+            "bins": NBINS,
+            "rest": _sparse(self.rest),
+            "locations": _sparse(self.locations),
+            "top": {str(n): _sparse(h) for n, h in self.top.items()},
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> TrafficTail:
+        if int(raw["bins"]) != NBINS:
+            raise ValueError(f"traffic evidence has {raw['bins']} bins; this build reads {NBINS}")
+        return cls(
+            _dense(raw["rest"]),
+            {int(n): _dense(h) for n, h in raw["top"].items()},
+            _dense(raw["locations"]),
+        )
+
+
+def pooled(tails: Iterable[TrafficTail]) -> TrafficTail:
+    out = TrafficTail()
+    for t in tails:
+        out = out.merged(t)
+    return out
+
+
+def _solve(above: np.ndarray, sizes: Mapping[int, float], genuine: float) -> np.ndarray:
+    """S_r at every fit edge such that the expected rank >= 2 count equals the observed.
+
+    f(S) is increasing and convex in S, and the all-genuine solution lies left of the
+    root, so Newton steps from there overshoot once and then descend monotonically."""
+    per_query = sum(c * (n - 1) for n, c in sizes.items())
+    out = np.clip(above / per_query, 0.0, 1.0)  # exact where every pair or none lies above
+    inside = (above > 0) & (above < per_query)
+    target = above[inside]
+    s = out[inside]
+    for _ in range(NEWTON):
+        f = -target
+        df = np.zeros_like(target)
+        for n, c in sizes.items():
+            q = (1.0 - s) ** (n - 1)
+            f = f + c * ((1.0 - genuine) * (n * s - 1.0 + q * (1.0 - s)) + genuine * (n - 1) * s)
+            df = df + c * ((1.0 - genuine) * n * (1.0 - q) + genuine * (n - 1))
+        s = np.clip(s - f / df, 0.0, 1.0)
+    out[inside] = s
+    return np.minimum.accumulate(out)  # non-increasing despite rounding
+
+
+def _log_interp(x: np.ndarray, edges: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Interpolate a survival log-linearly (deep tails stay positive between edges)."""
+    with np.errstate(divide="ignore"):
+        logs = np.log(np.maximum(values, 1e-300))
+    out = np.exp(np.interp(x, edges, logs))
+    return np.where(np.interp(x, edges, values) <= 0, 0.0, out)
+
+
+def _sparse(h: np.ndarray) -> list[list[float]]:
+    nz = np.flatnonzero(np.abs(h) > 1e-12)
+    return [[int(i), float(h[i])] for i in nz]
+
+
+def _dense(pairs: list[list[float]]) -> np.ndarray:
+    out = np.zeros(NBINS)
+    for i, v in pairs:
+        out[int(i)] = float(v)
+    return out
+
+
+def null_maxima(members: np.ndarray, identities: np.ndarray | None = None) -> np.ndarray:
+    """Residual rank-1 scores of each gallery item against the items of other
+    identities: a sample of what an impostor query's rank-1 score looks like."""
+    x = np.asarray(members, np.float64)
+    if len(x) < 3:
+        return np.zeros(0)
+    s = x @ x.T
+    ids = np.arange(len(x)) if identities is None else np.asarray(identities)
+    s[ids[:, None] == ids[None, :]] = -np.inf
+    return rank1_residuals(s)
+
+
+def rank1_residuals(scores: np.ndarray) -> np.ndarray:
+    """Each row's rank-1 score relative to the row's location (the median of its other
+    scores); ``-inf`` marks pairs a row does not have. Rows with fewer than 3 scores
+    are left out."""
+    s = np.asarray(scores, np.float64)
+    width = int((s > -np.inf).sum(axis=1).min()) if len(s) else 0
+    if width < 3:
+        return np.zeros(0)
+    ordered = -np.sort(-s, axis=1)[:, :width]
+    mu = np.median(ordered[:, 1:], axis=1)
+    return residual(ordered[:, 0], mu)
+
+
+def _continue_tail(survival: np.ndarray, above: np.ndarray) -> np.ndarray:
+    """Beyond the last edge with TAIL_PAIRS pairs of rank >= 2 above it, S decays
+    exponentially at the rate measured between 4x that many pairs and there: a few
+    counted pairs say little, and none would say S = 0."""
+    enough = np.flatnonzero(above >= TAIL_PAIRS)
+    wide = np.flatnonzero(above >= 4 * TAIL_PAIRS)
+    if not len(enough) or not len(wide):
+        return survival
+    b, a = int(enough[-1]), int(wide[-1])
+    if b <= a or survival[a] <= 0 or survival[b] <= 0:
+        return survival
+    rate = (np.log(survival[b]) - np.log(survival[a])) / (FIT_EDGES[b] - FIT_EDGES[a])
+    out = survival.copy()
+    out[b:] = survival[b] * np.exp(rate * (FIT_EDGES[b:] - FIT_EDGES[b]))
+    return np.minimum.accumulate(out)
