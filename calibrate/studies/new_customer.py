@@ -1,6 +1,6 @@
 """The new-customer study: small tenants from data the embedder and calibration never saw.
 
-``python -m calibrate.new_customer`` plays the first days of a new customer through
+``python -m calibrate.studies.new_customer`` plays the first days of a new customer through
 the server's own decision statistics (scorenorm) and reports what docs/CONSISTENCY.md,
 "New customers", shows:
 
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibrate.holdout import accepted, threshold_at
+from calibrate.heldout.holdout import accepted, threshold_at
 from contracts import CalibrationDoc
 from imagesets import EmbeddingSet
 from scorenorm import ScoreHistogram, TailSettings, build_map, gallery_histogram, scores
@@ -520,7 +520,7 @@ def to_json(st: CustomerStudy) -> dict:
 # ------------------------------------------------------------------ command line
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m calibrate.new_customer",
+        prog="python -m calibrate.studies.new_customer",
         description="Small tenants from data outside training and calibration, served with "
         "unlabelled traffic: per-tenant FAR of each method against the oracle floor, and the "
         "live monitor against the truth (docs/CONSISTENCY.md, 'New customers').",
@@ -539,7 +539,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from calibrate.cli import CliError, _embedded, _model
+    from calibrate.inputs import InputError, embedded, model_file
     from contracts import CalibrationError, load_calibration
 
     args = parser().parse_args(argv)
@@ -551,15 +551,15 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             evidence=EvidenceSettings(prior_pairs=args.prior_pairs),
         )
-        model = _model(args.model)
+        model = model_file(args.model)
         doc = load_calibration(args.calibration or model.with_suffix(".calibration.json"))
         doc.check_model(model)
-        emb = _embedded(args.dataset, args.split, model, "cpu", not args.no_progress)
+        emb = embedded(args.dataset, args.split, model, "cpu", not args.no_progress)
         study = run_study(emb, doc, settings, not args.no_progress)
-    except (CliError, CalibrationError, ValueError) as err:
+    except (InputError, CalibrationError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    command = "python -m calibrate.new_customer " + " ".join(
+    command = "python -m calibrate.studies.new_customer " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
     text = markdown([study], command)
