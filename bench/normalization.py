@@ -116,7 +116,7 @@ def search_path_cost(args) -> None:
 
             def run() -> None:
                 mapping = norm.mapping(gallery)
-                found = gallery.search(queries, 5, float(mapping.inverse(threshold)), sha)
+                found = gallery.search(queries, 5, sha)
                 if norm.enabled:
                     gallery.observe(queries, [None] * len(queries))
                 for r in found:  # what MatchOutcome.scores does per reply

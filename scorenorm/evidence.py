@@ -101,11 +101,17 @@ class EvidenceSettings:
     ``prior_pairs``: pseudo-pairs of the deployment prior in every tenant's estimate.
     ``traffic_share``: the most of a tenant's own evidence its traffic may make up.
     ``min_errors``: pairs above a level for a source to speak about it (Doddington).
+    ``min_prior_pairs``: pairs the deployment must have in all before its prior is used
+    (the tenant-tail map's own activation level: 30 errors at the 2% level).
+    ``traffic_level``: the upper-tail level at which the traffic's worth is measured
+    (scorenorm.traffic.TrafficFit.effective_pairs), the loosest target usually served.
     """
 
     prior_pairs: float = 2000.0
     traffic_share: float = 0.8
     min_errors: int = 30
+    min_prior_pairs: float = 1500.0
+    traffic_level: float = 0.01
 
     def __post_init__(self) -> None:
         if self.prior_pairs < 0:
@@ -120,20 +126,31 @@ class EvidenceSettings:
             "prior_pairs": self.prior_pairs,
             "traffic_share": self.traffic_share,
             "min_errors": self.min_errors,
+            "min_prior_pairs": self.min_prior_pairs,
+            "traffic_level": self.traffic_level,
         }
+
+
+def traffic_survival(fit, settings: EvidenceSettings) -> Survival | None:
+    """A traffic fit (scorenorm.traffic.TrafficFit) as evidence: its survival, worth its
+    effective pairs at ``traffic_level``, not its raw pair count (pairs of one query are
+    not independent, and the genuine share's error scales them all). None without one."""
+    if fit is None:
+        return None
+    return Survival(fit.survival(), fit.effective_pairs(settings.traffic_level))
 
 
 def own_evidence(
     gallery: ScoreHistogram, traffic: Survival | None, settings: EvidenceSettings
 ) -> Survival:
-    """Gallery pairs and traffic as one survival, the traffic's share capped."""
+    """Gallery pairs and traffic as one survival. The traffic's share of all the estimate
+    rests on (gallery pairs and the prior's pseudo-pairs) is capped at ``traffic_share``,
+    so a tenant's own traffic can pull its threshold only so far."""
     g = Survival.of_histogram(gallery)
-    if traffic is None or traffic.pairs <= 0:
+    if traffic is None or traffic.pairs <= 0 or settings.traffic_share == 0:
         return g
-    cap = settings.traffic_share
-    weight = traffic.pairs if cap <= 0 else min(traffic.pairs, cap / (1 - cap) * max(g.pairs, 1))
-    if cap == 0:
-        weight = 0.0
+    share = settings.traffic_share
+    weight = min(traffic.pairs, share / (1 - share) * (g.pairs + settings.prior_pairs))
     total = g.pairs + weight
     if total <= 0:
         return g
@@ -149,7 +166,7 @@ def prior_of(
     1e-3), continued by ``reference`` (the calibration's tail) beyond its support. None
     without a tenant that has evidence."""
     usable = [t for t in tenants if t.pairs > 0]
-    if not usable:
+    if sum(t.pairs for t in usable) < settings.min_prior_pairs:
         return None
     with np.errstate(divide="ignore"):
         logs = np.log(np.maximum([t.values for t in usable], 1e-300))

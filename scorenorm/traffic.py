@@ -42,6 +42,7 @@ that holds the same evidence computes the same fit.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,6 +82,21 @@ class TrafficFit:
     queries: float
     pairs: float  # impostor pairs of the traffic, rank-1 pairs of impostor queries included
     locations: np.ndarray  # histogram (NBINS) of the queries' locations mu_q
+    share_error: float = 0.5  # standard error of genuine_share
+    rest_pairs: float = 0.0  # rank >= 2 pairs counted
+
+    def effective_pairs(self, level: float) -> float:
+        """How many independent labelled impostor pairs the estimate at upper-tail
+        ``level`` is worth: the same relative variance as a binomial count of that many.
+
+        Two errors add up: the Poisson error of the rank >= 2 pairs counted above the level,
+        and the error of the genuine share, which in the tail scales the whole estimate
+        (S ~ count / (genuine share x pairs per query)). However much traffic comes, the
+        second bounds the worth of the estimate, so traffic can never stand for more than
+        about 1 / (level x (error / share)^2) pairs."""
+        counted = max(self.rest_pairs * level, 1.0)
+        relative = self.share_error / max(self.genuine_share, 0.05)
+        return float(min(self.pairs, 1.0 / (level * (1.0 / counted + relative**2))))
 
     def residual_at(self, r: np.ndarray | float) -> np.ndarray:
         """S_r at residual(s) ``r`` (log-linear between edges, 0 past the last pair)."""
@@ -137,7 +153,7 @@ class TrafficTail:
         if rest.shape[1] > REST_SAMPLE:  # a fixed stride keeps it deterministic
             rest = rest[:, :: -(-rest.shape[1] // REST_SAMPLE)]
         mu = np.median(ordered[:, 1:], axis=1)
-        hist = self.top.setdefault(int(n), np.zeros(NBINS))
+        hist = self.top.setdefault(size_key(n), np.zeros(NBINS))
         hist += weight * np.bincount(bin_of(residual(top, mu)), minlength=NBINS)
         rest_weight = weight * (n - 1) / rest.shape[1]
         self.rest += rest_weight * np.bincount(
@@ -174,18 +190,37 @@ class TrafficTail:
         queries = sum(sizes.values())
         if queries <= 0:
             return None
-        genuine = 0.5
+        genuine, error = 0.5, 0.5  # without a gallery to judge by: a guess, worth little
         if null is not None and len(null) >= MIN_NULL:
             cut = int(bin_of(np.quantile(null, lam)))
             below = sum(float(h[:cut].sum()) for h in self.top.values())
             genuine = 1.0 - min(1.0, below / (lam * queries))
+            error = _share_error(below / queries, queries, lam, 1.0 - genuine, len(null))
         coarse = self.rest.reshape(-1, COARSE).sum(axis=1)
         above = np.concatenate([np.cumsum(coarse[::-1])[::-1], [0.0]])
         survival = _continue_tail(_solve(above, sizes, genuine), above)
         pairs = sum(c * (n - genuine) for n, c in sizes.items())
-        return TrafficFit(survival, genuine, queries, pairs, self.locations.copy())
+        rest = float(self.rest.sum())
+        return TrafficFit(survival, genuine, queries, pairs, self.locations.copy(), error, rest)
 
     # ------------------------------------------------------------------ persistence
+    def to_bytes(self) -> bytes:
+        """Compressed arrays (published to a shared store, so a few kB per tenant)."""
+        buffer = io.BytesIO()
+        tops = {f"top_{n}": h for n, h in self.top.items()}
+        np.savez_compressed(buffer, rest=self.rest, locations=self.locations, **tops)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> TrafficTail:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as data:
+            arrays = {k: np.asarray(data[k], np.float64) for k in data.files}
+        for name, array in arrays.items():
+            if array.shape != (NBINS,):
+                raise ValueError(f"traffic evidence array {name!r} has shape {array.shape}")
+        top = {int(k[4:]): v for k, v in arrays.items() if k.startswith("top_")}
+        return cls(arrays["rest"], top, arrays["locations"])
+
     def to_json(self) -> dict[str, Any]:
         """Sparse form: only non-empty bins (evidence rows in a shared store stay small)."""
         return {
@@ -204,6 +239,16 @@ class TrafficTail:
             {int(n): _dense(h) for n, h in raw["top"].items()},
             _dense(raw["locations"]),
         )
+
+
+def size_key(n: int) -> int:
+    """The number of scored items a query's rank-1 histogram is filed under: two
+    significant digits, so a growing gallery does not open a histogram per size."""
+    n = int(n)
+    if n < 100:
+        return n
+    scale = 10 ** (len(str(n)) - 2)
+    return int(round(n / scale) * scale)
 
 
 def pooled(tails: Iterable[TrafficTail]) -> TrafficTail:
@@ -271,13 +316,24 @@ def rank1_residuals(scores: np.ndarray) -> np.ndarray:
     """Each row's rank-1 score relative to the row's location (the median of its other
     scores); ``-inf`` marks pairs a row does not have. Rows with fewer than 3 scores
     are left out."""
-    s = np.asarray(scores, np.float64)
-    width = int((s > -np.inf).sum(axis=1).min()) if len(s) else 0
-    if width < 3:
+    s = np.where(np.isfinite(scores), np.asarray(scores, np.float64), np.nan)
+    s = s[(~np.isnan(s)).sum(axis=1) >= 3]
+    if not len(s):
         return np.zeros(0)
-    ordered = -np.sort(-s, axis=1)[:, :width]
-    mu = np.median(ordered[:, 1:], axis=1)
-    return residual(ordered[:, 0], mu)
+    best = np.nanargmax(s, axis=1)
+    top = s[np.arange(len(s)), best]
+    s[np.arange(len(s)), best] = np.nan
+    return residual(top, np.nanmedian(s, axis=1))
+
+
+def _share_error(below: float, queries: float, lam: float, impostors: float, null: int) -> float:
+    """Standard error of Storey's genuine share: the binomial error of the share of queries
+    below the cut, and the error of the cut itself (the ``lam`` quantile of ``null``
+    gallery items), which moves the impostors' share below it by about
+    sqrt(lam (1 - lam) / null)."""
+    counting = np.sqrt(max(below * (1 - below), 1e-4) / max(queries, 1.0)) / lam
+    cut = impostors * np.sqrt(lam * (1 - lam) / max(null, 1)) / lam
+    return float(np.hypot(counting, cut))
 
 
 def _continue_tail(survival: np.ndarray, above: np.ndarray) -> np.ndarray:

@@ -48,7 +48,7 @@ def measure(
     try:
         items = [Item(f"g{i}", str(lab), b"") for i, lab in enumerate(gallery_labels)]
         assert store.add(items, gallery, "m" * 64) == [None] * len(items)
-        results = store.search(queries, 1, threshold, "m" * 64)
+        results = store.search(queries, 1, "m" * 64)
     finally:
         store.close()
     sims = queries @ gallery.T

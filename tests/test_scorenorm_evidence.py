@@ -34,9 +34,12 @@ def test_traffic_share_is_capped():
     rng = np.random.default_rng(1)
     gallery = _hist(rng, 1000)
     traffic = Survival.of_histogram(_hist(rng, 1_000_000, loc=0.5))
-    own = own_evidence(gallery, traffic, EvidenceSettings(traffic_share=0.8))
-    assert own.pairs == pytest.approx(5 * 1000)  # traffic at most 4x the gallery
-    assert own_evidence(gallery, None, EvidenceSettings()).pairs == 1000
+    settings = EvidenceSettings(traffic_share=0.8, prior_pairs=2000)
+    own = own_evidence(gallery, traffic, settings)
+    # the traffic makes up at most 80% of what the estimate rests on: gallery + prior
+    assert own.pairs - 1000 == pytest.approx(4 * (1000 + 2000))
+    assert own_evidence(gallery, None, settings).pairs == 1000
+    assert own_evidence(gallery, traffic, EvidenceSettings(traffic_share=0)).pairs == 1000
 
 
 def test_beyond_its_support_a_tenant_follows_the_prior_shape():

@@ -47,6 +47,7 @@ from scorenorm.evidence import (
     own_evidence,
     prior_of,
     tenant_survival,
+    traffic_survival,
 )
 from scorenorm.histogram import NBINS, bin_of, mix
 from scorenorm.tail_map import map_of_survival
@@ -207,7 +208,7 @@ def _tenant_tail(tenants: Sequence[_Tenant], global_tail, threshold, s) -> list[
     owns = []
     for t in tenants:
         fit = t.traffic.fit(t.null)
-        traffic = Survival(fit.survival(), fit.pairs) if fit else None
+        traffic = traffic_survival(fit, s.evidence)
         owns.append(own_evidence(t.hist, traffic, s.evidence))
     prior = prior_of(owns, reference, s.evidence)
     out = []
