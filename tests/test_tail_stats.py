@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from scorenorm import gallery_histogram
-from server.storage.faiss.gallery import Gallery, Item, TailOptions
 from scorenorm.traffic import rank1_residuals
+from server.storage.faiss.gallery import Gallery, Item, TailOptions
 from server.storage.tail_stats import Entry, TenantTail, item_hash
 
 SHA = "m" * 64
