@@ -42,6 +42,7 @@ that holds the same evidence computes the same fit.
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -100,7 +101,12 @@ class TrafficFit:
 
     def residual_at(self, r: np.ndarray | float) -> np.ndarray:
         """S_r at residual(s) ``r`` (log-linear between edges, 0 past the last pair)."""
-        return _log_interp(np.asarray(r, np.float64), FIT_EDGES, self.residual_survival)
+        return _log_interp(np.asarray(r, np.float64), FIT_EDGES, self.residual_survival, self._logs)
+
+    @functools.cached_property
+    def _logs(self) -> np.ndarray:
+        with np.errstate(divide="ignore"):
+            return np.log(np.maximum(self.residual_survival, 1e-300))
 
     def survival(self) -> np.ndarray:
         """S(t) of the traffic's impostor pairs at every fine edge of the similarity scale:
@@ -142,25 +148,44 @@ class TrafficTail:
 
     def add_scores(self, scores: np.ndarray, weight: float = 1.0) -> np.ndarray:
         """Adds queries (rows) scored against the same items; returns each query's location
-        (callers turn a threshold into the residual they count against)."""
+        (callers turn a threshold into the residual they count against).
+
+        Beyond REST_SAMPLE items the rank >= 2 scores are read at a fixed stride (each
+        standing for its share of all of them): the cost per query stays bounded, and the
+        same scores always give the same evidence."""
         scores = np.asarray(scores, dtype=np.float64)
         if scores.ndim != 2 or scores.shape[1] < 2 or not len(scores):
             return np.zeros(len(scores))
-        n = scores.shape[1]
-        ordered = -np.partition(-scores, 1, axis=1)  # [:, 0] is each row's maximum
-        top = ordered[:, 0]
-        rest = ordered[:, 1:]
-        if rest.shape[1] > REST_SAMPLE:  # a fixed stride keeps it deterministic
-            rest = rest[:, :: -(-rest.shape[1] // REST_SAMPLE)]
-        mu = np.median(ordered[:, 1:], axis=1)
+        q, n = scores.shape
+        best = scores.argmax(axis=1)
+        top = scores[np.arange(q), best]
+        if n - 1 <= REST_SAMPLE:
+            rest = np.sort(scores, axis=1)[:, :-1]  # the top sorts last: all but rank 1
+            mu = np.median(rest, axis=1)
+            weights = np.full(rest.shape, weight)
+        else:
+            cols = np.arange(0, n, -(-n // REST_SAMPLE))
+            rest = scores[:, cols]
+            kept = cols[None, :] != best[:, None]  # rank 1, where the stride met it
+            mu = np.median(rest, axis=1)  # one score in hundreds barely moves it
+            weights = np.where(kept, weight * (n - 1) / kept.sum(axis=1, keepdims=True), 0.0)
         hist = self.top.setdefault(size_key(n), np.zeros(NBINS))
-        hist += weight * np.bincount(bin_of(residual(top, mu)), minlength=NBINS)
-        rest_weight = weight * (n - 1) / rest.shape[1]
-        self.rest += rest_weight * np.bincount(
-            bin_of(residual(rest, mu[:, None]).ravel()), minlength=NBINS
-        )
-        self.locations += weight * np.bincount(bin_of(mu), minlength=NBINS)
+        np.add.at(hist, bin_of(residual(top, mu)), weight)  # a few bins: no full bincount
+        bins = bin_of(residual(rest, mu[:, None]).ravel())
+        self.rest += np.bincount(bins, weights=weights.ravel(), minlength=NBINS)
+        np.add.at(self.locations, bin_of(mu), weight)
         return mu
+
+    def absorb(self, other: TrafficTail, sign: float = 1.0) -> None:
+        """Adds ``other`` in place (the serving path: no copies of the histograms)."""
+        self.rest += sign * other.rest
+        self.locations += sign * other.locations
+        for n, h in other.top.items():
+            mine = self.top.get(n)
+            if mine is None:
+                self.top[n] = sign * h
+            else:
+                mine += sign * h
 
     def merged(self, other: TrafficTail, sign: float = 1.0) -> TrafficTail:
         top = {n: h.copy() for n, h in self.top.items()}
@@ -280,10 +305,13 @@ def _solve(above: np.ndarray, sizes: Mapping[int, float], genuine: float) -> np.
     return np.minimum.accumulate(out)  # non-increasing despite rounding
 
 
-def _log_interp(x: np.ndarray, edges: np.ndarray, values: np.ndarray) -> np.ndarray:
+def _log_interp(
+    x: np.ndarray, edges: np.ndarray, values: np.ndarray, logs: np.ndarray | None = None
+) -> np.ndarray:
     """Interpolate a survival log-linearly (deep tails stay positive between edges)."""
-    with np.errstate(divide="ignore"):
-        logs = np.log(np.maximum(values, 1e-300))
+    if logs is None:
+        with np.errstate(divide="ignore"):
+            logs = np.log(np.maximum(values, 1e-300))
     out = np.exp(np.interp(x, edges, logs))
     return np.where(np.interp(x, edges, values) <= 0, 0.0, out)
 

@@ -93,16 +93,24 @@ class _Window:
 
     def __init__(self, settings: StatisticsSettings) -> None:
         self._per_chunk = settings.window // settings.chunks
-        self._chunks: deque[TrafficTail] = deque([TrafficTail()], maxlen=settings.chunks)
+        self._chunks: deque[tuple[TrafficTail, list[int]]] = deque(
+            [(TrafficTail(), [0])], maxlen=settings.chunks
+        )
         self.total = TrafficTail()
+        self.queries = 0  # in the window now (counted, not summed from the histograms)
 
-    def add(self, tail: TrafficTail) -> None:
-        if self._chunks[-1].queries >= self._per_chunk:
+    def add(self, tail: TrafficTail, queries: int) -> None:
+        if self._chunks[-1][1][0] >= self._per_chunk:
             if len(self._chunks) == self._chunks.maxlen:
-                self.total = self.total.merged(self._chunks[0], sign=-1.0)
-            self._chunks.append(TrafficTail())
-        self._chunks[-1] = self._chunks[-1].merged(tail)
-        self.total = self.total.merged(tail)
+                oldest, count = self._chunks[0]
+                self.total.absorb(oldest, sign=-1.0)
+                self.queries -= count[0]
+            self._chunks.append((TrafficTail(), [0]))
+        chunk, count = self._chunks[-1]
+        chunk.absorb(tail)
+        count[0] += queries
+        self.total.absorb(tail)
+        self.queries += queries
 
 
 class _TenantTraffic:
@@ -187,8 +195,8 @@ class TenantStatistics:
         locations = batch.add_scores(scores)
         traffic = self._traffic(tenant)
         with traffic.lock:
-            traffic.pending = traffic.pending.merged(batch)
-            traffic.window.add(batch)
+            traffic.pending.absorb(batch)
+            traffic.window.add(batch, len(queries))
             fit = self._window_fit(traffic, snapshot.null)
         if fit is None:
             return [NO_EVIDENCE] * len(queries)
@@ -197,7 +205,7 @@ class TenantStatistics:
         return [LabelFree(float(pairs * e), float(pairs)) for e in exceed]
 
     def _window_fit(self, traffic: _TenantTraffic, null: np.ndarray) -> TrafficFit | None:
-        queries = traffic.window.total.queries
+        queries = traffic.window.queries
         due = traffic.fit is None or queries - traffic.fit_queries >= self.settings.refit_every
         if due or queries < traffic.fit_queries:  # a chunk left the window
             traffic.fit = traffic.window.total.fit(null)
