@@ -19,11 +19,18 @@ Ranking within a tenant never changes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from scorenorm.evidence import Survival
+from scorenorm.evidence import (
+    EvidenceSettings,
+    Survival,
+    own_evidence,
+    prior_of,
+    tenant_survival,
+)
 from scorenorm.histogram import ScoreHistogram
 
 
@@ -150,3 +157,33 @@ def map_of_survival(
     if len(knots_r) == 1:
         return identity_map(int(n))
     return TailMap(np.array([*knots_r, 1.0]), np.array([*knots_n, 1.0]), int(n), float(ps[-1]))
+
+
+def tenant_map(
+    own: Survival,
+    prior: Survival | None,
+    global_: ScoreHistogram,
+    tail: TailSettings,
+    evidence: EvidenceSettings,
+) -> TailMap:
+    """The map the server serves a tenant: its own evidence shrunk toward the deployment
+    prior (scorenorm.evidence), mapped onto the calibration's global tail."""
+    reference = Survival.of_histogram(global_)
+    return map_of_survival(tenant_survival(own, prior, reference, evidence), global_, tail)
+
+
+def deployment_maps(
+    galleries: Sequence[ScoreHistogram],
+    global_: ScoreHistogram,
+    tail: TailSettings,
+    evidence: EvidenceSettings | None = None,
+    traffic: Sequence[Survival | None] | None = None,
+) -> list[TailMap]:
+    """The maps of every tenant of one deployment, as the server builds them: each from
+    its gallery pairs (and traffic, when given), the prior pooled over all of them. What
+    calibrate's held-out evaluations measure, so they measure what is served."""
+    evidence = evidence or EvidenceSettings()
+    flows = traffic or [None] * len(galleries)
+    owns = [own_evidence(g, t, evidence) for g, t in zip(galleries, flows, strict=True)]
+    prior = prior_of(owns, Survival.of_histogram(global_), evidence)
+    return [tenant_map(own, prior, global_, tail, evidence) for own in owns]

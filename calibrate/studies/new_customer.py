@@ -41,16 +41,9 @@ from calibrate.heldout.holdout import accepted, threshold_at
 from contracts import CalibrationDoc
 from imagesets import EmbeddingSet
 from scorenorm import ScoreHistogram, TailSettings, build_map, gallery_histogram, scores
-from scorenorm.evidence import (
-    EvidenceSettings,
-    Survival,
-    own_evidence,
-    prior_of,
-    tenant_survival,
-    traffic_survival,
-)
+from scorenorm.evidence import EvidenceSettings, traffic_survival
 from scorenorm.histogram import NBINS, bin_of, mix
-from scorenorm.tail_map import map_of_survival
+from scorenorm.tail_map import deployment_maps
 from scorenorm.traffic import TrafficTail, null_maxima, residual
 
 METHODS = ("raw", "before", "tenant-tail", "oracle")
@@ -203,21 +196,10 @@ def _before(t: _Tenant, global_tail: ScoreHistogram, threshold: dict[float, floa
 
 def _tenant_tail(tenants: Sequence[_Tenant], global_tail, threshold, s) -> list[dict]:
     """This version: each tenant's own evidence (gallery + traffic), shrunk toward the
-    deployment prior pooled over every tenant of the split."""
-    reference = Survival.of_histogram(global_tail)
-    owns = []
-    for t in tenants:
-        fit = t.traffic.fit(t.null)
-        traffic = traffic_survival(fit, s.evidence)
-        owns.append(own_evidence(t.hist, traffic, s.evidence))
-    prior = prior_of(owns, reference, s.evidence)
-    out = []
-    for own in owns:
-        mapping = map_of_survival(
-            tenant_survival(own, prior, reference, s.evidence), global_tail, s.tail
-        )
-        out.append({a: float(mapping.inverse(threshold[a])) for a in s.targets})
-    return out
+    deployment prior pooled over every tenant of the split, as the server builds it."""
+    traffic = [traffic_survival(t.traffic.fit(t.null), s.evidence) for t in tenants]
+    maps = deployment_maps([t.hist for t in tenants], global_tail, s.tail, s.evidence, traffic)
+    return [{a: float(m.inverse(threshold[a])) for a in s.targets} for m in maps]
 
 
 def _monitor(t: _Tenant, thresholds: dict[float, float]) -> dict[float, dict[str, float]]:

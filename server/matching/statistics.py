@@ -38,10 +38,9 @@ from scorenorm.evidence import (
     Survival,
     own_evidence,
     prior_of,
-    tenant_survival,
     traffic_survival,
 )
-from scorenorm.tail_map import map_of_survival
+from scorenorm.tail_map import tenant_map
 from scorenorm.traffic import TrafficFit, TrafficTail, residual
 from server.storage.base import TrafficRow
 from server.storage.tail_stats import TailSnapshot
@@ -225,9 +224,8 @@ class TenantStatistics:
         own = self._own_evidence(tenant, snapshot, traffic)
         with self._lock:
             prior = self._prior
-        assert self._reference is not None and self.tail is not None
-        estimate = tenant_survival(own, prior, self._reference, self.settings.evidence)
-        mapping = map_of_survival(estimate, self.global_tail, self.tail)
+        assert self.global_tail is not None and self.tail is not None
+        mapping = tenant_map(own, prior, self.global_tail, self.tail, self.settings.evidence)
         with self._lock:
             self._maps[tenant] = (key, mapping)
         return mapping
