@@ -13,7 +13,8 @@ gallery's own pairs by far, but nobody labels them. The estimate rests on three 
   threshold (for an accepted impostor it is the false accept). For N exchangeable
   scores with survival S(t), the pairs of rank >= 2 above t number on average
   ``N S - P(max >= t)`` for an impostor query and ``(N - 1) S`` for a genuine one
-  (:func:`expected_rest`). Given the genuine share, the count above t is a known,
+  (:func:`_solve`, which also leaves out the rest of the rank-1 item's identity when a
+  gallery holds several items of one). Given the genuine share, the count above t is a known,
   increasing function of S(t), and S(t) is read off by inverting it, edge by edge.
   The rank-1 false accepts are thereby put back in expectation.
 - **The genuine share comes from the rank-1 scores, judged against the gallery.** Each
@@ -65,13 +66,6 @@ FIT_EDGES = EDGES[::COARSE]
 def residual(scores: np.ndarray, location: np.ndarray | float) -> np.ndarray:
     """Scores relative to a query's location, on [-1, 1]."""
     return (np.asarray(scores, np.float64) - location) / 2.0
-
-
-def expected_rest(n: np.ndarray | int, s: np.ndarray, genuine: float) -> np.ndarray:
-    """Expected impostor pairs of rank >= 2 above a threshold, per query with ``n`` scored
-    items, when a share ``genuine`` of queries is genuine and S(t) = ``s``."""
-    impostor = n * s - 1.0 + (1.0 - s) ** n  # E[(Binomial(n, s) - 1)+]
-    return (1.0 - genuine) * impostor + genuine * (n - 1) * s
 
 
 @dataclass
@@ -141,45 +135,62 @@ class TrafficTail:
     rest: np.ndarray = field(default_factory=lambda: np.zeros(NBINS))
     top: dict[int, np.ndarray] = field(default_factory=dict)
     locations: np.ndarray = field(default_factory=lambda: np.zeros(NBINS))
+    kept: float = 0.0  # items outside each query's rank-1 identity, summed over queries
+    grouped: float = 0.0  # items of each query's rank-1 identity, summed over queries
 
     @property
     def queries(self) -> float:
         return float(self.locations.sum())
 
-    def add_scores(self, scores: np.ndarray, weight: float = 1.0) -> np.ndarray:
+    def add_scores(
+        self, scores: np.ndarray, identities: np.ndarray | None = None, weight: float = 1.0
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Adds queries (rows) scored against the same items; returns each query's location
-        (callers turn a threshold into the residual they count against).
+        and how many items share its rank-1 item's identity (callers turn a threshold into
+        the residual they count against, and count the pairs behind it).
 
-        Beyond REST_SAMPLE items the rank >= 2 scores are read at a fixed stride (each
-        standing for its share of all of them): the cost per query stays bounded, and the
-        same scores always give the same evidence."""
+        ``identities``: the items' enrolment identities (None: every item its own). All
+        items of the rank-1 item's identity are left out with it: when the query is
+        genuine they are its genuine pairs. Beyond REST_SAMPLE items the other scores
+        are read at a fixed stride (each standing for its share): the cost per query
+        stays bounded, and the same scores always give the same evidence."""
         scores = np.asarray(scores, dtype=np.float64)
         if scores.ndim != 2 or scores.shape[1] < 2 or not len(scores):
-            return np.zeros(len(scores))
+            return np.zeros(len(scores)), np.ones(len(scores))
         q, n = scores.shape
         best = scores.argmax(axis=1)
         top = scores[np.arange(q), best]
-        if n - 1 <= REST_SAMPLE:
-            rest = np.sort(scores, axis=1)[:, :-1]  # the top sorts last: all but rank 1
-            mu = np.median(rest, axis=1)
-            weights = np.full(rest.shape, weight)
+        cols = np.arange(0, n, -(-n // REST_SAMPLE)) if n - 1 > REST_SAMPLE else np.arange(n)
+        sample = scores[:, cols]
+        if identities is None:
+            group = np.ones(q)
+            out = cols[None, :] == best[:, None]  # rank 1, where the columns meet it
         else:
-            cols = np.arange(0, n, -(-n // REST_SAMPLE))
-            rest = scores[:, cols]
-            kept = cols[None, :] != best[:, None]  # rank 1, where the stride met it
-            mu = np.median(rest, axis=1)  # one score in hundreds barely moves it
-            weights = np.where(kept, weight * (n - 1) / kept.sum(axis=1, keepdims=True), 0.0)
+            ids = np.asarray(identities)
+            same = ids[None, :] == ids[best][:, None]  # q x n: the rank-1 identity
+            group = same.sum(axis=1).astype(np.float64)
+            out = same[:, cols]
+        kept = n - group  # items each query's evidence stands for
+        counted = (~out).sum(axis=1)
+        valid = counted > 0
+        weights = np.where(out, 0.0, weight * (kept / np.maximum(counted, 1))[:, None])
+        masked = np.where(out, np.nan, sample)
+        mu = np.where(valid, np.nanmedian(np.where(valid[:, None], masked, 0.0), axis=1), top)
         hist = self.top.setdefault(size_key(n), np.zeros(NBINS))
         np.add.at(hist, bin_of(residual(top, mu)), weight)  # a few bins: no full bincount
-        bins = bin_of(residual(rest, mu[:, None]).ravel())
+        bins = bin_of(residual(np.where(out, -1.0, sample), mu[:, None]).ravel())
         self.rest += np.bincount(bins, weights=weights.ravel(), minlength=NBINS)
         np.add.at(self.locations, bin_of(mu), weight)
-        return mu
+        self.kept += weight * float(kept.sum())
+        self.grouped += weight * float(group.sum())
+        return mu, group
 
     def absorb(self, other: TrafficTail, sign: float = 1.0) -> None:
         """Adds ``other`` in place (the serving path: no copies of the histograms)."""
         self.rest += sign * other.rest
         self.locations += sign * other.locations
+        self.kept += sign * other.kept
+        self.grouped += sign * other.grouped
         for n, h in other.top.items():
             mine = self.top.get(n)
             if mine is None:
@@ -193,7 +204,11 @@ class TrafficTail:
             top[n] = top.get(n, np.zeros(NBINS)) + sign * h
         top = {n: h for n, h in top.items() if h.sum() > 1e-9}
         return TrafficTail(
-            self.rest + sign * other.rest, top, self.locations + sign * other.locations
+            self.rest + sign * other.rest,
+            top,
+            self.locations + sign * other.locations,
+            self.kept + sign * other.kept,
+            self.grouped + sign * other.grouped,
         )
 
     def scaled(self, factor: float) -> TrafficTail:
@@ -201,6 +216,8 @@ class TrafficTail:
             self.rest * factor,
             {n: h * factor for n, h in self.top.items()},
             self.locations * factor,
+            self.kept * factor,
+            self.grouped * factor,
         )
 
     def fit(self, null: np.ndarray | None = None, lam: float = LAMBDA) -> TrafficFit | None:
@@ -223,8 +240,9 @@ class TrafficTail:
             error = _share_error(below / queries, queries, lam, 1.0 - genuine, len(null))
         coarse = self.rest.reshape(-1, COARSE).sum(axis=1)
         above = np.concatenate([np.cumsum(coarse[::-1])[::-1], [0.0]])
-        survival = _continue_tail(_solve(above, sizes, genuine), above)
-        pairs = sum(c * (n - genuine) for n, c in sizes.items())
+        grouped = self.grouped if self.grouped > 0 else queries
+        survival = _continue_tail(_solve(above, sizes, genuine, grouped), above)
+        pairs = sum(c * n for n, c in sizes.items()) - genuine * grouped
         rest = float(self.rest.sum())
         return TrafficFit(survival, genuine, queries, pairs, self.locations.copy(), error, rest)
 
@@ -233,18 +251,20 @@ class TrafficTail:
         """Compressed arrays (published to a shared store, so a few kB per tenant)."""
         buffer = io.BytesIO()
         tops = {f"top_{n}": h for n, h in self.top.items()}
-        np.savez_compressed(buffer, rest=self.rest, locations=self.locations, **tops)
+        totals = np.array([self.kept, self.grouped])
+        np.savez_compressed(buffer, rest=self.rest, locations=self.locations, totals=totals, **tops)
         return buffer.getvalue()
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> TrafficTail:
         with np.load(io.BytesIO(blob), allow_pickle=False) as data:
             arrays = {k: np.asarray(data[k], np.float64) for k in data.files}
+        kept, grouped = arrays.pop("totals", np.zeros(2))
         for name, array in arrays.items():
             if array.shape != (NBINS,):
                 raise ValueError(f"traffic evidence array {name!r} has shape {array.shape}")
         top = {int(k[4:]): v for k, v in arrays.items() if k.startswith("top_")}
-        return cls(arrays["rest"], top, arrays["locations"])
+        return cls(arrays["rest"], top, arrays["locations"], float(kept), float(grouped))
 
     def to_json(self) -> dict[str, Any]:
         """Sparse form: only non-empty bins (evidence rows in a shared store stay small)."""
@@ -283,24 +303,38 @@ def pooled(tails: Iterable[TrafficTail]) -> TrafficTail:
     return out
 
 
-def _solve(above: np.ndarray, sizes: Mapping[int, float], genuine: float) -> np.ndarray:
-    """S_r at every fit edge such that the expected rank >= 2 count equals the observed.
+def _solve(
+    above: np.ndarray, sizes: Mapping[int, float], genuine: float, grouped: float
+) -> np.ndarray:
+    """S_r at every fit edge such that the expected count of kept pairs above it equals
+    the observed one.
 
-    f(S) is increasing and convex in S, and the all-genuine solution lies left of the
-    root, so Newton steps from there overshoot once and then descend monotonically."""
-    per_query = sum(c * (n - 1) for n, c in sizes.items())
-    out = np.clip(above / per_query, 0.0, 1.0)  # exact where every pair or none lies above
-    inside = (above > 0) & (above < per_query)
+    A genuine query keeps its N - m impostor items (m: the items of its rank-1
+    identity): ``(N - m) S`` above t. An impostor query keeps all but its rank-1
+    identity: ``N S - P(max of N >= t) (1 + (m - 1) S)``, its best item being the false
+    accept and the rest of that identity lying below it. Summed over queries with the
+    genuine share ``genuine`` and the mean group size, f(S) starts at a positive slope
+    and is nearly convex; Newton steps from the all-genuine solution (left of the root)
+    converge in a few steps."""
+    queries = sum(sizes.values())
+    items = sum(c * n for n, c in sizes.items())
+    group = grouped / max(queries, 1e-12)
+    linear = items - genuine * grouped  # the impostor pairs per unit S
+    out = np.clip(above / max(items - grouped, 1e-12), 0.0, 1.0)
+    inside = (above > 0) & (out < 1.0)
     target = above[inside]
     s = out[inside]
     for _ in range(NEWTON):
-        f = -target
-        df = np.zeros_like(target)
+        p_max = np.zeros_like(s)
+        slope = np.zeros_like(s)
         for n, c in sizes.items():
-            q = (1.0 - s) ** (n - 1)
-            f = f + c * ((1.0 - genuine) * (n * s - 1.0 + q * (1.0 - s)) + genuine * (n - 1) * s)
-            df = df + c * ((1.0 - genuine) * n * (1.0 - q) + genuine * (n - 1))
-        s = np.clip(s - f / df, 0.0, 1.0)
+            miss = (1.0 - s) ** (n - 1)
+            p_max += c * (1.0 - miss * (1.0 - s))
+            slope += c * n * miss
+        lift = 1.0 + (group - 1.0) * s
+        f = linear * s - (1.0 - genuine) * lift * p_max - target
+        df = linear - (1.0 - genuine) * ((group - 1.0) * p_max + lift * slope)
+        s = np.clip(s - f / np.maximum(df, 1e-12), 0.0, 1.0)
     out[inside] = s
     return np.minimum.accumulate(out)  # non-increasing despite rounding
 

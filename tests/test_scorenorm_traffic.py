@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scorenorm.histogram import NBINS, bin_of
-from scorenorm.traffic import TrafficTail, rank1_residuals, residual
+from scorenorm.histogram import NBINS, WIDTH, bin_of
+from scorenorm.traffic import EDGES, TrafficTail, rank1_residuals, residual
 
 N = 40
 
@@ -51,7 +51,7 @@ def test_far_matches_the_truth_where_leaving_out_rank_1_reads_low(genuine):
     t = float(np.quantile(s[impostor], 1 - 1e-2))  # the true 1e-2 level
     truth = (s[impostor] >= t).mean()
     tail = TrafficTail()
-    mu = tail.add_scores(s)
+    mu, _ = tail.add_scores(s)
     estimate = _far(tail, mu, _gallery_null(rng, 10), t)
     # what the monitor did before: every pair but each query's rank-1 item
     top = np.zeros(s.shape, bool)
@@ -108,3 +108,38 @@ def test_survival_is_a_survival():
     assert raw[0] == pytest.approx(1.0, abs=1e-6)
     assert (np.diff(raw) <= 1e-12).all()
     assert raw[-1] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_gallery_with_several_items_per_identity_leaves_the_whole_identity_out():
+    """Five items per identity: a genuine query scores high against all five. Left in,
+    they would read as impostor exceedances; the rank-1 identity is left out whole."""
+    rng = np.random.default_rng(7)
+    identities = np.repeat(np.arange(N // 5), 5)
+    mu = rng.normal(0.25, 0.04, (3000, 1))
+    s = mu + rng.normal(0.0, 0.1, (3000, N))
+    impostor = np.ones(s.shape, bool)
+    genuine = np.flatnonzero(rng.random(3000) < 0.5)
+    owner = rng.integers(0, N // 5, len(genuine))
+    for q, who in zip(genuine, owner, strict=True):
+        mine = identities == who
+        s[q, mine] = rng.normal(0.85, 0.04, mine.sum())
+        impostor[q, mine] = False
+    s = np.clip(s, -1, 1)
+    t = float(np.quantile(s[impostor], 1 - 1e-2))
+    truth = (s[impostor] >= t).mean()
+    tail = TrafficTail()
+    locations, group = tail.add_scores(s, identities)
+    assert (group == 5).all()
+    null = []
+    for _ in range(10):  # galleries of the same shape: items against other identities
+        g = rng.normal(0.25, 0.04, (N, 1)) + rng.normal(0.0, 0.1, (N, N))
+        g[identities[:, None] == identities[None, :]] = -np.inf
+        null.append(rank1_residuals(g))
+    fit = tail.fit(np.concatenate(null))
+    counts = np.bincount(bin_of(residual(t, locations)), minlength=NBINS).astype(float)
+    pairs = counts * (N - fit.genuine_share * 5)
+    estimate = float((pairs * fit.residual_at(EDGES[:-1] + WIDTH / 2)).sum() / pairs.sum())
+    assert estimate / truth == pytest.approx(1.0, abs=0.3)
+    alone = TrafficTail()  # the same traffic read as if every item were its own identity
+    alone.add_scores(s)
+    assert alone.fit(np.concatenate(null)).far(counts, counts * N) / truth > 1.5

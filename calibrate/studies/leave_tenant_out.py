@@ -317,7 +317,7 @@ def _traffic(sp: _Split, picks, e: int, rng) -> list[Survival | None]:
         if len(queries) > MAX_TRAFFIC_QUERIES:
             queries = rng.choice(queries, MAX_TRAFFIC_QUERIES, replace=False)
         tail = TrafficTail()
-        tail.add_scores(scores(sp.x[queries], sp.x[pick]))
+        tail.add_scores(scores(sp.x[queries], sp.x[pick]), sp.labels[pick])
         fit = tail.fit(null_maxima(sp.x[pick], sp.labels[pick]))
         out.append(traffic_survival(fit, EvidenceSettings()))
     return out

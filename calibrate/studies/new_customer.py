@@ -212,7 +212,7 @@ def _monitor(t: _Tenant, thresholds: dict[float, float]) -> dict[float, dict[str
     top_ids = t.gallery_ids[best]
     not_top &= t.gallery_ids[None, :] != top_ids[:, None]
     tail = TrafficTail()
-    mu = tail.add_scores(window)
+    mu, _ = tail.add_scores(window)
     fit = tail.fit(t.null)
     out = {}
     for a, th in thresholds.items():

@@ -191,7 +191,7 @@ class TenantStatistics:
             return [NO_EVIDENCE] * len(queries)
         scores = np.asarray(queries, np.float32) @ snapshot.vectors.T
         batch = TrafficTail()
-        locations = batch.add_scores(scores)
+        locations, group = batch.add_scores(scores, snapshot.codes)
         traffic = self._traffic(tenant)
         with traffic.lock:
             traffic.pending.absorb(batch)
@@ -199,9 +199,9 @@ class TenantStatistics:
             fit = self._window_fit(traffic, snapshot.null)
         if fit is None:
             return [NO_EVIDENCE] * len(queries)
-        pairs = members - fit.genuine_share
+        pairs = members - fit.genuine_share * group  # its rank-1 identity may be genuine
         exceed = fit.residual_at(residual(raw_threshold, locations))
-        return [LabelFree(float(pairs * e), float(pairs)) for e in exceed]
+        return [LabelFree(float(p * e), float(p)) for p, e in zip(pairs, exceed, strict=True)]
 
     def _window_fit(self, traffic: _TenantTraffic, null: np.ndarray) -> TrafficFit | None:
         queries = traffic.window.queries
