@@ -24,10 +24,15 @@ class CheckFailedError(Exception):
     """--check found a dataset off target; the table above says which."""
 
 
+class CheckInsufficientError(Exception):
+    """--check found no dataset off target, but some it could not decide on this data."""
+
+
 def run_check(args: argparse.Namespace) -> None:
     from calibrate.engine.evaluate import evaluate
     from calibrate.engine.prepare import CalibrationInputError
     from calibrate.heldout.serving import Served, serving_report
+    from calibrate.heldout.verdict import FAIL, INSUFFICIENT, PASS, overall
     from calibrate.reports.report import table
 
     if not args.dataset:
@@ -86,11 +91,28 @@ def run_check(args: argparse.Namespace) -> None:
             "\nno normalisation section in the document: the held-out columns are raw only "
             "(calibrate with --normalize tenant-tail to serve normalised scores)"
         )
-    print(report.text())
-    bad = report.off_target(method)
-    if bad:
-        raise CheckFailedError("; ".join(bad))
-    print(f"\ncheck passed: every dataset's {method} FAR interval overlaps [target/2, 2 target]")
+    verdicts = report.verdicts(fail_if_too_safe=args.fail_if_too_safe)
+    print(report.text(verdicts))
+    band = "[target/2, 2x target]" if args.fail_if_too_safe else "<= 2x target"
+    counts = {k: sum(v.verdict.verdict == k for v in verdicts) for k in (PASS, FAIL, INSUFFICIENT)}
+    print(
+        f"\nverdicts ({method} FAR {band} on the 95% interval): {counts[PASS]} pass, "
+        f"{counts[FAIL]} fail, {counts[INSUFFICIENT]} insufficient evidence"
+    )
+    verdict = overall(v.verdict.verdict for v in verdicts)
+    if verdict == FAIL:
+        bad = [v for v in verdicts if v.verdict.verdict == FAIL]
+        raise CheckFailedError(
+            "; ".join(
+                f"{v.dataset} at target FAR {v.target_far:g}: {v.verdict.reason}" for v in bad
+            )
+        )
+    if verdict == INSUFFICIENT:
+        open_ = [v for v in verdicts if v.verdict.verdict == INSUFFICIENT]
+        raise CheckInsufficientError(
+            "; ".join(f"{v.dataset} at target FAR {v.target_far:g}" for v in open_)
+        )
+    print(f"check passed: every dataset's {method} FAR is {band} at every target")
 
 
 def _resolve_model(args: argparse.Namespace, doc) -> Path:
