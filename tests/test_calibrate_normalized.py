@@ -212,7 +212,7 @@ def test_a_too_safe_tenant_fails_only_when_asked(model, tmp_path, tails_npz, cap
     got, printed, err = check(model, doc, safe, capsys, *flag)
     assert got == code, printed + err
     if flag:  # 0 of 23,040 pairs: the upper end 3.69 / 23,040 = 0.016x target is below 1/2
-        assert "[0.00, 0.02] x target: wholly below target/2 (0 of 23,040" in err
+        assert "[0.00, 0.02] x target wholly below target/2 (0 of 23,040" in err
         assert "0 pass, 1 fail, 0 insufficient evidence" in printed
     else:
         assert "1 pass, 0 fail, 0 insufficient evidence" in printed

@@ -94,7 +94,11 @@ def test_too_safe_passes_unless_asked_to_fail_it():
 
 
 def test_zero_accepted_is_too_safe_only_with_enough_pairs():
-    assert decide(0, 400, (0.0, 0.0), A, classes=20, fail_if_too_safe=True).verdict == INSUFFICIENT
+    v = decide(0, 400, (0.0, 0.0), A, classes=20, fail_if_too_safe=True)
+    assert v.verdict == INSUFFICIENT and "straddles 2x target and target/2" in v.reason
+    # the upper end must cross both boundaries: only the lower one, a/2, is worth naming
+    assert v.need.shows == "FAR < target/2 at the observed 0.00x"
+    assert v.need.pairs == pytest.approx(3.689 / (A / 2), rel=2e-3)
     v = decide(0, 100_000, (0.0, 0.0), A, classes=200, fail_if_too_safe=True)
     assert v.verdict == FAIL  # upper end 3.69e-5 < a/2: the data show it is too safe
 

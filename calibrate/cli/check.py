@@ -102,11 +102,7 @@ def run_check(args: argparse.Namespace) -> None:
     verdict = overall(v.verdict.verdict for v in verdicts)
     if verdict == FAIL:
         bad = [v for v in verdicts if v.verdict.verdict == FAIL]
-        raise CheckFailedError(
-            "; ".join(
-                f"{v.dataset} at target FAR {v.target_far:g}: {v.verdict.reason}" for v in bad
-            )
-        )
+        raise CheckFailedError("; ".join(v.summary() for v in bad))
     if verdict == INSUFFICIENT:
         open_ = [v for v in verdicts if v.verdict.verdict == INSUFFICIENT]
         raise CheckInsufficientError(

@@ -49,13 +49,24 @@ class RowVerdict:
     verdict: Verdict
 
     def line(self) -> str:
+        """Why a row did not pass, and what would decide it."""
         v = self.verdict
-        need = ""
+        text = f"{v.reason} ({self.accepted:,} of {self.pairs:,} pairs accepted)"
         if v.verdict == INSUFFICIENT:
-            need = "; " + (
+            text += "; " + (
                 v.need.text(self.pairs, self.classes) if v.need else "no amount of data decides it"
             )
-        return f"{v.reason}{need}"
+        return text
+
+    def summary(self) -> str:
+        """One line for the exit message."""
+        v = self.verdict
+        interval = v.ratio_text(self.target_far)
+        counted = f"{self.accepted:,} of {self.pairs:,} pairs accepted"
+        return (
+            f"{self.dataset} at target FAR {self.target_far:g}: {interval} x target "
+            f"{v.reason} ({counted})"
+        )
 
 
 @dataclass
@@ -175,26 +186,35 @@ def _held_out_lines(rep: ServingReport, verdicts: list[RowVerdict] | None = None
         "held-out classes (3 class parts per dataset; each part once the gallery the "
         "normalisation is estimated from, once evaluated): FAR / target [95% class-bootstrap CI]",
     ]
+    if verdicts:
+        lines.append(
+            "verdict on the served column's decision interval (the bootstrap's, widened to "
+            "the exact Poisson interval of the accepted count)"
+        )
     served = rep.served.method
     by_row = {(v.target_far, v.dataset): v for v in verdicts or []}
+    width = max([14] + [len(d.name) + 2 for r in rep.held_out for d in r.datasets])
     for r in rep.held_out:
         lines.append(
             f"target FAR {r.target_far:g} at threshold {r.threshold:.6f} (served: {served})"
         )
-        head = f"  {'dataset':<14}{'raw':>26}{'tenant-tail':>26}{'shift':>10}{'mapped':>8}"
-        lines.append(head + (f"  {'verdict'}" if verdicts else ""))
+        head = f"  {'dataset':<{width}}{'raw':>26}{'tenant-tail':>26}{'shift':>10}{'mapped':>8}"
+        lines.append(head + (f"{'decision':>16}  verdict" if verdicts else ""))
         for d in r.datasets:
             shift = "n/a" if d.shift is None else f"{d.shift:+.4f}"
             norm = _ratio(d.normalized, r.target_far) if served != "none" else "-"
             row = (
-                f"  {d.name:<14}{_ratio(d.raw, r.target_far):>26}"
+                f"  {d.name:<{width}}{_ratio(d.raw, r.target_far):>26}"
                 f"{norm:>26}{shift:>10}{d.active:>6}/3"
             )
             v = by_row.get((r.target_far, d.name))
             if v is None:
                 lines.append(row)
                 continue
-            lines.append(f"{row}  {_VERDICT_WORDS[v.verdict.verdict]}")
+            lines.append(
+                f"{row}{v.verdict.ratio_text(r.target_far):>16}  "
+                f"{_VERDICT_WORDS[v.verdict.verdict]}"
+            )
             if v.verdict.verdict != PASS:
                 lines.append(f"      {v.line()}")
     return lines

@@ -70,6 +70,12 @@ class Verdict:
     reason: str  # one line: why
     need: Need | None = None  # for INSUFFICIENT rows: what would decide them
 
+    def ratio_text(self, target: float) -> str:
+        """The decision interval over the target, e.g. "[0.35, 2.17]"; "n/a" without pairs."""
+        if self.interval is None:
+            return "n/a"
+        return f"[{self.interval[0] / target:.2f}, {self.interval[1] / target:.2f}]"
+
 
 def decide(
     accepted: int,
@@ -92,7 +98,7 @@ def decide(
     lo_ok, hi_ok = target / factor, target * factor
     if pairs <= 0:
         need = Need(None, min_classes, "for held-out pairs")
-        reason = f"no held-out impostor pairs ({classes} classes)"
+        reason = f"no held-out impostor pairs from {classes} classes"
         return Verdict(INSUFFICIENT, None, reason, need)
     rate = accepted / pairs
     p_lo, p_hi = poisson_interval(accepted, level)
@@ -100,27 +106,28 @@ def decide(
     if ci is not None and all(math.isfinite(x) for x in ci):
         lo, hi = min(lo, ci[0]), max(hi, ci[1])
     interval = (lo, hi)
-    ratio = f"[{lo / target:.2f}, {hi / target:.2f}] x target"
-    counted = f"{accepted:,} of {pairs:,} pairs accepted"
     if lo > hi_ok:
-        return Verdict(FAIL, interval, f"{ratio}: wholly above {_times(factor)} ({counted})")
+        return Verdict(FAIL, interval, f"wholly above {_times(factor)}")
     if fail_if_too_safe and hi < lo_ok:
-        return Verdict(FAIL, interval, f"{ratio}: wholly below {_times(1 / factor)} ({counted})")
+        return Verdict(FAIL, interval, f"wholly below {_times(1 / factor)}")
     if hi <= hi_ok and (not fail_if_too_safe or lo >= lo_ok):
-        return Verdict(PASS, interval, f"{ratio} ({counted})")
+        band = f"inside [{_times(1 / factor)}, {_times(factor)}]"
+        return Verdict(PASS, interval, band if fail_if_too_safe else f"at most {_times(factor)}")
     # undecided: which boundaries does the interval straddle, and what would settle them?
     bounds = []  # (the interval end that must cross, the boundary it must cross)
     if hi > hi_ok:  # lo <= 2a < hi
         bounds.append(("lower" if rate > hi_ok else "upper", hi_ok))
     if fail_if_too_safe and lo < lo_ok:  # lo < a/2 <= hi
         bounds.append(("upper" if rate < lo_ok else "lower", lo_ok))
+    where = " and ".join(_times(b / target) for _, b in bounds)
+    if len(bounds) == 2 and bounds[0][0] == bounds[1][0]:  # one end must cross both:
+        bounds = [max(bounds, key=lambda eb: eb[1] if eb[0] == "lower" else -eb[1])]  # the far one
     need = needed(rate, pairs, classes, ci, bounds, level)
     if need is not None:
         shows = [f"FAR {_SHOWS[end, b == hi_ok]} {_times(b / target)}" for end, b in bounds]
         at = f" at the observed {rate / target:.2f}x"
         need = replace(need, shows=" and ".join(shows) + at)
-    where = " and ".join(_times(b / target) for _, b in bounds)
-    return Verdict(INSUFFICIENT, interval, f"{ratio} straddles {where} ({counted})", need)
+    return Verdict(INSUFFICIENT, interval, f"straddles {where}", need)
 
 
 def needed(
