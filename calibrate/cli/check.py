@@ -4,9 +4,10 @@ A new customer arrives with data the calibration never saw. Without recalibratin
 this measures the deployed thresholds on it: per dataset (tenant) the FAR at the
 deployed threshold on all its pairs, its own threshold for the same target and the
 drift between them, OPIS; and, on held-out classes, the FAR raw and with the
-document's normalisation, each with a class-bootstrap interval. It exits with
-``EXIT_CHECK_FAILED`` when a dataset's interval for the served scores lies wholly
-outside [target/2, 2 target], so it can gate a deploy.
+document's normalisation, each with a class-bootstrap interval. Each (dataset,
+target) row of the served scores gets a verdict (calibrate/heldout/verdict.py): pass,
+fail or insufficient evidence; the run exits with the worst of them (main.py's exit
+codes: 0, ``EXIT_CHECK_FAILED``, ``EXIT_CHECK_INSUFFICIENT``), so it can gate a deploy.
 """
 
 from __future__ import annotations
