@@ -36,7 +36,7 @@ from typing import Any
 from contracts import atomic_write_text
 from train.config import TrainConfig, load_config, tomllib
 from train.jobs import Job, is_finished, read_result, run_jobs
-from train.sweep import parse_overrides, report, summary
+from train.sweep import comparison, parse_overrides, seed_summary, summary
 
 DEFAULT_MATRIX = Path(__file__).resolve().parent / "configs" / "converge.toml"
 RUN_KEYS = ("seed", "threads")  # differ between runs by design, never a confound
@@ -213,7 +213,16 @@ def write_results(
     }
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(json_safe(doc), indent=2))
-    md = "### Every run\n\n" + run_table(results) + "\n\n" + report(results, bases)
+    md = "\n\n".join(
+        [
+            "### Every run (test metrics of each run's tested checkpoint)",
+            run_table(results),
+            "### Mean ± std over seeds (test split)",
+            seed_summary(results),
+            "### TCM against its base (paired by seed)",
+            comparison(results, bases=bases),
+        ]
+    )
     if doc["confounds"]:
         md += "\n\nPairs that also differ in (base value, TCM value): " + json.dumps(
             doc["confounds"]

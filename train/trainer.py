@@ -345,9 +345,8 @@ class Trainer:
             if self.rank == 0 and (last or self.epoch % max(1, self.cfg.eval_every) == 0):
                 self._evaluate_epoch()
             # only rank 0 evaluates, so its decision is every rank's (else the others hang)
-            self.stopped_early = distributed.broadcast_flag(
-                any(cb.should_stop() for cb in self.callbacks)
-            )
+            stop = any(cb.should_stop() for cb in self.callbacks)
+            self.stopped_early = distributed.broadcast_flag(stop) and self.epoch < self.cfg.epochs
             self.seconds += time.perf_counter() - start
             if self.stopped_early:
                 self.say(f"stopping after epoch {self.epoch}: held-out Recall@1 stopped rising")
