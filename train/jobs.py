@@ -121,7 +121,7 @@ def run_job(run_dir: Path) -> dict[str, Any]:
     spec = json.loads((run_dir / JOB).read_text())
     cfg = TrainConfig(**spec["config"])
     trainer = Trainer.from_config(
-        cfg, run_dir, quiet=True, export=spec["export"], test=spec["test"]
+        cfg, run_dir, export=spec["export"], test=spec["test"], progress=False
     )
     if (run_dir / "checkpoint.pt").is_file():
         trainer.load_checkpoint(run_dir / "checkpoint.pt")

@@ -115,10 +115,12 @@ class Trainer:
         device: torch.device | None = None,
         quiet: bool = False,
         export: bool = True,
+        progress: bool = True,
     ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.quiet, self.export = quiet, export
+        # progress=False keeps the per-epoch lines but drops the per-step bar (log files)
+        self.quiet, self.export, self.progress = quiet, export, progress
         self.device = device or torch.device("cpu")
         self.rank = distributed.rank()
         # channels-last convolutions: ~20% less CPU time per step for glyphnet, measured
@@ -154,6 +156,7 @@ class Trainer:
         quiet: bool = False,
         export: bool = True,
         test: bool = True,
+        progress: bool = True,
     ) -> Trainer:
         """Build model, losses, optimizer, schedule, data and callbacks from a config.
 
@@ -207,6 +210,7 @@ class Trainer:
             callbacks=callbacks,
             device=device,
             quiet=quiet,
+            progress=progress,
             export=export,
         )
 
@@ -287,7 +291,7 @@ class Trainer:
             loader,
             total=self.steps,
             desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-            disable=self.quiet or self.rank != 0,
+            disable=self.quiet or not self.progress or self.rank != 0,
             dynamic_ncols=True,
         )
         start, seen = time.perf_counter(), 0
