@@ -163,6 +163,10 @@ def _start(job: Job, threads: int, python: str) -> tuple[subprocess.Popen, IO[st
     return proc, log
 
 
+def _say(text: str) -> None:
+    print(text, flush=True)  # progress lines must not wait in a pipe's buffer
+
+
 def run_jobs(
     jobs: Sequence[Job],
     n_jobs: int = 1,
@@ -170,7 +174,7 @@ def run_jobs(
     *,
     python: str = sys.executable,
     poll_s: float = 2.0,
-    say: Callable[[str], None] = print,
+    say: Callable[[str], None] = _say,
 ) -> list[Failure]:
     """Run every unfinished job, ``n_jobs`` processes at a time; returns the failures.
 
@@ -219,7 +223,8 @@ def _finished(job: Job, code: int, seconds: float, say: Callable[[str], None]) -
     r1 = (result["curve"] or [{}])[-1].get("recall_at_1")
     say(
         f"{job.name}: done in {seconds:.0f} s, {result['steps']} steps, "
-        f"best step {result['best_step']}, last held-out R@1 {r1}"
+        f"best step {result['best_step']}, last held-out R@1 "
+        + ("n/a" if r1 is None else f"{r1:.4f}")
     )
     return []
 
