@@ -343,3 +343,34 @@ def test_tune_end_to_end_on_glyphs_tiny(tmp_path: Path) -> None:
         metrics = json.loads((run / "metrics.json").read_text())
         assert "recall_at_1" not in metrics and "val" in metrics  # held-out only, no test
         assert not (run / "model.onnx").exists()
+
+
+def test_the_shipped_matrix_and_recipes_agree() -> None:
+    """The issue's 4 settings; the converge_*.toml recipes carry the matrix's protocol, so
+    `python -m train --config converge_<loss>.toml` alone also runs to convergence."""
+    from dataclasses import asdict
+
+    from train.config import load_config
+    from train.converge import DEFAULT_MATRIX
+
+    matrix = load_matrix(DEFAULT_MATRIX)
+    assert matrix.bases() == {
+        "proxy_anchor-calibrated-l10": "proxy_anchor",
+        "multi_similarity-calibrated-l1": "multi_similarity-shipped",
+    }
+    assert matrix.protocol["epochs"] * matrix.protocol["steps_per_epoch"] >= 4000
+    assert matrix.protocol["restore_best"] and matrix.protocol["patience"] > 0
+    for s in matrix.settings:
+        recipe = asdict(load_config(s.config))
+        if s.config.name.startswith("converge_"):
+            assert {k: recipe[k] for k in matrix.protocol} == matrix.protocol, s.config
+        cfg = s.resolve(matrix.protocol, {}, seed=0)
+        assert (cfg.backbone, cfg.width, cfg.embedding_dim, cfg.batch_size) == (
+            "glyphnet",
+            32,
+            128,
+            128,
+        )
+    tcm = {s.name: s.resolve(matrix.protocol, {}, 0) for s in matrix.settings}
+    assert tcm["proxy_anchor-calibrated-l10"].margins == "calibrated"
+    assert tcm["multi_similarity-calibrated-l1"].lambda_plus == 1.0
