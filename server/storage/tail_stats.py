@@ -28,6 +28,7 @@ in server/matching/statistics.py. Pair scores are the project's
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,7 @@ from scorenorm.traffic import rank1_residuals
 DEFAULT_CAPACITY = 4096  # gallery items in the sample: up to 8.4M pairs
 DUPLICATE = 0.999  # pair score from which two items are one picture, not two identities
 NULL_ROWS = 256  # members whose rank-1 residuals make the null (a bounded cost)
+_FIRST_VERSIONS = itertools.count()
 
 
 def item_hash(item_id: str) -> int:
@@ -91,7 +93,9 @@ class TenantTail:
         self._row: dict[int, int] = {}  # fid -> row
         self.gallery = ScoreHistogram()
         self.duplicates = 0  # member pairs set aside as one picture (>= DUPLICATE)
-        self.version = 0  # bumped on every change of the members (and so of the histogram)
+        # bumped on every change of the members; starts at a value no other tail of this
+        # process used, so a cache keyed by it never mistakes a rebuilt tail for an old one
+        self.version = next(_FIRST_VERSIONS) << 32
         self._null: tuple[int, np.ndarray] | None = None
         self._snapshot: TailSnapshot | None = None
 
