@@ -63,9 +63,45 @@ EDGES = -1.0 + WIDTH * np.arange(NBINS + 1)  # fine bin edges over [-1, 1]
 FIT_EDGES = EDGES[::COARSE]
 
 
-def residual(scores: np.ndarray, location: np.ndarray | float) -> np.ndarray:
-    """Scores relative to a query's location, on [-1, 1]."""
-    return (np.asarray(scores, np.float64) - location) / 2.0
+FISHER_CLIP = 0.9999  # |similarity| beyond which Fisher's z is held (z = +-4.95)
+FISHER_SPAN = 2 * float(np.arctanh(FISHER_CLIP))
+
+
+SHIFT = "shift"  # residual = (s - mu) / 2: the scale of the maps' traffic evidence
+FISHER = "fisher"  # residual in Fisher's z: the scale of the live monitor's window
+SCALES = (SHIFT, FISHER)
+
+
+def residual(scores: np.ndarray, location: np.ndarray | float, scale: str = SHIFT) -> np.ndarray:
+    """Scores relative to a query's location, on [-1, 1].
+
+    ``shift``: (s - mu) / 2. ``fisher``: in Fisher's z (atanh of the cosine), where a
+    query that sits close to everything does not have its scores squeezed against 1.
+    Measured (docs/CONSISTENCY.md, "New customers"): the monitor reads the true FAR
+    better in z (pooled 1.0-1.1x the truth at 1e-3 where the shift read 1.7-1.9x, and
+    sane for an embedder whose scores all lie near 1), while the maps' thresholds are
+    better calibrated from the shift (pooled FAR 0.9-1.0x at 1e-3 where z gave 1.4-1.6x).
+    """
+    if scale == SHIFT:
+        return (np.asarray(scores, np.float64) - location) / 2.0
+    z = np.arctanh(np.clip(np.asarray(scores, np.float64), -FISHER_CLIP, FISHER_CLIP))
+    mu = np.arctanh(np.clip(np.asarray(location, np.float64), -FISHER_CLIP, FISHER_CLIP))
+    return (z - mu) / FISHER_SPAN
+
+
+@dataclass(frozen=True)
+class Null:
+    """What impostor "queries" score at rank 1: their best scores and their locations
+    (the gallery's own items against the items of other identities, :func:`null_maxima`)."""
+
+    tops: np.ndarray
+    locations: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.tops)
+
+    def residuals(self, scale: str) -> np.ndarray:
+        return residual(self.tops, self.locations, scale)
 
 
 @dataclass
@@ -79,6 +115,7 @@ class TrafficFit:
     locations: np.ndarray  # histogram (NBINS) of the queries' locations mu_q
     share_error: float = 0.5  # standard error of genuine_share
     rest_pairs: float = 0.0  # rank >= 2 pairs counted
+    scale: str = SHIFT  # the residual scale it was fitted in
 
     def effective_pairs(self, level: float) -> float:
         """How many independent labelled impostor pairs the estimate at upper-tail
@@ -112,7 +149,7 @@ class TrafficFit:
         centres = EDGES[nz] + WIDTH / 2
         out = np.zeros(NBINS + 1)
         for mu, w in zip(centres, weights[nz], strict=True):
-            out += w * self.residual_at(residual(EDGES, mu))
+            out += w * self.residual_at(residual(EDGES, mu, self.scale))
         return out / weights[nz].sum()
 
     def far(self, counts: np.ndarray, items: np.ndarray) -> float:
@@ -137,6 +174,7 @@ class TrafficTail:
     locations: np.ndarray = field(default_factory=lambda: np.zeros(NBINS))
     kept: float = 0.0  # items outside each query's rank-1 identity, summed over queries
     grouped: float = 0.0  # items of each query's rank-1 identity, summed over queries
+    scale: str = SHIFT  # residual scale of every histogram here (scorenorm.traffic.residual)
 
     @property
     def queries(self) -> float:
@@ -177,8 +215,8 @@ class TrafficTail:
         masked = np.where(out, np.nan, sample)
         mu = np.where(valid, np.nanmedian(np.where(valid[:, None], masked, 0.0), axis=1), top)
         hist = self.top.setdefault(size_key(n), np.zeros(NBINS))
-        np.add.at(hist, bin_of(residual(top, mu)), weight)  # a few bins: no full bincount
-        bins = bin_of(residual(np.where(out, -1.0, sample), mu[:, None]).ravel())
+        np.add.at(hist, bin_of(residual(top, mu, self.scale)), weight)  # no full bincount
+        bins = bin_of(residual(np.where(out, -1.0, sample), mu[:, None], self.scale).ravel())
         self.rest += np.bincount(bins, weights=weights.ravel(), minlength=NBINS)
         np.add.at(self.locations, bin_of(mu), weight)
         self.kept += weight * float(kept.sum())
@@ -187,6 +225,7 @@ class TrafficTail:
 
     def absorb(self, other: TrafficTail, sign: float = 1.0) -> None:
         """Adds ``other`` in place (the serving path: no copies of the histograms)."""
+        _same_scale(self, other)
         self.rest += sign * other.rest
         self.locations += sign * other.locations
         self.kept += sign * other.kept
@@ -199,6 +238,7 @@ class TrafficTail:
                 mine += sign * h
 
     def merged(self, other: TrafficTail, sign: float = 1.0) -> TrafficTail:
+        _same_scale(self, other)
         top = {n: h.copy() for n, h in self.top.items()}
         for n, h in other.top.items():
             top[n] = top.get(n, np.zeros(NBINS)) + sign * h
@@ -209,6 +249,7 @@ class TrafficTail:
             self.locations + sign * other.locations,
             self.kept + sign * other.kept,
             self.grouped + sign * other.grouped,
+            self.scale,
         )
 
     def scaled(self, factor: float) -> TrafficTail:
@@ -218,9 +259,10 @@ class TrafficTail:
             self.locations * factor,
             self.kept * factor,
             self.grouped * factor,
+            self.scale,
         )
 
-    def fit(self, null: np.ndarray | None = None, lam: float = LAMBDA) -> TrafficFit | None:
+    def fit(self, null: Null | None = None, lam: float = LAMBDA) -> TrafficFit | None:
         """S_r and the genuine share; None without traffic.
 
         ``null``: residual rank-1 scores of known impostor "queries", the gallery's own
@@ -234,24 +276,30 @@ class TrafficTail:
             return None
         genuine, error = 0.5, 0.5  # without a gallery to judge by: a guess, worth little
         if null is not None and len(null) >= MIN_NULL:
-            cut = int(bin_of(np.quantile(null, lam)))
+            cut = int(bin_of(np.quantile(null.residuals(self.scale), lam)))
             below = sum(float(h[:cut].sum()) for h in self.top.values())
             genuine = 1.0 - min(1.0, below / (lam * queries))
             error = _share_error(below / queries, queries, lam, 1.0 - genuine, len(null))
         coarse = self.rest.reshape(-1, COARSE).sum(axis=1)
         above = np.concatenate([np.cumsum(coarse[::-1])[::-1], [0.0]])
         grouped = self.grouped if self.grouped > 0 else queries
-        survival = _continue_tail(_solve(above, sizes, genuine, grouped), above)
+        survival = _continue_tail(
+            _solve(above, sizes, genuine, grouped),
+            above,
+            _solve(above + 3.0, sizes, genuine, grouped),
+        )
         pairs = sum(c * n for n, c in sizes.items()) - genuine * grouped
         rest = float(self.rest.sum())
-        return TrafficFit(survival, genuine, queries, pairs, self.locations.copy(), error, rest)
+        return TrafficFit(
+            survival, genuine, queries, pairs, self.locations.copy(), error, rest, self.scale
+        )
 
     # ------------------------------------------------------------------ persistence
     def to_bytes(self) -> bytes:
         """Compressed arrays (published to a shared store, so a few kB per tenant)."""
         buffer = io.BytesIO()
         tops = {f"top_{n}": h for n, h in self.top.items()}
-        totals = np.array([self.kept, self.grouped])
+        totals = np.array([self.kept, self.grouped, SCALES.index(self.scale)])
         np.savez_compressed(buffer, rest=self.rest, locations=self.locations, totals=totals, **tops)
         return buffer.getvalue()
 
@@ -259,12 +307,19 @@ class TrafficTail:
     def from_bytes(cls, blob: bytes) -> TrafficTail:
         with np.load(io.BytesIO(blob), allow_pickle=False) as data:
             arrays = {k: np.asarray(data[k], np.float64) for k in data.files}
-        kept, grouped = arrays.pop("totals", np.zeros(2))
+        kept, grouped, scale = arrays.pop("totals", np.zeros(3))
         for name, array in arrays.items():
             if array.shape != (NBINS,):
                 raise ValueError(f"traffic evidence array {name!r} has shape {array.shape}")
         top = {int(k[4:]): v for k, v in arrays.items() if k.startswith("top_")}
-        return cls(arrays["rest"], top, arrays["locations"], float(kept), float(grouped))
+        return cls(
+            arrays["rest"],
+            top,
+            arrays["locations"],
+            float(kept),
+            float(grouped),
+            SCALES[int(scale)],
+        )
 
     def to_json(self) -> dict[str, Any]:
         """Sparse form: only non-empty bins (evidence rows in a shared store stay small)."""
@@ -362,30 +417,34 @@ def _dense(pairs: list[list[float]]) -> np.ndarray:
     return out
 
 
-def null_maxima(members: np.ndarray, identities: np.ndarray | None = None) -> np.ndarray:
-    """Residual rank-1 scores of each gallery item against the items of other
-    identities: a sample of what an impostor query's rank-1 score looks like."""
+def null_maxima(members: np.ndarray, identities: np.ndarray | None = None) -> Null:
+    """Each gallery item's rank-1 score against the items of other identities: a sample
+    of what an impostor query's rank-1 score looks like."""
     x = np.asarray(members, np.float64)
     if len(x) < 3:
-        return np.zeros(0)
+        return Null(np.zeros(0), np.zeros(0))
     s = x @ x.T
     ids = np.arange(len(x)) if identities is None else np.asarray(identities)
     s[ids[:, None] == ids[None, :]] = -np.inf
-    return rank1_residuals(s)
+    return rank1_null(s)
 
 
-def rank1_residuals(scores: np.ndarray) -> np.ndarray:
-    """Each row's rank-1 score relative to the row's location (the median of its other
-    scores); ``-inf`` marks pairs a row does not have. Rows with fewer than 3 scores
-    are left out."""
+def rank1_null(scores: np.ndarray) -> Null:
+    """Each row's rank-1 score and location (the median of its other scores); ``-inf``
+    marks pairs a row does not have. Rows with fewer than 3 scores are left out."""
     s = np.where(np.isfinite(scores), np.asarray(scores, np.float64), np.nan)
     s = s[(~np.isnan(s)).sum(axis=1) >= 3]
     if not len(s):
-        return np.zeros(0)
+        return Null(np.zeros(0), np.zeros(0))
     best = np.nanargmax(s, axis=1)
     top = s[np.arange(len(s)), best]
     s[np.arange(len(s)), best] = np.nan
-    return residual(top, np.nanmedian(s, axis=1))
+    return Null(top, np.nanmedian(s, axis=1))
+
+
+def _same_scale(a: TrafficTail, b: TrafficTail) -> None:
+    if a.scale != b.scale:
+        raise ValueError(f"traffic evidence in {a.scale!r} and {b.scale!r} residuals")
 
 
 def _share_error(below: float, queries: float, lam: float, impostors: float, null: int) -> float:
@@ -398,10 +457,12 @@ def _share_error(below: float, queries: float, lam: float, impostors: float, nul
     return float(np.hypot(counting, cut))
 
 
-def _continue_tail(survival: np.ndarray, above: np.ndarray) -> np.ndarray:
+def _continue_tail(survival: np.ndarray, above: np.ndarray, upper: np.ndarray) -> np.ndarray:
     """Beyond the last edge with TAIL_PAIRS pairs of rank >= 2 above it, S decays
     exponentially at the rate measured between 4x that many pairs and there: a few
-    counted pairs say little, and none would say S = 0."""
+    counted pairs say little, and none would say S = 0. It never exceeds ``upper``, what
+    the count above each edge allows at 95% (the count plus 3: zero pairs of many are
+    evidence too, and a light tail that ends must not be extrapolated as a heavy one)."""
     enough = np.flatnonzero(above >= TAIL_PAIRS)
     wide = np.flatnonzero(above >= 4 * TAIL_PAIRS)
     if not len(enough) or not len(wide):
@@ -411,5 +472,5 @@ def _continue_tail(survival: np.ndarray, above: np.ndarray) -> np.ndarray:
         return survival
     rate = (np.log(survival[b]) - np.log(survival[a])) / (FIT_EDGES[b] - FIT_EDGES[a])
     out = survival.copy()
-    out[b:] = survival[b] * np.exp(rate * (FIT_EDGES[b:] - FIT_EDGES[b]))
+    out[b:] = np.minimum(survival[b] * np.exp(rate * (FIT_EDGES[b:] - FIT_EDGES[b])), upper[b:])
     return np.minimum.accumulate(out)

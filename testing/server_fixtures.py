@@ -158,30 +158,6 @@ def make_assets(directory: Path, images: np.ndarray, labels: np.ndarray, seed: i
     )
 
 
-def shipped_assets(directory: Path, images: np.ndarray, labels: np.ndarray) -> Assets:
-    """The shipped embedder and its calibration, with ``images``: for tests whose meaning
-    needs an embedder that ranks a genuine item first (the live label-free FAR), which
-    the random linear test model does not."""
-    from contracts import load_calibration
-    from embedding import OnnxEmbedder
-    from embedding.defaults import DEFAULT_CALIBRATION, DEFAULT_MODEL
-
-    directory.mkdir(parents=True, exist_ok=True)
-    keys = directory / "keys.json"
-    keys.write_text(json.dumps({"admin": [ADMIN_KEY], "tenants": {"static": ["static-key"]}}))
-    embeddings = OnnxEmbedder(DEFAULT_MODEL, device="cpu").embed(images)
-    doc = load_calibration(DEFAULT_CALIBRATION)
-    return Assets(
-        DEFAULT_MODEL,
-        DEFAULT_CALIBRATION,
-        keys,
-        images,
-        labels,
-        embeddings,
-        {t.target_far: t.threshold for t in doc.targets()},
-    )
-
-
 class ServerProcess:
     """``python -m server`` in a subprocess; ``address`` once ready."""
 

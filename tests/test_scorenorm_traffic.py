@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from scorenorm.histogram import NBINS, WIDTH, bin_of
-from scorenorm.traffic import EDGES, TrafficTail, rank1_residuals, residual
+from scorenorm.traffic import EDGES, FISHER, SHIFT, Null, TrafficTail, rank1_null, residual
 
 N = 40
 
@@ -26,7 +26,7 @@ def _scores(rng: np.random.Generator, queries: int, genuine: float):
     return np.clip(s, -1, 1), impostor
 
 
-def _gallery_null(rng: np.random.Generator, galleries: int = 1) -> np.ndarray:
+def _gallery_null(rng: np.random.Generator, galleries: int = 1) -> Null:
     """Galleries' own rank-1 residuals: each of N items against the other N - 1 items
     (all impostor pairs), pooled over ``galleries`` galleries for a sharper null."""
     out = []
@@ -34,23 +34,24 @@ def _gallery_null(rng: np.random.Generator, galleries: int = 1) -> np.ndarray:
         mu = rng.normal(0.25, 0.04, (N, 1))
         s = mu + rng.normal(0.0, 0.1, (N, N))
         np.fill_diagonal(s, -np.inf)
-        out.append(rank1_residuals(s))
-    return np.concatenate(out)
+        out.append(rank1_null(s))
+    return Null(np.concatenate([n.tops for n in out]), np.concatenate([n.locations for n in out]))
 
 
-def _far(tail: TrafficTail, mu: np.ndarray, null: np.ndarray, t: float) -> float:
+def _far(tail: TrafficTail, mu: np.ndarray, null: Null, t: float) -> float:
     fit = tail.fit(null)
-    counts = np.bincount(bin_of(residual(t, mu)), minlength=NBINS).astype(float)
+    counts = np.bincount(bin_of(residual(t, mu, tail.scale)), minlength=NBINS).astype(float)
     return fit.far(counts, counts * N)
 
 
+@pytest.mark.parametrize("scale", [SHIFT, FISHER])
 @pytest.mark.parametrize("genuine", [0.2, 0.5, 0.8])
-def test_far_matches_the_truth_where_leaving_out_rank_1_reads_low(genuine):
+def test_far_matches_the_truth_where_leaving_out_rank_1_reads_low(genuine, scale):
     rng = np.random.default_rng(1)
     s, impostor = _scores(rng, 3000, genuine)
     t = float(np.quantile(s[impostor], 1 - 1e-2))  # the true 1e-2 level
     truth = (s[impostor] >= t).mean()
-    tail = TrafficTail()
+    tail = TrafficTail(scale=scale)
     mu, _ = tail.add_scores(s)
     estimate = _far(tail, mu, _gallery_null(rng, 10), t)
     # what the monitor did before: every pair but each query's rank-1 item
@@ -96,7 +97,8 @@ def test_no_traffic_fits_nothing_and_no_gallery_means_an_even_share():
     tail = TrafficTail()
     tail.add_scores(s)
     assert tail.fit(None).genuine_share == 0.5
-    assert tail.fit(np.zeros(2)).genuine_share == 0.5  # too small a gallery to judge by
+    tiny = Null(np.zeros(2), np.zeros(2))
+    assert tail.fit(tiny).genuine_share == 0.5  # too small a gallery to judge by
 
 
 def test_survival_is_a_survival():
@@ -134,12 +136,13 @@ def test_a_gallery_with_several_items_per_identity_leaves_the_whole_identity_out
     for _ in range(10):  # galleries of the same shape: items against other identities
         g = rng.normal(0.25, 0.04, (N, 1)) + rng.normal(0.0, 0.1, (N, N))
         g[identities[:, None] == identities[None, :]] = -np.inf
-        null.append(rank1_residuals(g))
-    fit = tail.fit(np.concatenate(null))
+        null.append(rank1_null(g))
+    null = Null(np.concatenate([n.tops for n in null]), np.concatenate([n.locations for n in null]))
+    fit = tail.fit(null)
     counts = np.bincount(bin_of(residual(t, locations)), minlength=NBINS).astype(float)
     pairs = counts * (N - fit.genuine_share * 5)
     estimate = float((pairs * fit.residual_at(EDGES[:-1] + WIDTH / 2)).sum() / pairs.sum())
     assert estimate / truth == pytest.approx(1.0, abs=0.3)
     alone = TrafficTail()  # the same traffic read as if every item were its own identity
     alone.add_scores(s)
-    assert alone.fit(np.concatenate(null)).far(counts, counts * N) / truth > 1.5
+    assert alone.fit(null).far(counts, counts * N) / truth > 1.5

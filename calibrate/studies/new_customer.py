@@ -44,7 +44,7 @@ from scorenorm import ScoreHistogram, TailSettings, build_map, gallery_histogram
 from scorenorm.evidence import EvidenceSettings, traffic_survival
 from scorenorm.histogram import NBINS, bin_of, mix
 from scorenorm.tail_map import deployment_maps
-from scorenorm.traffic import TrafficTail, null_maxima, residual
+from scorenorm.traffic import FISHER, Null, TrafficTail, null_maxima, residual
 
 METHODS = ("raw", "before", "tenant-tail", "oracle")
 FLOOR = "oracle"
@@ -99,7 +99,7 @@ class _Tenant:
     oracle: np.ndarray  # impostor pair scores of the oracle's labelled set
     hist: ScoreHistogram  # gallery pairs
     traffic: TrafficTail
-    null: np.ndarray  # the gallery items' own rank-1 residuals (scorenorm.traffic)
+    null: Null  # the gallery items' own rank-1 scores (scorenorm.traffic)
 
 
 def _tenant(
@@ -211,14 +211,14 @@ def _monitor(t: _Tenant, thresholds: dict[float, float]) -> dict[float, dict[str
     not_top = np.ones(window.shape, bool)
     top_ids = t.gallery_ids[best]
     not_top &= t.gallery_ids[None, :] != top_ids[:, None]
-    tail = TrafficTail()
+    tail = TrafficTail(scale=FISHER)  # the monitor's scale (server/matching/statistics.py)
     mu, _ = tail.add_scores(window)
     fit = tail.fit(t.null)
     out = {}
     for a, th in thresholds.items():
         hit = window >= th
         exceed = int((hit & impostor).sum())
-        rb = np.bincount(bin_of(residual(th, mu)), minlength=NBINS).astype(np.float64)
+        rb = np.bincount(bin_of(residual(th, mu, FISHER)), minlength=NBINS).astype(np.float64)
         out[a] = {
             "truth": exceed / int(impostor.sum()),
             "exceedances": exceed,

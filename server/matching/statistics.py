@@ -41,7 +41,7 @@ from scorenorm.evidence import (
     traffic_survival,
 )
 from scorenorm.tail_map import tenant_map
-from scorenorm.traffic import TrafficFit, TrafficTail, residual
+from scorenorm.traffic import FISHER, Null, TrafficFit, TrafficTail, residual
 from server.storage.base import TrafficRow
 from server.storage.tail_stats import TailSnapshot
 
@@ -93,9 +93,9 @@ class _Window:
     def __init__(self, settings: StatisticsSettings) -> None:
         self._per_chunk = settings.window // settings.chunks
         self._chunks: deque[tuple[TrafficTail, list[int]]] = deque(
-            [(TrafficTail(), [0])], maxlen=settings.chunks
+            [(TrafficTail(scale=FISHER), [0])], maxlen=settings.chunks
         )
-        self.total = TrafficTail()
+        self.total = TrafficTail(scale=FISHER)
         self.queries = 0  # in the window now (counted, not summed from the histograms)
 
     def add(self, tail: TrafficTail, queries: int) -> None:
@@ -104,7 +104,7 @@ class _Window:
                 oldest, count = self._chunks[0]
                 self.total.absorb(oldest, sign=-1.0)
                 self.queries -= count[0]
-            self._chunks.append((TrafficTail(), [0]))
+            self._chunks.append((TrafficTail(scale=FISHER), [0]))
         chunk, count = self._chunks[-1]
         chunk.absorb(tail)
         count[0] += queries
@@ -190,20 +190,22 @@ class TenantStatistics:
         if members < MIN_MEMBERS or not len(queries):
             return [NO_EVIDENCE] * len(queries)
         scores = np.asarray(queries, np.float32) @ snapshot.vectors.T
-        batch = TrafficTail()
-        locations, group = batch.add_scores(scores, snapshot.codes)
+        batch = TrafficTail()  # the maps' evidence
+        batch.add_scores(scores, snapshot.codes)
+        seen = TrafficTail(scale=FISHER)  # the monitor's window: the same scores, in z
+        locations, group = seen.add_scores(scores, snapshot.codes)
         traffic = self._traffic(tenant)
         with traffic.lock:
             traffic.pending.absorb(batch)
-            traffic.window.add(batch, len(queries))
+            traffic.window.add(seen, len(queries))
             fit = self._window_fit(traffic, snapshot.null)
         if fit is None:
             return [NO_EVIDENCE] * len(queries)
         pairs = members - fit.genuine_share * group  # its rank-1 identity may be genuine
-        exceed = fit.residual_at(residual(raw_threshold, locations))
+        exceed = fit.residual_at(residual(raw_threshold, locations, fit.scale))
         return [LabelFree(float(p * e), float(p)) for p, e in zip(pairs, exceed, strict=True)]
 
-    def _window_fit(self, traffic: _TenantTraffic, null: np.ndarray) -> TrafficFit | None:
+    def _window_fit(self, traffic: _TenantTraffic, null: Null) -> TrafficFit | None:
         queries = traffic.window.queries
         due = traffic.fit is None or queries - traffic.fit_queries >= self.settings.refit_every
         if due or queries < traffic.fit_queries:  # a chunk left the window

@@ -16,7 +16,7 @@ compute it alike from what the store holds:
   far apart *different* identities score, so they are set aside and only counted
   (``duplicates``), never taken as impostor evidence;
 - **the null**: each sampled member's rank-1 score against the members of other
-  identities, relative to its own location (scorenorm.traffic.rank1_residuals): what
+  identities, and its location (scorenorm.traffic.rank1_null): what
   an impostor query's rank-1 score looks like, against which the share of genuine
   queries in the tenant's unlabelled traffic is judged.
 
@@ -35,7 +35,7 @@ import numpy as np
 
 from scorenorm import ScoreHistogram
 from scorenorm.histogram import NBINS, bin_of
-from scorenorm.traffic import rank1_residuals
+from scorenorm.traffic import Null, rank1_null
 
 DEFAULT_CAPACITY = 4096  # gallery items in the sample: up to 8.4M pairs
 DUPLICATE = 0.999  # pair score from which two items are one picture, not two identities
@@ -59,7 +59,7 @@ class TailSnapshot:
     codes: np.ndarray  # their identity codes
     gallery: ScoreHistogram  # pairs of members with different identities
     duplicates: int  # member pairs set aside as one picture
-    null: np.ndarray  # the members' own rank-1 residuals (scorenorm.traffic)
+    null: Null  # the members' own rank-1 scores (scorenorm.traffic)
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ class TenantTail:
         # bumped on every change of the members; starts at a value no other tail of this
         # process used, so a cache keyed by it never mistakes a rebuilt tail for an old one
         self.version = next(_FIRST_VERSIONS) << 32
-        self._null: tuple[int, np.ndarray] | None = None
+        self._null: tuple[int, Null] | None = None
         self._snapshot: TailSnapshot | None = None
 
     # ------------------------------------------------------------------ the sample
@@ -211,7 +211,7 @@ class TenantTail:
         return self._snapshot
 
     # ------------------------------------------------------------------ the null
-    def null(self) -> np.ndarray:
+    def null(self) -> Null:
         """Rank-1 residuals of up to NULL_ROWS members (the lowest hashes: deterministic)
         against the members of other identities; cached until the members change."""
         if self._null is not None and self._null[0] == self.version:
@@ -221,7 +221,7 @@ class TenantTail:
         s = self._x32[rows] @ self._x32[:n].T
         s[self._codes[rows][:, None] == self._codes[:n][None, :]] = -np.inf
         s[s >= DUPLICATE] = -np.inf  # one picture twice is no impostor's best score
-        values = rank1_residuals(s)
+        values = rank1_null(s)
         self._null = (self.version, values)
         return values
 
