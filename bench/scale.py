@@ -179,7 +179,7 @@ def search_ceiling(folder: Path, model, threshold: float, batch: int, seconds: f
         q = queries[i % 4096 : i % 4096 + batch]
         if len(q) < batch:
             q = queries[:batch]
-        gallery.search(q, 1, threshold, model.sha256)
+        gallery.search(q, 1, model.sha256)
         done += batch
         i += batch
     rate = done / (time.perf_counter() - t0)
@@ -204,7 +204,7 @@ def pipeline_ceiling(folder: Path, model, threshold, pngs, batch: int, seconds: 
         chunk = [pngs[(i + j) % len(pngs)] for j in range(batch)]
         i += batch
         inputs = np.stack([to_model_input(c, model.embedder.meta, limits) for c in chunk])
-        gallery.search(model.embedder.run(inputs), 1, threshold, model.sha256)
+        gallery.search(model.embedder.run(inputs), 1, model.sha256)
         done += batch
     rate = done / (time.perf_counter() - t0)
     gallery.close()
@@ -377,12 +377,12 @@ def search_section(args, model, pngs, milvus_spec: str | None) -> list[dict]:
             gallery = Gallery.open(folder, dim, sha, index=kind)
             row[f"{kind}_build_s"] = built
             t = time.perf_counter()
-            single = [gallery.search(q[None, :], 1, threshold, sha)[0] for q in queries[:200]]
+            single = [gallery.search(q[None, :], 1, sha)[0] for q in queries[:200]]
             row[f"{kind}_batch1_ms"] = 1000 * (time.perf_counter() - t) / 200
             t = time.perf_counter()
             found = []
             for s in range(0, len(queries), 64):
-                found += gallery.search(queries[s : s + 64], 1, threshold, sha)
+                found += gallery.search(queries[s : s + 64], 1, sha)
             row[f"{kind}_batch64_ms"] = 1000 * (time.perf_counter() - t) / len(queries)
             del single
             results[kind] = [
@@ -447,15 +447,15 @@ def milvus_search(spec, n, dim, sha, x, queries, threshold, exact) -> dict:
         time.sleep(2)
     gallery.write_token = raw.last_write_ts(gallery.collection)
     load_s = time.perf_counter() - t
-    gallery.search(queries[:1], 1, threshold, gallery.model_sha256)  # waits for the inserts
+    gallery.search(queries[:1], 1, gallery.model_sha256)  # waits for the inserts
     t = time.perf_counter()
     for q in queries[:200]:
-        gallery.search(q[None, :], 1, threshold, gallery.model_sha256)
+        gallery.search(q[None, :], 1, gallery.model_sha256)
     batch1 = 1000 * (time.perf_counter() - t) / 200
     t = time.perf_counter()
     found = []
     for s in range(0, len(queries), 64):
-        found += gallery.search(queries[s : s + 64], 1, threshold, gallery.model_sha256)
+        found += gallery.search(queries[s : s + 64], 1, gallery.model_sha256)
     batch64 = 1000 * (time.perf_counter() - t) / len(queries)
     got = [(r.top1.item_id if r.top1.similarity >= threshold else None) for r in found]
     store.delete(name)

@@ -202,6 +202,10 @@ class RetrievalClient:
             "tail_pairs": info.tail_pairs,
             "normalization_min_pairs": info.normalization_min_pairs,
             "raw_threshold": info.raw_threshold,
+            "duplicate_pairs": info.duplicate_pairs,
+            "traffic_queries": info.traffic_queries,
+            "traffic_genuine_share": info.traffic_genuine_share,
+            "prior_tenants": info.prior_tenants,
         }
 
     def remove(self, tenant: str, item_ids: list[str] | str) -> pb.RemoveResponse:

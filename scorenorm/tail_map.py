@@ -19,10 +19,18 @@ Ranking within a tenant never changes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from scorenorm.evidence import (
+    EvidenceSettings,
+    Survival,
+    own_evidence,
+    prior_of,
+    tenant_survival,
+)
 from scorenorm.histogram import ScoreHistogram
 
 
@@ -121,3 +129,61 @@ def build_map(tenant: ScoreHistogram, global_: ScoreHistogram, settings: TailSet
     if len(knots_r) == 1:
         return identity_map(n)
     return TailMap(np.array([*knots_r, 1.0]), np.array([*knots_n, 1.0]), n, float(ps[-1]))
+
+
+def map_of_survival(
+    tenant: Survival, global_: ScoreHistogram, settings: TailSettings, deepest: float | None = None
+) -> TailMap:
+    """The tenant-tail map of an estimated survival (scorenorm.evidence) onto ``global_``.
+
+    Unlike :func:`build_map`, the tenant side may reach deeper than its own pairs (a
+    prior's shape continues it), so the knots run down to ``deepest`` (default: as deep
+    as the global tail supports). The identity when the estimate stands on fewer pairs
+    than the shallowest level needs."""
+    n = tenant.pairs
+    if n * settings.top_level < settings.min_errors or global_.total <= 0:
+        return identity_map(int(max(n, 0)))
+    floor = settings.min_errors / global_.total
+    deepest = floor if deepest is None else max(deepest, floor)
+    if deepest > settings.top_level:
+        return identity_map(int(n))
+    ps = levels(settings, deepest)
+    raw, norm = tenant.quantile(ps), global_.quantile(ps)
+    knots_r, knots_n = [-1.0], [-1.0]
+    for r, g in zip(raw, norm, strict=True):
+        if np.isfinite(r) and np.isfinite(g) and knots_r[-1] < r < 1.0 and knots_n[-1] < g < 1.0:
+            knots_r.append(float(r))
+            knots_n.append(float(g))
+    if len(knots_r) == 1:
+        return identity_map(int(n))
+    return TailMap(np.array([*knots_r, 1.0]), np.array([*knots_n, 1.0]), int(n), float(ps[-1]))
+
+
+def tenant_map(
+    own: Survival,
+    prior: Survival | None,
+    global_: ScoreHistogram,
+    tail: TailSettings,
+    evidence: EvidenceSettings,
+) -> TailMap:
+    """The map the server serves a tenant: its own evidence shrunk toward the deployment
+    prior (scorenorm.evidence), mapped onto the calibration's global tail."""
+    reference = Survival.of_histogram(global_)
+    return map_of_survival(tenant_survival(own, prior, reference, evidence), global_, tail)
+
+
+def deployment_maps(
+    galleries: Sequence[ScoreHistogram],
+    global_: ScoreHistogram,
+    tail: TailSettings,
+    evidence: EvidenceSettings | None = None,
+    traffic: Sequence[Survival | None] | None = None,
+) -> list[TailMap]:
+    """The maps of every tenant of one deployment, as the server builds them: each from
+    its gallery pairs (and traffic, when given), the prior pooled over all of them. What
+    calibrate's held-out evaluations measure, so they measure what is served."""
+    evidence = evidence or EvidenceSettings()
+    flows = traffic or [None] * len(galleries)
+    owns = [own_evidence(g, t, evidence) for g, t in zip(galleries, flows, strict=True)]
+    prior = prior_of(owns, Survival.of_histogram(global_), evidence)
+    return [tenant_map(own, prior, global_, tail, evidence) for own in owns]

@@ -48,6 +48,7 @@ def start(data: Path, port: int, timeout: float = 180.0) -> int:
     for component in COMPONENTS:
         config.set(f"{component}.ip", "127.0.0.1")
     config.resolve()  # writes configs/milvus.yaml, picks free internal ports
+    _embedded_etcd_on_free_ports(data, config)
     _initialize_data_files(str(data))
     web_port = _free_port()
     binary = data / "bin" / "milvus"
@@ -81,6 +82,32 @@ def start(data: Path, port: int, timeout: float = 180.0) -> int:
         time.sleep(0.25)
     stop(data)
     raise TimeoutError(f"milvus did not become healthy in {timeout:.0f} s; see {log.name}")
+
+
+def _embedded_etcd_on_free_ports(data: Path, config) -> None:
+    """The embedded etcd's peer port is not in Milvus' configurable items and defaults
+    to 127.0.0.1:2380, so a second Milvus on the machine died with -6 ("address already in
+    use"). Point etcd at its own config with a free peer port (and the client port the
+    configuration resolved)."""
+    client = int(config.configurable_items["etcd_port"][1])
+    etcd_data = config.configurable_items["etcd_data_dir"][1]
+    peer = _free_port()
+    etcd = data / "configs" / "etcd.yaml"
+    etcd.write_text(
+        "name: default\n"
+        f"data-dir: {etcd_data}\n"
+        f"listen-client-urls: http://127.0.0.1:{client}\n"
+        f"advertise-client-urls: http://127.0.0.1:{client}\n"
+        f"listen-peer-urls: http://127.0.0.1:{peer}\n"
+        f"initial-advertise-peer-urls: http://127.0.0.1:{peer}\n"
+        f"initial-cluster: default=http://127.0.0.1:{peer}\n"
+    )
+    milvus_yaml = data / "configs" / "milvus.yaml"
+    text = milvus_yaml.read_text()
+    anchor = "  use:\n    embed: true"
+    if anchor not in text:
+        raise RuntimeError(f"{milvus_yaml}: no embedded etcd section to configure")
+    milvus_yaml.write_text(text.replace(anchor, f"{anchor}\n  config:\n    path: {etcd}", 1))
 
 
 def stop(data: Path, grace: float = 5.0) -> bool:

@@ -20,9 +20,11 @@ import sys
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, start_http_server
+from threadpoolctl import threadpool_limits
 
 import scorenorm
 from embedding.defaults import DEFAULT_CALIBRATION, DEFAULT_MODEL
+from scorenorm.evidence import EvidenceSettings
 from server.api.admission import Admission, AdmissionLimits, OverloadMetrics
 from server.api.app import MAX_PENDING_CALLS, build_server
 from server.api.audit import AuditLog
@@ -35,6 +37,7 @@ from server.matching.imaging import ImageLimits
 from server.matching.model import ServingModel
 from server.matching.observer import DecisionObserver, NullObserver
 from server.matching.service import RetrievalService, ServiceConfig
+from server.matching.statistics import StatisticsSettings
 from server.monitoring.labels import TenantLabels
 from server.monitoring.serving import ServerMetrics
 from server.storage.base import TailOptions
@@ -181,11 +184,27 @@ def parser() -> argparse.ArgumentParser:
         default=DEFAULT_CAPACITY,
         help="gallery items per tenant whose pairs estimate its impostor tail",
     )
+    defaults = EvidenceSettings()
     n.add_argument(
-        "--online-tail-weight",
+        "--traffic-share",
         type=float,
-        default=0.5,
-        help="most weight sampled query-gallery pairs may get in a tenant's tail (0 = off)",
+        default=defaults.traffic_share,
+        help="most of a tenant's own evidence its unlabelled traffic may make up "
+        f"(default {defaults.traffic_share}; 0 = gallery pairs only)",
+    )
+    n.add_argument(
+        "--prior-pairs",
+        type=float,
+        default=defaults.prior_pairs,
+        help="pseudo-pairs of the deployment prior (all tenants pooled) in each tenant's "
+        f"estimate (default {defaults.prior_pairs:g}; 0 = no prior)",
+    )
+    n.add_argument(
+        "--sync-seconds",
+        type=float,
+        default=StatisticsSettings().sync_seconds,
+        help="how often traffic evidence is published to the store and every replica's "
+        "read back; decisions use it from then on (the lag of a new customer's correction)",
     )
     m = p.add_argument_group("live monitoring (server/monitoring, docs/MONITORING.md)")
     m.add_argument(
@@ -274,6 +293,11 @@ def tls_credentials(args: argparse.Namespace):
 
 
 async def serve(args: argparse.Namespace) -> int:
+    # numpy's BLAS must not fork its own threads per call: the server runs its GEMMs
+    # (statistics against the tail sample, flat search) in its own thread pools, and a
+    # 1 x 4096 product that wakes BLAS threads cost 13 ms instead of 0.8 ms on a busy
+    # 2-core machine (bench.normalization)
+    threadpool_limits(limits=1, user_api="blas")
     if args.no_auth:
         keys = KeyRing(enabled=False)
         log.warning("authentication is OFF (--no-auth): any caller reaches every tenant")
@@ -299,7 +323,8 @@ async def serve(args: argparse.Namespace) -> int:
         search_threads=args.search_threads,
         limits=ImageLimits(args.max_image_bytes, args.max_image_pixels),
         normalize=args.normalize,
-        tail=TailOptions(args.tail_sample, args.online_tail_weight),
+        tail=TailOptions(args.tail_sample),
+        statistics=statistics_settings(args),
         gallery=args.gallery,
         store_options=store_options(args),
     )
@@ -370,6 +395,13 @@ async def serve(args: argparse.Namespace) -> int:
     http.shutdown()
     log.info("stopped cleanly")
     return 0
+
+
+def statistics_settings(args: argparse.Namespace) -> StatisticsSettings:
+    """How tenants' evidence is weighed and synced (server/matching/statistics.py); a bad
+    value raises ValueError, which main() prints as a usage error."""
+    evidence = EvidenceSettings(prior_pairs=args.prior_pairs, traffic_share=args.traffic_share)
+    return StatisticsSettings(evidence=evidence, sync_seconds=args.sync_seconds)
 
 
 def store_options(args: argparse.Namespace) -> dict:

@@ -239,6 +239,29 @@ def server_assets(tmp_path_factory: pytest.TempPathFactory, tiny_glyphs) -> Asse
     )
 
 
+@pytest.fixture(scope="session")
+def normalised_assets(server_assets: Assets, tmp_path_factory) -> Assets:
+    """server_assets with a calibration made by the calibrate CLI (tenant-tail)."""
+    from calibrate.cli.main import main as calibrate_main
+    from contracts import load_calibration
+
+    out = tmp_path_factory.mktemp("norm-cal") / "calibration.json"
+    data = ["--model", str(server_assets.model), "--dataset", "glyphs-tiny"]
+    code = calibrate_main([*data, "--target-far", "0.01,0.05", "--out", str(out), "--no-progress"])
+    assert code == 0
+    doc = load_calibration(out)
+    assert doc.normalization().method == "tenant-tail"
+    return Assets(
+        server_assets.model,
+        out,
+        server_assets.keys,
+        server_assets.images,
+        server_assets.labels,
+        server_assets.embeddings,
+        {t.target_far: t.threshold for t in doc.targets()},
+    )
+
+
 def start_server(assets: Assets, data_dir: Path, *extra: str) -> ServerProcess:
     return ServerProcess(
         [

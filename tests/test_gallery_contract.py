@@ -53,7 +53,7 @@ class Backend:
         from server.storage.base import TailOptions
 
         self.kind = kind
-        self.tail = TailOptions(capacity=CAPACITY, online_weight=0)
+        self.tail = TailOptions(capacity=CAPACITY)
         if kind == "faiss":
             self.spec = "faiss"
         elif kind == "milvus-lite":
@@ -95,7 +95,7 @@ def test_search_returns_the_exact_top_k_with_cosine_scores(backend: Backend) -> 
     assert g.add(items(60), x, SHA) == [None] * 60
     assert g.size == 60
     queries = unit(rng, 5)
-    found = g.search(queries, 5, 0.2, SHA)
+    found = g.search(queries, 5, SHA)
     sims = queries @ x.T
     for q, result in enumerate(found):
         order = np.argsort(-sims[q])[:5]
@@ -113,10 +113,10 @@ def test_tenants_never_see_each_other(backend: Backend) -> None:
     _, b = new_tenant(store)
     a.add(items(10), x, SHA)
     b.add([Item("only-b", "", b"b")], x[:1], SHA)
-    (res,) = b.search(x[3:4], 5, 0.0, SHA)
+    (res,) = b.search(x[3:4], 5, SHA)
     assert [h.item_id for h in res.neighbors] == ["only-b"]
     assert store.delete(name_a) == 10  # drop-tenant
-    (res,) = b.search(x[:1], 5, 0.0, SHA)
+    (res,) = b.search(x[:1], 5, SHA)
     assert [h.item_id for h in res.neighbors] == ["only-b"]
 
 
@@ -135,12 +135,12 @@ def test_duplicates_replace_and_remove(backend: Backend) -> None:
         assert g.add([Item("it-0", "x", b"new")], v[3:4], SHA, replace=True) == [None]
     assert g.size == 3
     assert g.get("it-0") == Item("it-0", "x", b"new")
-    (res,) = g.search(v[3:4], 3, 0.5, SHA)
+    (res,) = g.search(v[3:4], 3, SHA)
     assert [h.item_id for h in res.neighbors].count("it-0") == 1
     assert res.top1.item_id == "it-0" and res.top1.label == "x"
     # removal is visible to the very next search
     assert g.remove(["it-0", "nope"]) == (["it-0"], ["nope"])
-    (res,) = g.search(v[3:4], 3, -1.0, SHA)
+    (res,) = g.search(v[3:4], 3, SHA)
     assert "it-0" not in [h.item_id for h in res.neighbors]
     assert g.size == 2 and g.get("it-0") is None
 
@@ -195,18 +195,32 @@ def test_tail_sample_is_the_bottom_k_by_id_hash_and_the_same_everywhere(
     assert np.array_equal(replica.tail.gallery.counts, want.counts)
 
 
-def test_label_free_counts_on_the_sample(backend: Backend) -> None:
+def test_the_tail_snapshot_is_the_sample_the_statistics_read(backend: Backend) -> None:
     rng = np.random.default_rng(6)
-    x = unit(rng, 12)  # fewer items than the sample holds: the counts are exact
+    x = unit(rng, 12)  # fewer items than the sample holds: every item is a member
     labels = [f"L{i % 4}" for i in range(12)]
     _, g = new_tenant(backend.open())
     g.add(items(12, labels=labels), x, SHA)
-    q = unit(rng, 3)
-    for result, query in zip(g.search(q, 1, 0.1, SHA), q, strict=True):
-        top = result.top1
-        other = [i for i in range(12) if labels[i] != top.label]
-        assert result.impostor_total == len(other)
-        assert result.impostor_accepted == sum(float(x[i] @ query) >= 0.1 for i in other)
+    snap = g.tail_snapshot()
+    assert len(snap.vectors) == 12 and len(set(snap.codes.tolist())) == 4
+    assert snap.gallery.total == 12 * 11 // 2 - 4 * 3  # pairs across labels only
+    assert len(snap.null) == 12 and snap.duplicates == 0
+    assert g.tail_snapshot() is snap  # one copy per change of the members
+
+
+def test_traffic_rows_reach_every_process_of_the_store(backend: Backend) -> None:
+    store = backend.open()
+    name, _ = new_tenant(store)
+    other = backend.open()  # another process of the same store (a replica, or a restart)
+    store.publish_traffic(name, "a", b"first")
+    store.publish_traffic(name, "a", b"second")  # the newest row of a replica replaces it
+    store.publish_traffic(name, "b", b"theirs")
+    rows = {(r.tenant, r.replica): r.blob for r in other.read_traffic(0)}
+    assert rows[(name, "a")] == b"second" and rows[(name, "b")] == b"theirs"
+    newest = max(r.stamp for r in other.read_traffic(0))
+    assert other.read_traffic(newest + 1) == []
+    store.delete(name)
+    assert not [r for r in other.read_traffic(0) if r.tenant == name]
 
 
 def test_a_replica_reads_an_acknowledged_write_with_its_token(backend: Backend) -> None:
@@ -217,10 +231,10 @@ def test_a_replica_reads_an_acknowledged_write_with_its_token(backend: Backend) 
     replica = backend.open() if backend.kind != "faiss" else store
     reader = replica.get(name).gallery
     writer.add(items(3), x, SHA)
-    (res,) = reader.search(x[2:3], 1, 0.5, SHA, writer.write_token)
+    (res,) = reader.search(x[2:3], 1, SHA, writer.write_token)
     assert res.top1 is not None and res.top1.item_id == "it-2"
     writer.remove(["it-2"])
-    (res,) = reader.search(x[2:3], 1, 0.5, SHA, writer.write_token)
+    (res,) = reader.search(x[2:3], 1, SHA, writer.write_token)
     assert res.top1.item_id != "it-2"
 
 
@@ -239,7 +253,7 @@ def test_reopening_keeps_every_item(backend: Backend) -> None:
     assert sorted(i.item_id for i in again.items()) == sorted(
         f"it-{i}" for i in range(20) if i != 4
     )
-    (res,) = again.search(x[9:10], 1, 0.9, SHA, g.write_token)
+    (res,) = again.search(x[9:10], 1, SHA, g.write_token)
     assert res.top1.item_id == "it-9"
 
 
@@ -310,15 +324,15 @@ def test_reembedding_goes_to_a_new_collection_and_switches_at_once(
         before = g.collection
         new_sha = "f" * 64
         g.prepare_rebuild(new_sha, g.items(), new)
-        (res,) = g.search(old[2:3], 1, 0.5, SHA)  # still the old model meanwhile
+        (res,) = g.search(old[2:3], 1, SHA)  # still the old model meanwhile
         assert res.top1.item_id == "it-2"
         g.rebuild(new_sha, [f"it-{i}" for i in range(6)], new)
         store.switch_model(new_sha, DIM, None)
         assert g.collection != before and store.current_collection() == g.collection
-        (res,) = g.search(new[4:5], 1, 0.5, new_sha)
+        (res,) = g.search(new[4:5], 1, new_sha)
         assert res.top1.item_id == "it-4" and g.size == 6
         with pytest.raises(Exception, match="model"):
-            g.search(old[:1], 1, 0.5, SHA)  # a caller still on the old model retries
+            g.search(old[:1], 1, SHA)  # a caller still on the old model retries
     finally:
         backend.close()
 
@@ -336,12 +350,12 @@ def test_a_stalled_milvus_is_deadline_exceeded_then_recovers(milvus_server, tmp_
         os.kill(milvus_server.pid, signal.SIGSTOP)
         try:
             with pytest.raises(StoreUnavailableError) as caught:
-                g.search(x[:1], 1, 0.5, SHA, g.write_token)
+                g.search(x[:1], 1, SHA, g.write_token)
         finally:
             os.kill(milvus_server.pid, signal.SIGCONT)
         assert caught.value.code.name in ("DEADLINE_EXCEEDED", "UNAVAILABLE")
         assert caught.value.retry_after is not None
-        (res,) = g.search(x[:1], 1, 0.5, SHA, g.write_token)
+        (res,) = g.search(x[:1], 1, SHA, g.write_token)
         assert res.top1.item_id == "it-0"
     finally:
         store.close()

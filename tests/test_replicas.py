@@ -22,6 +22,7 @@ from testing.prometheus_harness import PrometheusProcess
 from testing.server_fixtures import ADMIN_KEY, Assets, start_server
 
 server_assets = server_fixtures.server_assets
+normalised_assets = server_fixtures.normalised_assets
 pytestmark = pytest.mark.slow
 
 
@@ -336,3 +337,62 @@ def test_model_info_names_the_index_of_the_store_in_use(server_assets: Assets, t
     lite = published_index(f"milvus-lite:{tmp_path / 'lite.db'}", tmp_path / "m")
     assert lite.startswith("milvus HNSW COSINE"), lite
     assert published_index("faiss", tmp_path / "f") == describe_index("flat")
+
+
+def test_replicas_with_traffic_on_both_decide_alike_once_synced(
+    normalised_assets: Assets, tmp_path: Path, milvus_server
+) -> None:
+    """Each replica counts the traffic it serves, but decides only with what every replica
+    published to the store: after both synced (--sync-seconds), the same query gets the
+    same decision and the same raw threshold on either (issue 17: replicas agree)."""
+    assets = normalised_assets  # a tenant-tail calibration: maps, not raw scores
+    sync = ("--sync-seconds", "0.5")
+    a = replica(assets, tmp_path / "a", milvus_server.spec, *sync)
+    b = replica(assets, tmp_path / "b", milvus_server.spec, *sync)
+    try:
+        with RetrievalClient(a.address, api_key=ADMIN_KEY) as admin:
+            key = admin.create_tenant("agree")
+        with (
+            RetrievalClient(a.address, api_key=key) as on_a,
+            RetrievalClient(b.address, api_key=key) as on_b,
+        ):
+            on_a.enroll_many("agree", [(f"g{i}", assets.png(i), "") for i in range(30)])
+            on_b.write_tokens.update(on_a.write_tokens)
+            wait_until(lambda: on_b.get_tenant("agree")["gallery_size"] == 30)
+            # different traffic on each replica: their own windows differ
+            on_a.match_batch("agree", [assets.png(i) for i in range(30, 230)])
+            on_b.match_batch("agree", [assets.png(i) for i in range(230, 330)])
+            wait_until(
+                lambda: (
+                    on_a.get_tenant("agree")["traffic_queries"] == 300
+                    and on_b.get_tenant("agree")["traffic_queries"] == 300
+                )
+            )
+            time.sleep(1.5)  # one more sync each: both have read the same rows
+            probes = [assets.png(i) for i in range(330, 370)]
+            got_a = on_a.match_batch("agree", probes)
+            got_b = on_b.match_batch("agree", probes)
+            assert [r.matched for r in got_a] == [r.matched for r in got_b]
+            assert [r.raw_threshold for r in got_a] == [r.raw_threshold for r in got_b]
+            assert got_a[0].normalization_active  # the maps decide, not the raw threshold
+            assert (
+                on_a.get_tenant("agree")["raw_threshold"]
+                == on_b.get_tenant("agree")["raw_threshold"]
+            )
+    finally:
+        a.stop()
+        b.stop()
+
+
+def wait_until(condition, seconds: float = 30.0) -> None:
+    """Until ``condition()`` holds; a replica that has not yet read the tenant (or its key)
+    from the store answers UNAUTHENTICATED or NOT_FOUND meanwhile."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if condition():
+                return
+        except grpc.RpcError as err:
+            assert err.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND)
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.2)

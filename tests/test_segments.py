@@ -88,9 +88,9 @@ def test_removed_rows_are_dropped_by_compaction_and_stay_removed(tmp_path: Path)
     again = Gallery.open(tmp_path, DIM, SHA)
     assert again.size == 100
     assert {i.item_id for i in again.items()} == {f"k{i}" for i in range(1, 200, 2)}
-    (res,) = again.search(x[3:4], 1, 0.5, SHA)
+    (res,) = again.search(x[3:4], 1, SHA)
     assert res.top1.item_id == "k3"
-    (res,) = again.search(x[4:5], 1, -1.0, SHA)
+    (res,) = again.search(x[4:5], 1, SHA)
     assert res.top1.item_id != "k4"
 
 
@@ -144,7 +144,7 @@ def test_a_legacy_whole_snapshot_is_converted(tmp_path: Path) -> None:
     g = Gallery.open(tmp_path, DIM, SHA)
     assert not (tmp_path / "snapshot.npz").exists() and (tmp_path / "manifest.json").exists()
     assert g.get("b") == Item("b", "", b"two!")
-    (res,) = g.search(x[2:3], 1, 0.5, SHA)
+    (res,) = g.search(x[2:3], 1, SHA)
     assert (res.top1.item_id, res.top1.label) == ("c", "L")
     g.close()
     assert Gallery.open(tmp_path, DIM, SHA).get("c").image == b"three"
@@ -162,9 +162,9 @@ def test_the_hnsw_graph_is_read_back_not_rebuilt(tmp_path: Path) -> None:
     index = again._gen.index
     assert index._saved == 300 and index.dead == 1  # the file's graph, h5 cleared in the bitmap
     again.add([Item("late", "", b"")], x[:1], SHA)  # joins the loaded graph
-    (res,) = again.search(x[5:6], 1, -1.0, SHA)
+    (res,) = again.search(x[5:6], 1, SHA)
     assert res.top1.item_id != "h5"
-    (res,) = again.search(x[7:8], 1, 0.5, SHA)
+    (res,) = again.search(x[7:8], 1, SHA)
     assert res.top1.item_id == "h7"
     assert (tmp_path / "hnsw.faiss").stat().st_mtime_ns == saved  # not rewritten by a reopen
     again.close()

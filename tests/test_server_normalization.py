@@ -16,31 +16,11 @@ import pytest
 
 from calibrate.cli.main import main as calibrate_main
 from client import RetrievalClient
-from contracts import load_calibration
 from testing import server_fixtures
 from testing.server_fixtures import Assets, ServerProcess, start_server
 
 server_assets = server_fixtures.server_assets
-
-
-@pytest.fixture(scope="module")
-def normalised(server_assets: Assets, tmp_path_factory) -> Assets:
-    """server_assets with a calibration made by the calibrate CLI (tenant-tail)."""
-    out = tmp_path_factory.mktemp("norm-cal") / "calibration.json"
-    data = ["--model", str(server_assets.model), "--dataset", "glyphs-tiny"]
-    code = calibrate_main([*data, "--target-far", "0.01,0.05", "--out", str(out), "--no-progress"])
-    assert code == 0
-    doc = load_calibration(out)
-    assert doc.normalization().method == "tenant-tail"
-    return Assets(
-        server_assets.model,
-        out,
-        server_assets.keys,
-        server_assets.images,
-        server_assets.labels,
-        server_assets.embeddings,
-        {t.target_far: t.threshold for t in doc.targets()},
-    )
+normalised = server_fixtures.normalised_assets
 
 
 def serve(assets: Assets, data_dir: Path, *extra: str) -> ServerProcess:
@@ -86,6 +66,62 @@ def test_cold_start_runs_the_identity_then_the_map_activates(normalised, tmp_pat
             assert info["raw_threshold"] == pytest.approx(r.raw_threshold, abs=2e-3)
     finally:
         server.stop()
+
+
+def test_unlabelled_traffic_counts_for_a_small_tenant(normalised, tmp_path):
+    """30 identities are 435 pairs, far from the 1,500 a map needs; a few hundred
+    unlabelled queries bring it there, once the traffic is synced (--sync-seconds)."""
+    server = serve(normalised, tmp_path, "--sync-seconds", "0.2")
+    try:
+        with RetrievalClient(server.address) as client:
+            client.create_tenant("new")
+            enroll(client, "new", normalised, range(30))
+            before = client.get_tenant("new")
+            assert not before["normalization_active"] and before["traffic_queries"] == 0
+            queries = [normalised.png(i) for i in range(30, 230)]
+            for start in range(0, len(queries), 50):
+                client.match_batch("new", queries[start : start + 50])
+            after = wait_for(
+                lambda: client.get_tenant("new"), lambda i: i["traffic_queries"] >= 200
+            )
+            assert after["traffic_queries"] == 200  # every replica's, as synced: one here
+            assert after["tail_pairs"] > before["tail_pairs"]  # the traffic is evidence
+            assert after["normalization_active"]
+            assert 0.0 <= after["traffic_genuine_share"] <= 1.0
+    finally:
+        server.stop()
+
+
+def test_enrolling_the_same_images_twice_moves_the_threshold_less_than_a_bin(normalised, tmp_path):
+    """The same pictures under new ids (and no labels) are not 140 new impostors each:
+    the pairs of one picture with itself are set aside, and GetTenant says how many."""
+    server = serve(normalised, tmp_path)
+    try:
+        with RetrievalClient(server.address) as client:
+            client.create_tenant("dup")
+            items = [(f"a{i}", normalised.png(i), "") for i in range(140)]
+            assert all(r.ok for r in client.enroll_many("dup", items)[0])
+            once = client.get_tenant("dup")
+            again = [(f"b{i}", normalised.png(i), "") for i in range(140)]
+            assert all(r.ok for r in client.enroll_many("dup", again)[0])
+            twice = client.get_tenant("dup")
+            assert twice["duplicate_pairs"] == 140 and once["duplicate_pairs"] == 0
+            assert twice["normalization_active"] and once["normalization_active"]
+            assert abs(twice["raw_threshold"] - once["raw_threshold"]) < 2 / 4096  # one bin
+    finally:
+        server.stop()
+
+
+def wait_for(read, done, seconds: float = 10.0):
+    """``read()`` until ``done(value)``: the statistics sync runs in the background."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while True:
+        value = read()
+        if done(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)
 
 
 def metric(url: str, name: str, tenant: str) -> float:

@@ -363,7 +363,7 @@ def test_reply_scores_stay_in_their_domain() -> None:
 
     def outcome(hits: list[Hit]) -> MatchOutcome:
         served = TenantThreshold.of(identity_map(), Target(1e-3, 0.9, 1e-3, 1), "none")
-        return MatchOutcome("d", True, SearchResult(hits, 0, 1), served, 2)
+        return MatchOutcome("d", True, SearchResult(hits), served, 2)
 
     hits = [Hit("a", "x", 1.0000004), Hit("b", "y", -1.0000002)]
     reply = _match_response(outcome(hits))

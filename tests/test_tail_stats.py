@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from scorenorm import gallery_histogram
+from scorenorm.traffic import rank1_null
 from server.storage.faiss.gallery import Gallery, Item, TailOptions
 from server.storage.tail_stats import Entry, TenantTail, item_hash
 
@@ -33,7 +34,7 @@ def bottom_k_histogram(alive: list[Entry], k: int):
 
 def test_incremental_sample_equals_the_bottom_k_rebuilt_from_scratch():
     rng = np.random.default_rng(0)
-    tail = TenantTail(16, capacity=40, online_weight=0)
+    tail = TenantTail(16, capacity=40)
     alive: dict[int, Entry] = {}
     next_fid = 0
     for _ in range(30):
@@ -55,53 +56,61 @@ def test_incremental_sample_equals_the_bottom_k_rebuilt_from_scratch():
         assert tail.gallery.total == want.total
 
 
-def test_online_samples_leave_out_the_matched_identity_and_are_capped():
+def test_the_same_picture_twice_is_set_aside_not_counted_as_an_impostor_pair():
     rng = np.random.default_rng(1)
-    tail = TenantTail(16, capacity=64, online_weight=0.25)
-    members = entries(rng, 64)
-    twin = members[0]
-    for e in members:
-        if e.code == twin.code:
-            e.vector[:] = twin.vector  # the matched identity: score 1 against the query
+    members = entries(rng, 60)
+    tail = TenantTail(16, capacity=200)
     tail.add(members)
-    query = twin.vector[None, :].copy()
-    top = np.searchsorted(np.linspace(-1, 1, 4097), 0.999) - 1  # bins holding s >= 0.999
-    tail.observe(query, [twin.code])
-    assert tail.online().total > 0
-    assert tail.online().counts[top:].sum() == 0  # no pair of the matched identity
-    tail.observe(query, [None])  # unmatched: its pairs with that identity count too
-    assert tail.online().counts[top:].sum() > 0
-    for _ in range(2000):  # online pairs now far outnumber the gallery's
-        tail.observe(query, [None])
-    g, o = tail.gallery, tail.online()
-    assert o.total > g.total
-    mixed = tail.histogram()
-    want = 0.75 * g.counts / g.total + 0.25 * o.counts / o.total  # the weight is capped
-    np.testing.assert_allclose(mixed.counts / mixed.total, want, rtol=2e-3, atol=2 / mixed.total)
+    before = tail.gallery
+    # every item enrolled again under another id and another label: one picture twice
+    twins = [
+        Entry(1000 + e.fid, item_hash(f"twin{e.fid}"), e.vector.copy(), 100 + e.code)
+        for e in members
+    ]
+    tail.add(twins)
+    assert tail.duplicates == 60
+    top = np.searchsorted(np.linspace(-1, 1, 4097), 0.999) - 1
+    assert tail.gallery.counts[top:].sum() == before.counts[top:].sum()  # no new top pair
+    # the twins' other pairs repeat the originals' (4x the pairs, the same shape)
+    np.testing.assert_allclose(
+        tail.gallery.counts[:top] / tail.gallery.total,
+        before.counts[:top] / before.total,
+        atol=0.02,
+    )
+    tail.remove([t.fid for t in twins])
+    assert tail.duplicates == 0
+    assert np.array_equal(tail.gallery.counts, before.counts)
 
 
-def test_online_window_round_trips_through_its_state():
+def test_the_null_is_each_members_best_impostor_score():
     rng = np.random.default_rng(2)
-    tail = TenantTail(16, capacity=32)
-    tail.add(entries(rng, 32))
-    tail.observe(unit(rng, 5), [None] * 5)
-    again = TenantTail(16, capacity=32)
-    again.restore_online(tail.online_state())
-    assert np.array_equal(again.online().counts, tail.online().counts)
+    tail = TenantTail(16, capacity=64)
+    members = entries(rng, 40)
+    tail.add(members)
+    null = tail.null()
+    assert len(null) == 40
+    x = np.stack([e.vector for e in members])
+    codes = np.array([e.code for e in members])
+    s = (x @ x.T).astype(np.float64)
+    s[codes[:, None] == codes[None, :]] = -np.inf  # its own identity is no impostor
+    want = rank1_null(s)
+    np.testing.assert_allclose(np.sort(null.tops), np.sort(want.tops), atol=1e-6)
+    np.testing.assert_allclose(np.sort(null.locations), np.sort(want.locations), atol=1e-6)
+    assert tail.null() is null  # cached until the members change
+    tail.add(entries(rng, 1, 500))
+    assert tail.null() is not null
 
 
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="capacity"):
         TenantTail(16, capacity=1)
-    with pytest.raises(ValueError, match="online_weight"):
-        TenantTail(16, online_weight=1.5)
 
 
 def test_gallery_keeps_the_sample_through_enrol_remove_and_reopen(tmp_path):
     rng = np.random.default_rng(3)
     x, labels = unit(rng, 150), rng.integers(0, 20, 150)
     items = [Item(f"i{n}", str(labels[n]), b"") for n in range(150)]
-    gallery = Gallery.open(tmp_path, 16, SHA, tail=TailOptions(capacity=30, online_weight=0))
+    gallery = Gallery.open(tmp_path, 16, SHA, tail=TailOptions(capacity=30))
     gallery.add(items, x, SHA)
     members_before = set(gallery.tail.sample()[0].tolist())
     removed = [items[f].item_id for f in sorted(members_before)[:5]]  # members: forces refills
@@ -113,6 +122,6 @@ def test_gallery_keeps_the_sample_through_enrol_remove_and_reopen(tmp_path):
     assert np.array_equal(gallery.tail.gallery.counts, expected.counts)
     before = gallery.tail.gallery
     gallery.close()
-    reopened = Gallery.open(tmp_path, 16, SHA, tail=TailOptions(capacity=30, online_weight=0))
+    reopened = Gallery.open(tmp_path, 16, SHA, tail=TailOptions(capacity=30))
     assert np.array_equal(reopened.tail.gallery.counts, before.counts)
     reopened.close()

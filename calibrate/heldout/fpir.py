@@ -24,7 +24,8 @@ import numpy as np
 from calibrate.engine.prepare import prepare
 from calibrate.heldout.holdout import rotations, split_classes
 from imagesets import EmbeddingSet
-from scorenorm import ScoreHistogram, TailSettings, build_map, gallery_histogram, scores
+from scorenorm import ScoreHistogram, TailSettings, gallery_histogram, scores
+from scorenorm.tail_map import deployment_maps
 
 PARTS = 3
 MAX_QUERIES = 2000  # per dataset and rotation
@@ -84,32 +85,49 @@ def held_out_fpir(
     rng = np.random.default_rng([seed, gallery_size])
     parts = split_classes(prep.cls, prep.class_ds[prep.cls], PARTS, rng)
     out: dict[float, list[DatasetFpir]] = {a: [] for a in thresholds}
-    for k, rows in enumerate(parts):
-        best, cls, maps, size = [], [], [], gallery_size
-        for g, _, e in rotations(PARTS):
-            gal = (
-                rows[g]
-                if len(rows[g]) <= gallery_size
-                else rng.choice(rows[g], gallery_size, False)
-            )
-            size = min(size, len(gal))
-            queries = (
-                rows[e] if len(rows[e]) <= MAX_QUERIES else rng.choice(rows[e], MAX_QUERIES, False)
-            )
-            if not len(gal) or not len(queries):
-                continue
-            best.append(scores(prep.x32[queries], prep.x32[gal]).max(axis=1))
-            cls.append(prep.cls[queries])
-            if global_tail is not None:
-                hist = gallery_histogram(prep.x32[gal], prep.cls[gal])
-                maps.append(build_map(hist, global_tail, settings or TailSettings()))
+    drawn = [_draw(prep, rows, gallery_size, rng) for rows in parts]
+    maps = _served_maps(prep, drawn, global_tail, settings or TailSettings())
+    for k, (best, cls, _hists, size) in enumerate(drawn):
         for a, t in thresholds.items():
             raw = _fpir([b >= t for b in best], cls, bootstrap, rng)
             norm = None
-            if maps:
-                hits = [b >= float(m.inverse(t)) for b, m in zip(best, maps, strict=True)]
+            if maps[k]:
+                hits = [b >= float(m.inverse(t)) for b, m in zip(best, maps[k], strict=True)]
                 norm = _fpir(hits, cls, bootstrap, rng)
             out[a].append(DatasetFpir(prep.dataset_names[k], size, raw, norm))
+    return out
+
+
+def _draw(prep, rows, gallery_size: int, rng) -> tuple[list, list, list, int]:
+    """One dataset's galleries and queries per rotation: (best scores per query, query
+    classes, gallery pair histograms, the smallest gallery)."""
+    best, cls, hists, size = [], [], [], gallery_size
+    for g, _, e in rotations(PARTS):
+        gal = rows[g] if len(rows[g]) <= gallery_size else rng.choice(rows[g], gallery_size, False)
+        size = min(size, len(gal))
+        queries = (
+            rows[e] if len(rows[e]) <= MAX_QUERIES else rng.choice(rows[e], MAX_QUERIES, False)
+        )
+        if not len(gal) or not len(queries):
+            continue
+        best.append(scores(prep.x32[queries], prep.x32[gal]).max(axis=1))
+        cls.append(prep.cls[queries])
+        hists.append(gallery_histogram(prep.x32[gal], prep.cls[gal]))
+    return best, cls, hists, size
+
+
+def _served_maps(prep, drawn, global_tail, settings: TailSettings) -> list[list]:
+    """Per dataset, the map of each drawn gallery as the server would serve it: the
+    datasets of one rotation form one deployment (scorenorm.tail_map.deployment_maps)."""
+    if global_tail is None:
+        return [[] for _ in drawn]
+    rounds = max((len(d[2]) for d in drawn), default=0)
+    out: list[list] = [[] for _ in drawn]
+    for r in range(rounds):
+        members = [k for k, d in enumerate(drawn) if r < len(d[2])]
+        maps = deployment_maps([drawn[k][2][r] for k in members], global_tail, settings)
+        for k, m in zip(members, maps, strict=True):
+            out[k].append(m)
     return out
 
 

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from scorenorm import ScoreHistogram, TailMap, TailSettings, build_map, scores
+from scorenorm import ScoreHistogram, TailMap, TailSettings, scores
 from scorenorm.histogram import NBINS, bin_of
+from scorenorm.tail_map import deployment_maps
 
 KEEP_LEVEL = 0.05  # impostor pairs kept explicitly: the top 5% of each part
 BLOCK = 1024
@@ -163,8 +164,10 @@ def per_class(values: np.ndarray, a: np.ndarray, b: np.ndarray, t: float, n: int
 def tail_maps(
     galleries: Sequence[ScoreHistogram], global_: ScoreHistogram, settings: TailSettings
 ) -> list[TailMap]:
-    """Each tenant's tenant-tail map from its gallery histogram onto ``global_``."""
-    return [build_map(g, global_, settings) for g in galleries]
+    """Every tenant's tenant-tail map onto ``global_``, built as the server builds them
+    (scorenorm.tail_map.deployment_maps: gallery pairs, the prior pooled over the
+    tenants), so a held-out evaluation measures what is served."""
+    return deployment_maps(galleries, global_, settings)
 
 
 def pooled_histogram(hists: Sequence[ScoreHistogram]) -> ScoreHistogram:

@@ -28,7 +28,8 @@ from calibrate.heldout.holdout import (
     split_classes,
 )
 from imagesets import EmbeddingSet
-from scorenorm import ScoreHistogram, TailSettings, build_map
+from scorenorm import ScoreHistogram, TailMap, TailSettings
+from scorenorm.tail_map import deployment_maps
 
 PARTS = 3
 LEVEL = 0.95
@@ -109,13 +110,12 @@ def held_out(
         pairs.append(found)
     ticker.close()
     weights = class_weights(prep, bootstrap, rng)
+    maps = _served_maps(pairs, global_tail, settings)
     out = []
     for a, t in thresholds.items():
         rows = [
             replace(
-                _dataset(
-                    prep.dataset_names[k], p, t, global_tail, settings, weights, prep.n_classes
-                ),
+                _dataset(prep.dataset_names[k], p, t, maps[k], weights, prep.n_classes),
                 classes=classes[k],
             )
             for k, p in enumerate(pairs)
@@ -124,7 +124,21 @@ def held_out(
     return out
 
 
-def _dataset(name, parts: list[Part] | None, t, global_tail, settings, weights, n_classes):
+def _served_maps(pairs, global_tail, settings) -> list[dict[int, TailMap] | None]:
+    """Per dataset and gallery part, the map the server would serve: all datasets of a
+    rotation form one deployment (scorenorm.tail_map.deployment_maps)."""
+    out: list[dict[int, TailMap] | None] = [None if p is None else {} for p in pairs]
+    if global_tail is None:
+        return out
+    present = [k for k, p in enumerate(pairs) if p is not None]
+    for g, _, _ in rotations(PARTS):
+        maps = deployment_maps([pairs[k][g].hist for k in present], global_tail, settings)
+        for k, m in zip(present, maps, strict=True):
+            out[k][g] = m
+    return out
+
+
+def _dataset(name, parts: list[Part] | None, t, maps, weights, n_classes):
     if parts is None:
         empty = HeldOutFar(None, None, 0, 0)
         return DatasetHeldOut(name, empty, empty, None, 0)
@@ -136,8 +150,8 @@ def _dataset(name, parts: list[Part] | None, t, global_tail, settings, weights, 
         ev = parts[e].pairs
         class_pairs += parts[e].class_impostors
         thresholds = [("raw", t)]
-        if global_tail is not None:
-            m = build_map(parts[g].hist, global_tail, settings)
+        if maps:
+            m = maps[g]
             active += m.active
             shifts.append(m.shift(t))
             # the tenant's raw threshold: s >= r  <=>  m(s) >= t

@@ -135,20 +135,19 @@ def _opis_table(r: StudyResult) -> list[str]:
 def _sizes_table(r: StudyResult) -> list[str]:
     rows = [
         "Tenant-tail with galleries of N random items (the gallery part subsampled), from "
-        "gallery pairs only and mixed with online samples of the served queries (the "
-        "evaluated part: 32 random gallery items per query, the matched identity left "
-        "out, online weight capped at 0.5, as the server does): std of log10(FAR/a), "
-        "pooled FAR / a, share of tenant galleries whose map is active.",
+        "gallery pairs only and with the traffic of the served queries (the evaluated "
+        "part, label-free: scorenorm.traffic, weighed as the server weighs it): std of "
+        "log10(FAR/a), pooled FAR / a, share of tenant galleries whose map is active.",
         "",
-        "| N items | target | std log10 (gallery) | pooled (gallery) | std log10 (+ online) "
-        "| pooled (+ online) | active maps (gallery / + online) |",
+        "| N items | target | std log10 (gallery) | pooled (gallery) | std log10 (+ traffic) "
+        "| pooled (+ traffic) | active maps (gallery / + traffic) |",
         "|---|---|---|---|---|---|---|",
     ]
     keys = sorted({(n, a) for n, a, _ in r.splits[0].sizes})
     tenants = r.settings.parts * len(r.tenants)
     for n, a in keys:
         cells = []
-        for source in ("gallery", "online"):
+        for source in ("gallery", "traffic"):
             per = [sr.sizes[(n, a, source)] for sr in r.splits]
             stats = [far_stats(acc, pairs, a) for acc, pairs, _ in per]
             std = np.mean([st["std_log10"] for st in stats])

@@ -33,7 +33,6 @@ from calibrate.heldout.holdout import (
     Part,
     Scored,
     accepted,
-    online_histogram,
     part_pairs,
     per_class,
     pooled_histogram,
@@ -53,15 +52,15 @@ from calibrate.studies.outcomes import (
     StudySettings,
 )
 from imagesets import EmbeddingSet
-from scorenorm import Cohort, ScoreHistogram, TailSettings, build_map, gallery_histogram
-from scorenorm.histogram import mix
+from scorenorm import Cohort, TailSettings, gallery_histogram
+from scorenorm.evidence import EvidenceSettings, Survival, traffic_survival
 from scorenorm.pairs import BLOCK, scores
+from scorenorm.tail_map import deployment_maps
+from scorenorm.traffic import TrafficTail, null_maxima
 
 OPIS_RANGE = (1e-4, 1e-2)
 GRID = 101
-ONLINE_WEIGHT = 0.5  # the server's default --online-tail-weight
-ONLINE_TARGET = 1e-3  # the served target whose match decides what a sample leaves out
-MAX_ONLINE_QUERIES = 2000  # served queries per tenant and rotation in the simulation
+MAX_TRAFFIC_QUERIES = 2000  # served queries per tenant and rotation in the simulation
 
 
 # ------------------------------------------------------------------ one split
@@ -288,10 +287,10 @@ def _opis(sp: _Split, rotations_pairs: list[list[Scored]]) -> dict[str, float]:
 
 def _gallery_sizes(sp: _Split, s: StudySettings, rots, rng) -> dict:
     """Tenant-tail with galleries of n random items: how big must a gallery be, and how
-    much do online samples of served queries (the evaluated part, label-free) add?
+    much does served traffic (the evaluated part's queries, label-free) add?
 
-    Keys (n, target, source) with source "gallery" (gallery pairs only) or "online"
-    (mixed with the online samples, capped at ONLINE_WEIGHT as the server does).
+    Keys (n, target, source) with source "gallery" (gallery pairs only) or "traffic"
+    (with the traffic evidence of scorenorm.traffic, weighed as the server weighs it).
     """
     out = {}
     for n in s.gallery_sizes:
@@ -302,31 +301,32 @@ def _gallery_sizes(sp: _Split, s: StudySettings, rots, rng) -> dict:
         hists = {
             g: [gallery_histogram(sp.x[p], sp.labels[p]) for p in picks[g]] for g, _, _ in rots
         }
-        mixed = {g: _with_online(sp, s, picks[g], hists[g], e, rng) for g, _, e in rots}
-        for source, galleries in (("gallery", hists), ("online", mixed)):
+        flows = {g: _traffic(sp, picks[g], e, rng) for g, _, e in rots}
+        for source, traffic in (("gallery", None), ("traffic", flows)):
             for a in (t for t in s.targets if t in GOAL_TARGETS):
-                out[(n, a, source)] = _sized(sp, s, rots, galleries, a)
+                out[(n, a, source)] = _sized(sp, s, rots, hists, traffic, a)
     return out
 
 
-def _with_online(sp: _Split, s: StudySettings, picks, hists, e: int, rng) -> list[ScoreHistogram]:
-    """Each tenant's gallery histogram mixed with online samples of its evaluated part."""
-    served = pooled_histogram([sp.parts[k][e].hist for k in range(sp.tenants)])
-    t = float(served.quantile(ONLINE_TARGET)[0])  # the served threshold (pooled, in-sample)
+def _traffic(sp: _Split, picks, e: int, rng) -> list[Survival | None]:
+    """Each tenant's traffic evidence: its evaluated part's queries served against its
+    gallery picks, fitted without their labels (scorenorm.traffic)."""
     out = []
-    for k, (pick, hist) in enumerate(zip(picks, hists, strict=True)):
-        raw = float(build_map(hist, served, s.tail).inverse(t))
+    for k, pick in enumerate(picks):
         queries = sp.parts[k][e].rows
-        if len(queries) > MAX_ONLINE_QUERIES:
-            queries = rng.choice(queries, MAX_ONLINE_QUERIES, replace=False)
-        online = online_histogram(sp.x, sp.labels, pick, queries, raw, rng)
-        out.append(mix(hist, online, ONLINE_WEIGHT))
+        if len(queries) > MAX_TRAFFIC_QUERIES:
+            queries = rng.choice(queries, MAX_TRAFFIC_QUERIES, replace=False)
+        tail = TrafficTail()
+        tail.add_scores(scores(sp.x[queries], sp.x[pick]), sp.labels[pick])
+        fit = tail.fit(null_maxima(sp.x[pick], sp.labels[pick]))
+        out.append(traffic_survival(fit, EvidenceSettings()))
     return out
 
 
-def _sized(sp: _Split, s: StudySettings, rots, galleries: dict, a: float):
+def _sized(sp: _Split, s: StudySettings, rots, galleries: dict, traffic, a: float):
     """Per tenant accepted and total impostor pairs, and the active maps, with the
-    given gallery histograms (leave-tenant-out thresholds, as in the main study)."""
+    given gallery histograms and traffic (leave-tenant-out thresholds, as in the main
+    study; the maps built as the server builds them)."""
     acc = np.zeros(sp.tenants)
     pairs = np.zeros(sp.tenants)
     active = 0
@@ -334,7 +334,8 @@ def _sized(sp: _Split, s: StudySettings, rots, galleries: dict, a: float):
         ev = sp.evaluated(e)
         for k in range(sp.tenants):
             others = pooled_histogram([sp.parts[j][e].hist for j in range(sp.tenants) if j != k])
-            maps = [build_map(h, others, s.tail) for h in galleries[g]]
+            flows = traffic[g] if traffic else None
+            maps = deployment_maps(galleries[g], others, s.tail, traffic=flows)
             mapped = [ev[j].mapped(maps[j]) for j in range(sp.tenants)]
             t = _lto_threshold(mapped, k, a)
             acc[k] += 0 if t is None else accepted(mapped[k].imp, t)

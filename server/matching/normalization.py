@@ -5,8 +5,9 @@ was made for, ``none`` for a document without a normalisation section). With
 ``tenant-tail`` every tenant's raw similarity s is mapped through its own tail map
 onto the calibration's scale, and the one calibrated threshold t is applied to the
 mapped score: because the map is increasing, that is the same as comparing s with the
-tenant's raw threshold map^-1(t), which is how Match decides and counts label-free
-FAR. A tenant whose statistics are still too thin runs with the identity map.
+tenant's raw threshold map^-1(t), which is how Match decides. Each tenant's map is
+built from its evidence in server/matching/statistics.py; a tenant with too little of it
+(and no deployment prior to lean on) runs with the identity map.
 """
 
 from __future__ import annotations
@@ -16,9 +17,7 @@ from dataclasses import dataclass
 import scorenorm
 from contracts import CalibrationDoc
 from contracts.calibration import CalibrationError
-from scorenorm import ScoreHistogram, TailMap, TailSettings, identity_map
-
-IDENTITY = identity_map()
+from scorenorm import ScoreHistogram, TailSettings
 
 
 @dataclass(frozen=True)
@@ -48,9 +47,3 @@ class ServedNormalization:
     @property
     def enabled(self) -> bool:
         return self.method != "none"
-
-    def mapping(self, gallery) -> TailMap:
-        """The map of a tenant's gallery (the identity when normalisation is off)."""
-        if not self.enabled:
-            return IDENTITY
-        return gallery.tail_map(self.global_tail, self.settings)

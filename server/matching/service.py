@@ -21,7 +21,9 @@ import asyncio
 import functools
 import logging
 import math
+import os
 import re
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,6 +42,7 @@ from server.matching.decisions import DecisionStore
 from server.matching.imaging import ImageError, ImageLimits, header_pixels, to_model_input
 from server.matching.model import ServingModel
 from server.matching.observer import DecisionObserver
+from server.matching.statistics import LabelFree, StatisticsSettings, TenantStatistics
 from server.matching.threshold import TenantThreshold
 from server.monitoring.serving import ServerMetrics, TenantNormalization
 from server.storage import open_store
@@ -82,6 +85,7 @@ class ServiceConfig:
     limits: ImageLimits = field(default_factory=ImageLimits)
     normalize: str | None = None  # score normalisation; None = the calibration's own
     tail: TailOptions = field(default_factory=TailOptions)
+    statistics: StatisticsSettings = field(default_factory=StatisticsSettings)
     gallery: str = "faiss"  # or milvus://HOST:PORT, milvus-lite:PATH.db (server/storage/)
     store_options: dict = field(default_factory=dict)  # e.g. Milvus timeout, consistency
 
@@ -130,6 +134,7 @@ class MatchOutcome:
 class _State:
     model: ServingModel
     batcher: MicroBatcher
+    statistics: TenantStatistics  # of this model's scores: a reload starts them afresh
 
 
 class RetrievalService:
@@ -170,6 +175,10 @@ class RetrievalService:
         self._mutations: asyncio.Lock | None = None
         self._tenant_changes: asyncio.Lock | None = None
         self._background: set[asyncio.Task] = set()
+        self._syncing: asyncio.Task | None = None
+        # a process of a shared store publishes its traffic under its own name; a lone
+        # process keeps one name across restarts and continues its own evidence
+        self.replica = f"{socket.gethostname()}-{os.getpid()}" if self.tenants.shared else "local"
 
     # -------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -184,14 +193,34 @@ class RetrievalService:
         if self.tenants.shared:  # Milvus: a search waits on the network, not the CPU
             self._search_pool = ThreadPoolExecutor(SEARCH_THREADS, "search")
         self._state = self._new_state(self._first_model)
+        await loop.run_in_executor(self._work_pool, self._state.statistics.load)
         self._publish(self._first_model)
         self.metrics.watch_galleries(self.tenants.sizes)
         self.metrics.watch_normalization(self.normalization_stats)
+        self._syncing = loop.create_task(self._sync_forever())
+
+    async def _sync_forever(self) -> None:
+        """Publish and read traffic evidence every ``sync_seconds`` (matching/statistics.py)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.config.statistics.sync_seconds)
+            await self.sync_statistics(loop)
+
+    async def sync_statistics(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """One sync now (also what tests and the demo call instead of waiting)."""
+        loop = loop or asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._work_pool, self._current().statistics.sync)
+        except Exception:  # a store that is down now is retried at the next sync
+            log.exception("syncing the tenant statistics failed")
 
     async def close(self) -> None:
-        """Drain the batcher and close the galleries (snapshot + close their logs)."""
+        """Drain the batcher, publish the last traffic, close the galleries."""
+        if self._syncing is not None:
+            self._syncing.cancel()
         if self._state is not None:
             await self._state.batcher.close()
+            await self.sync_statistics()
         await asyncio.get_running_loop().run_in_executor(self._work_pool, self.tenants.close)
         self._embed_pool.shutdown(wait=True)
         self._work_pool.shutdown(wait=True)
@@ -219,7 +248,19 @@ class RetrievalService:
             self._search_pool,
         )
         batcher.start()
-        return _State(model, batcher)
+        norm = model.normalization
+        statistics = TenantStatistics(
+            self.tenants,
+            self.replica,
+            self._snapshots,
+            norm.global_tail if norm.enabled else None,
+            norm.settings if norm.enabled else None,
+            c.statistics,
+        )
+        return _State(model, batcher, statistics)
+
+    def _snapshots(self) -> dict:
+        return {t.name: t.gallery.tail_snapshot() for t in self.tenants.all()}
 
     def _publish(self, model: ServingModel) -> None:
         self.metrics.served(
@@ -312,7 +353,7 @@ class RetrievalService:
                 raise ServiceError(Code.INVALID_ARGUMENT, str(err)) from err
             decoded = await self._decode(images, state.model)
             good = [d for d in decoded if not isinstance(d, str)]
-            search = functools.partial(self._search, tenant, state.model, target, k, read_after)
+            search = functools.partial(self._search, tenant, state, target, k, read_after)
             group = (tenant_name, id(tenant.gallery), state.model.sha256, target.threshold)
             group += (target.target_far, k, read_after)
             try:
@@ -332,33 +373,34 @@ class RetrievalService:
     def _search(
         self,
         tenant,
-        model: ServingModel,
+        state: _State,
         target: Target,
         k: int,
         read_after: int,
         embeddings: np.ndarray,
-    ) -> list[tuple[SearchResult, TenantThreshold]]:
+    ) -> list[tuple[SearchResult, TenantThreshold, LabelFree]]:
         """In the embedding thread: the tenant's map and threshold (read here, right before
-        the search, once per micro-batch group), search at its raw threshold (so the
-        label-free counts are of normalised scores), and the online tail samples."""
+        the search, once per micro-batch group, from the synced statistics), the search,
+        and the batch counted as the tenant's traffic (one GEMM against its sample)."""
         started = time.perf_counter()
-        norm = model.normalization
-        served = TenantThreshold.of(norm.mapping(tenant.gallery), target, norm.method)
-        found = tenant.gallery.search(embeddings, k, served.raw, model.sha256, read_after)
+        model, statistics = state.model, state.statistics
+        snapshot = tenant.gallery.tail_snapshot()
+        mapping = statistics.mapping(tenant.name, snapshot)
+        served = TenantThreshold.of(mapping, target, model.normalization.method)
+        found = tenant.gallery.search(embeddings, k, model.sha256, read_after)
+        evidence = statistics.observe(tenant.name, snapshot, embeddings, served.raw)
         per_image = (time.perf_counter() - started) / len(embeddings)
         for _ in range(len(embeddings)):
             self.metrics.stage_seconds.labels("search").observe(per_image)
-        if norm.enabled:
-            # matched at the default target decides which identity a sample leaves out
-            default = TenantThreshold.of(served.mapping, model.target(0), norm.method).raw
-            matched = [
-                r.top1.item_id if r.top1 and r.top1.similarity >= default else None for r in found
-            ]
-            tenant.gallery.observe(embeddings, matched)
-        return [(r, served) for r in found]
+        return [(r, served, e) for r, e in zip(found, evidence, strict=True)]
 
     def _decide(
-        self, tenant: str, result: SearchResult, served: TenantThreshold, size: int
+        self,
+        tenant: str,
+        result: SearchResult,
+        served: TenantThreshold,
+        label_free: LabelFree,
+        size: int,
     ) -> MatchOutcome:
         top = result.top1
         # the tenant's raw threshold: the same comparison the label-free counts made
@@ -377,8 +419,8 @@ class RetrievalService:
                     top.similarity,
                     matched,
                     served.threshold,
-                    result.impostor_accepted,
-                    result.impostor_total,
+                    label_free.exceedances,
+                    label_free.pairs,
                 )
             except Exception:  # monitoring must never fail a Match
                 log.exception("observer.record_decision failed")
@@ -504,8 +546,11 @@ class RetrievalService:
                 stats[key] = float(value)
         except Exception:
             log.exception("observer.tenant_stats failed")
-        norm = model.normalization
-        served = TenantThreshold.of(norm.mapping(tenant.gallery), model.target(0), norm.method)
+        norm, statistics = model.normalization, self._current().statistics
+        snapshot = tenant.gallery.tail_snapshot()
+        mapping = statistics.mapping(tenant_name, snapshot)
+        served = TenantThreshold.of(mapping, model.target(0), norm.method)
+        evidence = statistics.info(tenant_name, snapshot)
         return {
             "tenant": tenant_name,
             "gallery_size": tenant.gallery.size,
@@ -514,22 +559,25 @@ class RetrievalService:
             "stats": stats,
             "normalization": served.method,
             "normalization_active": served.mapping.active,
-            "tail_pairs": (
-                served.mapping.pairs if norm.enabled else tenant.gallery.tail.gallery.total
-            ),
+            "tail_pairs": int(evidence["evidence_pairs"]),
             "raw_threshold": served.raw,
             "normalization_min_pairs": norm.settings.min_pairs() if norm.settings else 0,
+            "duplicate_pairs": int(evidence["duplicate_pairs"]),
+            "traffic_queries": int(evidence["traffic_queries"]),
+            "traffic_genuine_share": evidence["traffic_genuine_share"],
+            "prior_tenants": int(evidence["prior_tenants"]),
         }
 
     def normalization_stats(self) -> dict[str, TenantNormalization]:
         """Per tenant: is its map active, its tail sample, its threshold shift (metrics)."""
         model = self.model
-        norm, threshold = model.normalization, model.target(0).threshold
+        statistics, threshold = self._current().statistics, model.target(0).threshold
         out = {}
         for tenant in self.tenants.all():
-            mapping = norm.mapping(tenant.gallery)
+            snapshot = tenant.gallery.tail_snapshot()
+            mapping = statistics.mapping(tenant.name, snapshot)
             out[tenant.name] = TenantNormalization(
-                mapping.active, tenant.gallery.tail.gallery.total, mapping.shift(threshold)
+                mapping.active, snapshot.gallery.total, mapping.shift(threshold)
             )
         return out
 
@@ -565,6 +613,7 @@ class RetrievalService:
             except TenantError as err:
                 raise ServiceError(Code.NOT_FOUND, str(err)) from err
             self.keys.forget_tenant(name)
+            self._current().statistics.forget(name)
         return removed
 
     def _restart_monitoring(self, model: ServingModel) -> None:
@@ -601,6 +650,12 @@ class RetrievalService:
                 raise ServiceError(Code.FAILED_PRECONDITION, f"reload refused: {err}") from err
             reembedded = 0
             prepared = []
+            await loop.run_in_executor(self._work_pool, old.statistics.sync)  # publish its last
+            state = self._new_state(new)
+            if new.sha256 == old.model.sha256:  # the same scores: the evidence still holds
+                await loop.run_in_executor(
+                    self._work_pool, state.statistics.inherit, old.statistics
+                )
             if new.sha256 != old.model.sha256:
                 for tenant in self.tenants.all():
                     items = tenant.gallery.items()
@@ -618,6 +673,7 @@ class RetrievalService:
                 for tenant, ids, vectors in prepared:  # no await: switch all at once
                     tenant.gallery.dim = new.embedder.dim
                     tenant.gallery.rebuild(new.sha256, ids, vectors)
+                self._state = state
                 embed = functools.partial(new.embed_images, limits=self.config.limits)
                 await loop.run_in_executor(
                     self._work_pool,
@@ -626,7 +682,9 @@ class RetrievalService:
                     new.embedder.dim,
                     embed,
                 )
-            self._state = self._new_state(new)
+                # the new model's rows (none yet, unless a replica switched before us)
+                await loop.run_in_executor(self._work_pool, state.statistics.load)
+            self._state = state
             for tenant, *_ in prepared:
                 await loop.run_in_executor(self._work_pool, tenant.gallery.snapshot)
         closing = loop.create_task(old.batcher.close())  # drains what the old model queued

@@ -21,7 +21,6 @@ from typing import Protocol
 import grpc
 import numpy as np
 
-from scorenorm import ScoreHistogram, TailMap, TailSettings
 from server.errors import StatusError
 from server.storage.tail_stats import DEFAULT_CAPACITY, TenantTail
 
@@ -80,18 +79,11 @@ class Hit:
 
 @dataclass(frozen=True)
 class SearchResult:
-    """Top-k neighbours (best first) and the label-free impostor counts of one query.
-
-    The counts are taken on the tenant's tail sample (server/storage/tail_stats.py: every item
-    up to ``--tail-sample`` items, the bottom-k by id hash beyond): ``impostor_total``
-    = sample items whose identity differs from the top-1's (identity = label, or the
-    item itself when it has no label), ``impostor_accepted`` = those of them with
-    similarity >= the threshold.
-    """
+    """Top-k neighbours of one query, best first. What the scores mean for a decision
+    (threshold, normalisation, label-free statistics) is worked out above the store,
+    in server/matching/."""
 
     neighbors: list[Hit]
-    impostor_accepted: int
-    impostor_total: int
 
     @property
     def top1(self) -> Hit | None:
@@ -108,10 +100,20 @@ class TailOptions:
     """How a gallery samples itself for its tenant's normalisation statistics."""
 
     capacity: int = DEFAULT_CAPACITY
-    online_weight: float = 0.5
 
     def new(self, dim: int) -> TenantTail:
-        return TenantTail(dim, self.capacity, self.online_weight)
+        return TenantTail(dim, self.capacity)
+
+
+@dataclass(frozen=True)
+class TrafficRow:
+    """One replica's published traffic evidence of one tenant (server/matching/statistics.py):
+    cumulative, so the newest row of a (tenant, replica) replaces the older ones."""
+
+    tenant: str
+    replica: str
+    stamp: int  # publication time, ns since the epoch
+    blob: bytes  # scorenorm.traffic.TrafficTail.to_bytes()
 
 
 class TenantGallery(Protocol):
@@ -139,15 +141,10 @@ class TenantGallery(Protocol):
         """(removed, not found); visible to every search that starts after it returns."""
 
     def search(
-        self,
-        queries: np.ndarray,
-        k: int,
-        threshold: float,
-        model_sha256: str,
-        read_after: int = 0,
+        self, queries: np.ndarray, k: int, model_sha256: str, read_after: int = 0
     ) -> list[SearchResult]:
-        """Top-k per query and the label-free counts at ``threshold`` (raw similarity);
-        the search sees every write whose token is <= ``read_after``."""
+        """Top-k per query (raw cosine similarities); the search sees every write whose
+        token is <= ``read_after``."""
 
     def range_search(self, query: np.ndarray, threshold: float, model_sha256: str) -> list[Hit]:
         """Every item with similarity >= ``threshold`` to one query, best first."""
@@ -165,10 +162,6 @@ class TenantGallery(Protocol):
     def snapshot(self) -> None: ...
 
     def close(self) -> None: ...
-
-    def tail_map(self, global_tail: ScoreHistogram, settings: TailSettings) -> TailMap: ...
-
-    def observe(self, queries: np.ndarray, matched_item_ids: list[str | None]) -> None: ...
 
 
 @dataclass
@@ -220,5 +213,13 @@ class GalleryStore(Protocol):
     def prepare_thread(self, threads: int) -> None:
         """Per-thread search settings, run once in every thread that searches (faiss:
         its OpenMP thread count, which is per calling thread)."""
+
+    def publish_traffic(self, tenant: str, replica: str, blob: bytes) -> None:
+        """Store ``replica``'s cumulative traffic evidence of ``tenant`` (replacing its
+        previous row), for every process of the store to read."""
+
+    def read_traffic(self, since: int) -> list[TrafficRow]:
+        """Every row published at or after ``since`` (ns), of every tenant and replica, for
+        the current model; rows of deleted tenants are gone."""
 
     def close(self) -> None: ...

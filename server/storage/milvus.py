@@ -45,7 +45,6 @@ from collections.abc import Callable
 
 import numpy as np
 
-from scorenorm import ScoreHistogram, TailMap, TailSettings, build_map
 from server.storage import bad_spec, register
 from server.storage.base import (
     Hit,
@@ -56,16 +55,18 @@ from server.storage.base import (
     TailOptions,
     Tenant,
     TenantError,
+    TrafficRow,
     check_name,
     identity,
 )
-from server.storage.tail_stats import Entry, TenantTail, item_hash
+from server.storage.tail_stats import Entry, TailSnapshot, TenantTail, item_hash
 
 log = logging.getLogger(__name__)
 
 REGISTRY = "tcm_tenants"
 ALIAS = "tcm_current"
 SECRET_ROW = "__secret__"
+TRAFFIC_B64 = 65_535  # characters of one published traffic row (Milvus' VARCHAR limit)
 MAX_IMAGE_B64 = 65_535  # Milvus VARCHAR limit: images up to ~48 KiB
 MAX_QUERY = 16_384  # rows per query (Milvus' limit on offset + limit)
 _HASH_SPACE = 1 << 63
@@ -183,6 +184,7 @@ class MilvusStore:
         self._tenants: dict[str, Tenant] = {}
         self._ensure_registry()
         self.collection = self.ensure_collection(dim, model_sha256)
+        self.traffic = self._ensure_traffic(model_sha256)
         self.decision_secret = self._secret()
         self._stop = threading.Event()
         self._refresher: threading.Thread | None = None
@@ -200,6 +202,26 @@ class MilvusStore:
             index.add_index("dummy", index_type="FLAT", metric_type="L2")
             self._create(REGISTRY, schema, index)
         self.client("load_collection", REGISTRY)
+
+    def _ensure_traffic(self, model_sha256: str) -> str:
+        """The collection of published traffic evidence of a model: one row per (tenant,
+        replica), replaced on every publish (server/matching/statistics.py)."""
+        from pymilvus import DataType, MilvusClient
+
+        name = f"tcm_traffic_{model_sha256[:16]}"
+        if not self.client("has_collection", name):
+            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema.add_field("pk", DataType.VARCHAR, max_length=256, is_primary=True)
+            schema.add_field("tenant", DataType.VARCHAR, max_length=64)
+            schema.add_field("replica", DataType.VARCHAR, max_length=128)
+            schema.add_field("stamp", DataType.INT64)
+            schema.add_field("payload", DataType.VARCHAR, max_length=TRAFFIC_B64)
+            schema.add_field("dummy", DataType.FLOAT_VECTOR, dim=2)  # Milvus needs a vector
+            index = self.client.raw.prepare_index_params()
+            index.add_index("dummy", index_type="FLAT", metric_type="L2")
+            self._create(name, schema, index)
+        self.client("load_collection", name)
+        return name
 
     def _create(self, name: str, schema, index) -> None:
         try:
@@ -305,6 +327,7 @@ class MilvusStore:
         tenant = self.get(name)
         items = tenant.gallery.size
         self.client("delete", self.collection, filter=f"tenant == {quote(name)}")
+        self.client("delete", self.traffic, filter=f"tenant == {quote(name)}")
         self.client("delete", REGISTRY, filter=f"pk == {quote(name)}")
         with self._lock:
             if self._tenants.pop(name, None) is None:
@@ -366,9 +389,41 @@ class MilvusStore:
         else:
             self.client("alter_alias", name, ALIAS)
         self.collection, self.model_sha256, self.dim, self.embed = name, model_sha256, dim, embed
+        self.traffic = self._ensure_traffic(model_sha256)
 
     def describe_index(self) -> str:
         return f"milvus HNSW COSINE ({self.server_version})"
+
+    # ------------------------------------------------------------------ traffic
+    def publish_traffic(self, tenant: str, replica: str, blob: bytes) -> None:
+        payload = base64.b64encode(blob).decode("ascii")
+        if len(payload) > TRAFFIC_B64:
+            raise ValueError(f"traffic evidence of {tenant!r} is {len(payload)} characters")
+        pk = f"{tenant}\0{replica}"
+        row = {
+            "pk": pk,
+            "tenant": tenant,
+            "replica": replica,
+            "stamp": time.time_ns(),
+            "payload": payload,
+            "dummy": [0.0, 0.0],
+        }
+        self.client("delete", self.traffic, filter=f"pk == {quote(pk)}")
+        self.client("insert", self.traffic, [row])
+
+    def read_traffic(self, since: int) -> list[TrafficRow]:
+        rows = self.client(
+            "query",
+            self.traffic,
+            filter=f"stamp >= {int(since)}",
+            output_fields=["tenant", "replica", "stamp", "payload"],
+            limit=MAX_QUERY,
+            consistency_level="Strong",
+        )
+        return [
+            TrafficRow(r["tenant"], r["replica"], int(r["stamp"]), base64.b64decode(r["payload"]))
+            for r in rows
+        ]
 
     def prepare_thread(self, threads: int) -> None:
         """Nothing: Milvus searches in its own processes."""
@@ -399,10 +454,7 @@ class MilvusGallery:
         self._members: dict[str, tuple[int, int]] = {}  # pk -> (local fid, hash)
         self._next_fid = 0
         self._codes: dict[str, int] = {}
-        self._recent: dict[str, int] = {}  # item id -> identity code of recent top-1 hits
         self._size = 0
-        self._map_cache: tuple[tuple, TailMap] | None = None
-        self._sample_cache: tuple[tuple, np.ndarray, np.ndarray] | None = None
         self.sync()
 
     @property
@@ -589,7 +641,7 @@ class MilvusGallery:
 
     # ------------------------------------------------------------------ search
     def search(
-        self, queries: np.ndarray, k: int, threshold: float, model_sha256: str, read_after: int = 0
+        self, queries: np.ndarray, k: int, model_sha256: str, read_after: int = 0
     ) -> list[SearchResult]:
         self._check_model(model_sha256)
         queries = np.ascontiguousarray(queries, np.float32)
@@ -610,8 +662,7 @@ class MilvusGallery:
             **self._consistency(read_after),
         )
         results = []
-        x, codes = self._sample()
-        for q, hits in enumerate(found):
+        for hits in found:
             seen: set[str] = set()
             neighbors = []
             for hit in hits:
@@ -620,32 +671,8 @@ class MilvusGallery:
                     continue
                 seen.add(entity["item_id"])
                 neighbors.append(Hit(entity["item_id"], entity["label"], float(hit["distance"])))
-            neighbors = neighbors[: max(1, k)]
-            accepted = total = 0
-            if neighbors and len(codes):
-                top = neighbors[0]
-                top_code = self._code(top.item_id, top.label)
-                other = codes != top_code
-                accepted = int(((x @ queries[q] >= threshold) & other).sum())
-                total = int(other.sum())
-            results.append(SearchResult(neighbors, accepted, total))
+            results.append(SearchResult(neighbors[: max(1, k)]))
         return results
-
-    def _code(self, item_id: str, label: str) -> int:
-        with self._lock:
-            code = self._codes.setdefault(identity(item_id, label), len(self._codes))
-            if len(self._recent) > 65_536:
-                self._recent.clear()
-            self._recent[item_id] = code
-            return code
-
-    def _sample(self) -> tuple[np.ndarray, np.ndarray]:
-        with self._lock:
-            key = (id(self.tail), self.tail.members_version)
-            if self._sample_cache is None or self._sample_cache[0] != key:
-                _, x, codes = self.tail.sample()
-                self._sample_cache = (key, x, codes)
-            return self._sample_cache[1], self._sample_cache[2]
 
     def range_search(self, query: np.ndarray, threshold: float, model_sha256: str) -> list[Hit]:
         self._check_model(model_sha256)
@@ -728,17 +755,10 @@ class MilvusGallery:
         pass
 
     # ---------------------------------------------------------- normalisation
-    def tail_map(self, global_tail: ScoreHistogram, settings: TailSettings) -> TailMap:
+    def tail_snapshot(self) -> TailSnapshot:
+        """The tail sample and its statistics as last synced from the store."""
         with self._lock:
-            key = (id(self.tail), self.tail.version, id(global_tail), settings)
-            if self._map_cache is None or self._map_cache[0] != key:
-                self._map_cache = (key, build_map(self.tail.histogram(), global_tail, settings))
-            return self._map_cache[1]
-
-    def observe(self, queries: np.ndarray, matched_item_ids: list[str | None]) -> None:
-        with self._lock:
-            codes = [None if i is None else self._recent.get(i) for i in matched_item_ids]
-            self.tail.observe(np.asarray(queries, np.float32), codes)
+            return self.tail.snapshot()
 
 
 def _version_at_least(version: str, want: tuple[int, int]) -> bool:

@@ -1,46 +1,65 @@
-"""A tenant's impostor score statistics, kept up to date as its gallery changes.
+"""A tenant's gallery sample and its impostor pair statistics, kept up to date as the
+gallery changes.
 
-Score normalisation (scorenorm/) maps a tenant's scores through its own upper-tail
-impostor distribution. Here that distribution is estimated without query labels from
-two sources:
+Score normalisation (scorenorm/) needs each tenant's impostor score distribution. The
+gallery's share of that evidence lives here, with the store, because every replica must
+compute it alike from what the store holds:
 
-- **gallery pairs**: every pair of items with different enrolment identities inside a
-  *sample* of the gallery: the items with the ``capacity`` smallest hashes of their id
-  (a bottom-k sketch). The sample is a deterministic function of the set of items, so a
-  gallery rebuilt after a crash has exactly the statistics it had before; enrolling or
-  removing an item changes at most a few members and costs O(capacity x dim), never a
-  rebuild;
-- **online pairs** (optional): scores of queries against a few sampled members,
-  leaving out the identity a query was matched to, in a sliding window; their weight
-  in the mix is capped (``online_weight``), because a tenant's own traffic must not be
-  able to drag its threshold far from what its gallery says.
+- **the sample**: the items with the ``capacity`` smallest hashes of their id (a
+  bottom-k sketch). It is a deterministic function of the set of items, so a gallery
+  rebuilt after a crash, or read by another replica, has exactly these statistics;
+  enrolling or removing an item changes at most a few members and costs
+  O(capacity x dim), never a rebuild;
+- **its pair histogram**: every pair of members with different enrolment identities.
+  Pairs scoring at or above ``DUPLICATE`` are the same picture under two ids or labels
+  (an item enrolled twice, one identity under two labels): they say nothing about how
+  far apart *different* identities score, so they are set aside and only counted
+  (``duplicates``), never taken as impostor evidence;
+- **the null**: each sampled member's rank-1 score against the members of other
+  identities, and its location (scorenorm.traffic.rank1_null): what
+  an impostor query's rank-1 score looks like, against which the share of genuine
+  queries in the tenant's unlabelled traffic is judged.
 
-Pair scores are the project's (scorenorm.pairs.scores): adding and later removing an
-item's pairs cancels bin for bin.
+The traffic itself (what queries score against the sample) is counted above the store,
+in server/matching/statistics.py. Pair scores are the project's
+(scorenorm.pairs.scores): adding and later removing an item's pairs cancels bin for bin.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections import deque
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
 
-from scorenorm import ScoreHistogram, gallery_histogram
-from scorenorm.histogram import NBINS, bin_of, mix
+from scorenorm import ScoreHistogram
+from scorenorm.histogram import NBINS, bin_of
+from scorenorm.traffic import Null, rank1_null
 
 DEFAULT_CAPACITY = 4096  # gallery items in the sample: up to 8.4M pairs
-ONLINE_CHUNK = 1 << 16  # pairs per window chunk
-ONLINE_CHUNKS = 16  # chunks in the window (~1M pairs)
-ONLINE_QUERIES = 4  # queries of a micro-batch observed (a bounded cost per search call)
-ONLINE_PER_QUERY = 32  # sampled members scored per observed query
+DUPLICATE = 0.999  # pair score from which two items are one picture, not two identities
+NULL_ROWS = 256  # members whose rank-1 residuals make the null (a bounded cost)
+_FIRST_VERSIONS = itertools.count()
 
 
 def item_hash(item_id: str) -> int:
     """A stable 63-bit hash of an item id (the same in every process and release)."""
     digest = hashlib.blake2b(item_id.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+@dataclass(frozen=True)
+class TailSnapshot:
+    """What the statistics above the store read of a tail, immutable: taken under the
+    gallery's lock, used without it."""
+
+    version: int
+    vectors: np.ndarray  # the members, float32 (queries are scored against them)
+    codes: np.ndarray  # their identity codes
+    gallery: ScoreHistogram  # pairs of members with different identities
+    duplicates: int  # member pairs set aside as one picture
+    null: Null  # the members' own rank-1 scores (scorenorm.traffic)
 
 
 @dataclass(frozen=True)
@@ -52,22 +71,19 @@ class Entry:
 
 
 class TenantTail:
-    """The sample, its pair histogram and the online window of one tenant's gallery.
+    """The sample, its pair histogram and its null, of one tenant's gallery.
 
     Members live in preallocated rows (float64 for the exact pair scores, float32 for
-    the online GEMM); removing one moves the last row into its place, so enrolling or
+    the traffic GEMM); removing one moves the last row into its place, so enrolling or
     removing costs O(capacity x dim) arithmetic and O(1) bookkeeping. Not thread-safe
     on its own: the gallery calls it under its index lock.
     """
 
-    def __init__(self, dim: int, capacity: int = DEFAULT_CAPACITY, online_weight: float = 0.5):
+    def __init__(self, dim: int, capacity: int = DEFAULT_CAPACITY):
         if capacity < 2:
             raise ValueError(f"the tail sample needs capacity >= 2, got {capacity}")
-        if not 0.0 <= online_weight <= 1.0:
-            raise ValueError(f"online_weight must lie in [0, 1], got {online_weight}")
         self.dim = dim
         self.capacity = capacity
-        self.online_weight = online_weight
         self._n = 0
         self._x64 = np.zeros((0, dim), np.float64)  # grown on demand up to capacity rows
         self._x32 = np.zeros((0, dim), np.float32)
@@ -76,10 +92,12 @@ class TenantTail:
         self._fids = np.zeros(0, np.int64)
         self._row: dict[int, int] = {}  # fid -> row
         self.gallery = ScoreHistogram()
-        self._online: deque[ScoreHistogram] = deque(maxlen=ONLINE_CHUNKS)
-        self._rng = np.random.default_rng(0)
-        self.version = 0  # bumped on every change the map must follow
-        self.members_version = 0  # bumped when the sample's members change
+        self.duplicates = 0  # member pairs set aside as one picture (>= DUPLICATE)
+        # bumped on every change of the members; starts at a value no other tail of this
+        # process used, so a cache keyed by it never mistakes a rebuilt tail for an old one
+        self.version = next(_FIRST_VERSIONS) << 32
+        self._null: tuple[int, Null] | None = None
+        self._snapshot: TailSnapshot | None = None
 
     # ------------------------------------------------------------------ the sample
     @property
@@ -127,11 +145,9 @@ class TenantTail:
             return
         x = np.stack([e.vector for e in entries]).astype(np.float32)
         codes = np.array([e.code for e in entries], np.int64)
-        counts = _pair_counts(x, codes, self._x64[: self._n], self._codes[: self._n])
-        counts += gallery_histogram(x, codes).counts
-        self.gallery = ScoreHistogram(
-            self.gallery.counts + counts, self.gallery.total + int(counts.sum())
-        )
+        counts, dups = _pair_counts(x, codes, self._x64[: self._n], self._codes[: self._n])
+        within, within_dups = _pair_counts(x, codes, x.astype(np.float64), codes, upper=True)
+        self._count(counts + within, dups + within_dups, 1)
         self._grow(self._n + len(entries))
         rows = slice(self._n, self._n + len(entries))
         self._x32[rows], self._x64[rows], self._codes[rows] = x, x, codes
@@ -141,7 +157,6 @@ class TenantTail:
             self._row[e.fid] = self._n + n
         self._n += len(entries)
         self.version += 1
-        self.members_version += 1
 
     def _grow(self, need: int) -> None:
         if need <= len(self._fids):
@@ -161,11 +176,9 @@ class TenantTail:
         gone[rows] = True
         x, codes = self._x32[:n][gone], self._codes[:n][gone]
         # pairs with the members that stay (masking the leaving ones: no copy of the rest)
-        counts = _pair_counts(x, codes, self._x64[:n], self._codes[:n], skip=gone)
-        counts += gallery_histogram(x, codes).counts
-        self.gallery = ScoreHistogram(
-            self.gallery.counts - counts, self.gallery.total - int(counts.sum())
-        )
+        counts, dups = _pair_counts(x, codes, self._x64[:n], self._codes[:n], skip=gone)
+        within, within_dups = _pair_counts(x, codes, x.astype(np.float64), codes, upper=True)
+        self._count(counts + within, dups + within_dups, -1)
         for r in sorted(rows.tolist(), reverse=True):  # move the last row into each hole
             last = self._n - 1
             del self._row[int(self._fids[r])]
@@ -176,62 +189,41 @@ class TenantTail:
                 self._row[int(self._fids[r])] = r
             self._n -= 1
         self.version += 1
-        self.members_version += 1
 
-    # ------------------------------------------------------------------ online pairs
-    def observe(self, queries: np.ndarray, matched_codes: list[int | None]) -> None:
-        """Scores of each query against ONLINE_PER_QUERY random members (drawn with
-        replacement), leaving out the identity it was matched to (an unmatched query keeps
-        every pair: it is most likely an impostor of every member, its best one included).
+    def _count(self, counts: np.ndarray, duplicates: int, sign: int) -> None:
+        self.gallery = ScoreHistogram(
+            self.gallery.counts + sign * counts, self.gallery.total + sign * int(counts.sum())
+        )
+        self.duplicates += sign * duplicates
 
-        The map follows the window chunk by chunk: ``version`` moves when a chunk fills,
-        not on every query, so serving does not rebuild maps per call.
-        """
-        if self.online_weight == 0 or self.members < 2 or not len(queries):
-            return
-        queries, matched_codes = queries[:ONLINE_QUERIES], matched_codes[:ONLINE_QUERIES]
-        picks = self._rng.integers(0, self._n, size=(len(queries), ONLINE_PER_QUERY))
-        rows = self._x32[picks]  # (q, k, dim)
-        s = np.einsum("qd,qkd->qk", np.asarray(queries, np.float32), rows)
-        matched = np.array([-1 if c is None else c for c in matched_codes], np.int64)
-        keep = self._codes[picks] != matched[:, None]  # codes are >= 0: -1 keeps all
-        flat = s[keep]
-        if not len(flat):
-            return
-        if not self._online:
-            self._online.append(ScoreHistogram())
-        self._online[-1].add(flat)
-        if self._online[-1].total >= ONLINE_CHUNK:
-            self._online.append(ScoreHistogram())  # the oldest chunk drops out at maxlen
-            self.version += 1
+    def snapshot(self) -> TailSnapshot:
+        """The current members, histogram and null; copied once per change of members."""
+        if self._snapshot is None or self._snapshot.version != self.version:
+            n = self._n
+            self._snapshot = TailSnapshot(
+                self.version,
+                self._x32[:n].copy(),
+                self._codes[:n].copy(),
+                self.gallery,
+                self.duplicates,
+                self.null(),
+            )
+        return self._snapshot
 
-    def online(self) -> ScoreHistogram:
-        out = ScoreHistogram()
-        for chunk in self._online:
-            out = out.merged(chunk)
-        return out
-
-    def histogram(self) -> ScoreHistogram:
-        """Gallery pairs mixed with the online window, the online share capped."""
-        return mix(self.gallery, self.online(), self.online_weight)
-
-    def online_state(self) -> dict[str, np.ndarray]:
-        """The online window as arrays, to persist next to the gallery snapshot."""
-        if not self._online:
-            return {}
-        return {
-            "online_counts": np.stack([c.counts for c in self._online]),
-            "online_totals": np.array([c.total for c in self._online], np.int64),
-        }
-
-    def restore_online(self, state: dict[str, np.ndarray]) -> None:
-        self._online.clear()
-        counts, totals = state.get("online_counts"), state.get("online_totals")
-        if counts is None or totals is None or counts.shape[-1] != NBINS:
-            return
-        for c, t in zip(counts, totals, strict=True):
-            self._online.append(ScoreHistogram(c, int(t)))
-        self.version += 1
+    # ------------------------------------------------------------------ the null
+    def null(self) -> Null:
+        """Rank-1 residuals of up to NULL_ROWS members (the lowest hashes: deterministic)
+        against the members of other identities; cached until the members change."""
+        if self._null is not None and self._null[0] == self.version:
+            return self._null[1]
+        n = self._n
+        rows = np.argsort(self._hashes[:n], kind="stable")[:NULL_ROWS]
+        s = self._x32[rows] @ self._x32[:n].T
+        s[self._codes[rows][:, None] == self._codes[:n][None, :]] = -np.inf
+        s[s >= DUPLICATE] = -np.inf  # one picture twice is no impostor's best score
+        values = rank1_null(s)
+        self._null = (self.version, values)
+        return values
 
 
 def _pair_counts(
@@ -240,14 +232,20 @@ def _pair_counts(
     m64: np.ndarray,
     m_codes: np.ndarray,
     skip: np.ndarray | None = None,
-) -> np.ndarray:
+    upper: bool = False,
+) -> tuple[np.ndarray, int]:
     """Bin counts of the cross-identity pairs (x_i, member_j), members already in float64
-    (the project's pair score, no conversion per call); ``skip`` masks members out."""
+    (the project's pair score, no conversion per call), and how many of them are
+    near-duplicates (set aside). ``skip`` masks members out; ``upper`` counts each pair
+    of x with itself once (x against x)."""
     counts = np.zeros(NBINS, np.int64)
     if not len(x) or not len(m64):
-        return counts
+        return counts, 0
     s = (x.astype(np.float64) @ m64.T).astype(np.float32)
     other = codes[:, None] != m_codes[None, :]
     if skip is not None:
         other &= ~skip[None, :]
-    return np.bincount(bin_of(s[other]), minlength=NBINS)
+    if upper:
+        other &= np.arange(len(x))[:, None] < np.arange(len(m64))[None, :]
+    dup = other & (s >= DUPLICATE)
+    return np.bincount(bin_of(s[other & ~dup]), minlength=NBINS), int(dup.sum())

@@ -23,7 +23,6 @@ the cosine similarity.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import threading
@@ -32,8 +31,6 @@ from pathlib import Path
 
 import numpy as np
 
-from contracts.files import atomic_write_bytes
-from scorenorm import ScoreHistogram, TailMap, TailSettings, build_map
 from server.storage.base import (
     GalleryError,
     Hit,
@@ -47,7 +44,7 @@ from server.storage.faiss.ann import INDEXES, FlatIndex, SearchIndex, gpu_count,
 from server.storage.faiss.item_table import PENDING, UNLABELLED, ItemTable
 from server.storage.faiss.segments import Rows, SegmentError, SegmentStore
 from server.storage.faiss.wal import WriteAheadLog, read_records
-from server.storage.tail_stats import Entry, TenantTail, item_hash
+from server.storage.tail_stats import Entry, TailSnapshot, TenantTail, item_hash
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +65,7 @@ __all__ = [
 INDEX_KINDS = tuple(INDEXES)
 LEGACY_SNAPSHOT = "snapshot.npz"  # the whole-gallery format before segments
 WAL = "wal.log"
-ONLINE_TAIL = "online_tail.npz"  # the online window of the tail statistics (soft state)
+ONLINE_TAIL = "online_tail.npz"  # older versions' online tail window; removed on open
 COMPACT_DEAD_SHARE = 0.25  # the RAM table drops removed rows beyond this share
 
 
@@ -123,8 +120,6 @@ class Gallery:
         self._next_id = 0
         self._since_snapshot = 0
         self._rewrite = False  # the next checkpoint writes a whole new generation
-        self._map_cache: tuple[tuple, TailMap] | None = None
-        self._sample_cache: tuple[tuple, np.ndarray, np.ndarray] | None = None
         self.reembedded = 0  # items re-embedded by open() because the model changed
         self.write_token = 0  # one process: every search sees every acknowledged write
 
@@ -208,7 +203,7 @@ class Gallery:
         replayed = gallery._replay(records, embed)
         gallery._rewrite |= gallery.reembedded > 0
         gallery._build_tail()
-        gallery._restore_online_tail()
+        (directory / ONLINE_TAIL).unlink(missing_ok=True)  # soft state of older versions
         if gallery.reembedded:
             log.info(
                 "%s: re-embedded %d items for model %s", directory, gallery.reembedded, model_sha256
@@ -407,21 +402,15 @@ class Gallery:
             gen.pending = {f: old.pending[f] for f in rows.fids.tolist() if f in old.pending}
             self.dim = vectors.shape[1]
             self._gen = gen  # searches from here on see the new model at once
-            self._sample_cache = None
             self._build_tail()
             gen.index.added(gen.table.view, gen.table.live_rows())
             self._rewrite = True
 
     # ------------------------------------------------------------------ search
     def search(
-        self,
-        queries: np.ndarray,
-        k: int,
-        threshold: float,
-        model_sha256: str,
-        read_after: int = 0,
+        self, queries: np.ndarray, k: int, model_sha256: str, read_after: int = 0
     ) -> list[SearchResult]:
-        """Top-``k`` neighbours and label-free impostor counts at ``threshold``, per query.
+        """Top-``k`` neighbours per query.
 
         No gallery lock is held across the index search: it reads an immutable view.
         ``read_after`` (a write token) needs no wait here: writes apply before they return.
@@ -432,12 +421,11 @@ class Gallery:
             raise StaleModelError(f"gallery is on model {gen.model}, not {model_sha256}")
         view = gen.table.view
         if view.live == 0:
-            return [SearchResult([], 0, 0) for _ in range(len(queries))]
+            return [SearchResult([]) for _ in range(len(queries))]
         k = max(1, min(k, view.live))
         sims, rows = gen.index.search(view, queries, k)
         if (rows[:, 0] < 0).any():  # an approximate search came back empty: be exact
             sims, rows = _EXACT.search(view, queries, k)
-        accepted, totals = self._label_free(gen, queries, view.codes[rows[:, 0]], threshold)
         labels = gen.table.labels
         return [
             SearchResult(
@@ -445,9 +433,7 @@ class Gallery:
                     Hit(view.item_id(r), _label(labels, int(view.codes[r])), float(s))
                     for s, r in zip(sims[q].tolist(), rows[q].tolist(), strict=True)
                     if r >= 0
-                ],
-                int(accepted[q]),
-                int(totals[q]),
+                ]
             )
             for q in range(len(queries))
         ]
@@ -466,23 +452,6 @@ class Gallery:
             Hit(view.item_id(r), _label(labels, int(view.codes[r])), float(sims[r]))
             for r in rows.tolist()
         ]
-
-    def _label_free(self, gen: _Generation, queries, top_codes, threshold):
-        """Impostor pairs of each query against the tail sample: the members whose
-        identity differs from the top-1's, and those scoring >= threshold.
-        O(sample x dim) per query, whatever the gallery's size."""
-        with self._lock:  # a copy of the sample, made once per change of its members
-            cache = self._sample_cache
-            key = (id(gen.tail), gen.tail.members_version)
-            if cache is None or cache[0] != key:
-                _, x, codes = gen.tail.sample()
-                cache = self._sample_cache = (key, x, codes)
-        _, x, codes = cache
-        if not len(codes):
-            zero = np.zeros(len(queries), np.int64)
-            return zero, zero
-        other = codes[None, :] != top_codes[:, None]
-        return ((queries @ x.T >= threshold) & other).sum(axis=1), other.sum(axis=1)
 
     # ------------------------------------------------------------------- items
     def items(self) -> list[Item]:
@@ -528,7 +497,6 @@ class Gallery:
                 self._write_generation()
             else:
                 self._write_segment()
-            self._save_online_tail()
             if self._wal is not None:
                 self._wal.reset()
             self._since_snapshot = 0
@@ -691,44 +659,10 @@ class Gallery:
         self._gen.tail.refill([self._entry(int(r)) for r in outside[order]])
 
     # ------------------------------------------------------------- normalisation
-    def tail_map(self, global_tail: ScoreHistogram, settings: TailSettings) -> TailMap:
-        """This tenant's tenant-tail map, rebuilt only when its statistics changed."""
+    def tail_snapshot(self) -> TailSnapshot:
+        """The tail sample and its statistics as they are now (server/storage/tail_stats.py)."""
         with self._lock:
-            tail = self._gen.tail
-            key = (id(tail), tail.version, id(global_tail), settings)
-            if self._map_cache is None or self._map_cache[0] != key:
-                self._map_cache = (key, build_map(tail.histogram(), global_tail, settings))
-            return self._map_cache[1]
-
-    def observe(self, queries: np.ndarray, matched_item_ids: list[str | None]) -> None:
-        """Online tail samples of served queries (see server/storage/tail_stats.py)."""
-        with self._lock:
-            gen = self._gen
-            codes = []
-            for item_id in matched_item_ids:
-                row = None if item_id is None else gen.table.find(item_id)
-                codes.append(None if row is None else int(gen.table.codes[row]))
-            gen.tail.observe(np.asarray(queries, np.float32), codes)
-
-    def _save_online_tail(self) -> None:
-        state = self._gen.tail.online_state()
-        if not state:
-            return
-        buffer = io.BytesIO()
-        np.savez(buffer, model=np.frombuffer(self.model_sha256.encode(), np.uint8), **state)
-        atomic_write_bytes(self.directory / ONLINE_TAIL, buffer.getvalue())
-
-    def _restore_online_tail(self) -> None:
-        path = self.directory / ONLINE_TAIL
-        if not path.exists():
-            return
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                if data["model"].tobytes().decode() != self.model_sha256:
-                    return  # another model's scores: start the window afresh
-                self._gen.tail.restore_online({k: data[k] for k in data.files if k != "model"})
-        except Exception as err:  # soft state: a damaged file only costs the window
-            log.warning("%s: ignoring unreadable online tail (%s)", path, err)
+            return self._gen.tail.snapshot()
 
     def memory_bytes(self) -> int:
         """Bytes of the in-RAM columns beyond the vectors (the bench's per-item cost)."""

@@ -1,9 +1,11 @@
 """The tenants of a data dir: one directory, one gallery and hashed keys per tenant.
 
 Layout: ``<data-dir>/tenants/<name>/tenant.json`` (name, creation time, key hashes)
-next to the gallery's ``snapshot.npz`` and ``wal.log``. A tenant exists once its
-``tenant.json`` is written (atomically); deletion renames the directory away first,
-so a crash never leaves half a tenant visible.
+next to the gallery's ``snapshot.npz`` and ``wal.log``, and ``traffic/<model>-<replica>.bin``:
+each serving process's published traffic evidence (server/matching/statistics.py),
+rewritten atomically, so processes sharing the data dir read each other's. A tenant
+exists once its ``tenant.json`` is written (atomically); deletion renames the
+directory away first, so a crash never leaves half a tenant visible.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from contracts.files import atomic_write_text, fsync_dir
-from server.storage.base import NAME, Tenant, TenantError, check_name
+from contracts.files import atomic_write_bytes, atomic_write_text, fsync_dir
+from server.storage.base import NAME, Tenant, TenantError, TrafficRow, check_name
 from server.storage.faiss.gallery import Gallery, TailOptions, describe_index
 
 log = logging.getLogger(__name__)
 
 TENANT_FILE = "tenant.json"
+TRAFFIC_DIR = "traffic"
 
 
 def read_tenant_keys(directory: Path) -> list[str]:
@@ -164,3 +167,35 @@ class TenantRegistry:
 
     def prepare_thread(self, threads: int) -> None:
         faiss.omp_set_num_threads(threads)
+
+    # ------------------------------------------------------------------ traffic
+    def publish_traffic(self, tenant: str, replica: str, blob: bytes) -> None:
+        """Replace this replica's evidence file of ``tenant`` (atomic; fsync skipped: the
+        evidence is soft state, a lost update only delays it)."""
+        directory = self.root / tenant / TRAFFIC_DIR
+        directory.mkdir(exist_ok=True)
+        atomic_write_bytes(directory / self._traffic_name(replica), blob)
+
+    def read_traffic(self, since: int) -> list[TrafficRow]:
+        prefix = self.model_sha256[:16] + "-"
+        rows = []
+        for name in self.names():
+            directory = self.root / name / TRAFFIC_DIR
+            try:
+                entries = list(directory.iterdir())
+            except FileNotFoundError:
+                continue
+            for path in entries:
+                if not (path.name.startswith(prefix) and path.suffix == ".bin"):
+                    continue
+                try:
+                    stamp = path.stat().st_mtime_ns
+                    if stamp >= since:
+                        replica = path.stem[len(prefix) :]
+                        rows.append(TrafficRow(name, replica, stamp, path.read_bytes()))
+                except FileNotFoundError:  # replaced or deleted meanwhile: the next read
+                    continue
+        return rows
+
+    def _traffic_name(self, replica: str) -> str:
+        return f"{self.model_sha256[:16]}-{replica}.bin"
