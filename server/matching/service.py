@@ -240,9 +240,15 @@ class RetrievalService:
     # ---------------------------------------------------------------- helpers
     def tenant(self, name: str):
         try:
-            return self.tenants.get(name)
+            found = self.tenants.get(name)
         except TenantError as err:
             raise ServiceError(Code.NOT_FOUND, str(err)) from err
+        if self.metrics.labels.get(name) is None:
+            # Created on another replica since this one's last store refresh: take the
+            # store's whole tenant list now, so that the tenant gets the label every
+            # replica gives it (labels learnt one tenant at a time would move later).
+            self.metrics.labels.sync(self.tenants.names())
+        return found
 
     async def _decode(self, images: list[bytes], model: ServingModel) -> list[np.ndarray | str]:
         """Model inputs per image, or the refusal message of a bad one."""

@@ -37,7 +37,13 @@ from prometheus_client.registry import Collector
 from calibrate.consistency import opis, opis_terms, utility
 from server.monitoring.drift import ReferenceHistogram, load_references
 from server.monitoring.estimators import NAN, rate, spread_ratio, wilson_interval
-from server.monitoring.labels import DEFAULT_MAX_NAMED, TenantLabels, is_bucket, tenant_hash
+from server.monitoring.labels import (
+    DEFAULT_MAX_NAMED,
+    TenantLabels,
+    bucket_label,
+    is_bucket,
+    tenant_hash,
+)
 from server.monitoring.window import RowWindow, SlidingWindow, validate_window
 
 # Columns of a decision row. The tenant column tells tenants sharing a bucket apart (a
@@ -256,12 +262,10 @@ class LiveMonitor:
         leaves the bucket's windows; the bucket's counters keep what it counted, since
         counters never go down."""
         with self._lock:
-            label = self.labels.get(tenant)
-            if label is not None and is_bucket(label):
-                for windows in self._states.get(label, _LabelState()).targets.values():
-                    windows.drop_tenant(tenant)
-            else:
-                self._drop_label(tenant)
+            self._drop_label(tenant)  # its own label, if it had one
+            bucket = bucket_label(tenant, self.labels.buckets)
+            for windows in self._states.get(bucket, _LabelState()).targets.values():
+                windows.drop_tenant(tenant)  # its rows, if it shared a bucket
             self.labels.remove(tenant)
             self._follow_labels()
 
