@@ -40,8 +40,11 @@ def tenant_hash(tenant: str) -> int:
 
 def bucket_label(tenant: str, buckets: int) -> str:
     """The bucket label of ``tenant``: a function of the name alone."""
-    width = len(str(buckets - 1))
-    return f"{BUCKET_PREFIX}{tenant_hash(tenant) % buckets:0{width}d}"
+    return _bucket(tenant_hash(tenant), buckets)
+
+
+def _bucket(name_hash: int, buckets: int) -> str:
+    return f"{BUCKET_PREFIX}{name_hash % buckets:0{len(str(buckets - 1))}d}"
 
 
 def is_bucket(label: str) -> bool:
@@ -51,10 +54,11 @@ def is_bucket(label: str) -> bool:
 class TenantLabels:
     """Maps tenant names to at most ``max_named`` names plus ``buckets`` bucket labels.
 
-    The server tells it the store's tenants (:meth:`sync` at start and after each
-    store refresh, :meth:`add` / :meth:`remove` on Create/DeleteTenant); :meth:`label`
-    of a tenant it was not told about adds it (a LiveMonitor used on its own, or a
-    tenant another replica created that a Match reached before the refresh).
+    The server tells it the store's tenants (:meth:`sync` at start, after each store
+    refresh and when it meets a tenant created elsewhere, :meth:`add` / :meth:`remove`
+    on Create/DeleteTenant). :meth:`label` of a tenant it was not told about adds it:
+    a LiveMonitor used on its own learns its tenants that way (and a tenant it learns
+    late may move others across the cap, which the server avoids by syncing first).
     """
 
     def __init__(self, max_named: int = DEFAULT_MAX_NAMED, buckets: int = DEFAULT_BUCKETS) -> None:
@@ -64,7 +68,6 @@ class TenantLabels:
             raise ValueError(f"tenant label buckets must be >= 1, got {buckets}")
         self.max_named = max_named
         self.buckets = buckets
-        self._width = len(str(buckets - 1))
         self._hashes: dict[str, int] = {}
         self._order: list[tuple[int, str]] = []  # (hash, name), ascending: the hash order
         self._cutoff: tuple[int, str] | None = None  # the last named one; None: all named
@@ -126,7 +129,7 @@ class TenantLabels:
             self._cutoff is None or (self._hashes[tenant], tenant) <= self._cutoff
         ):
             return tenant
-        return f"{BUCKET_PREFIX}{self._hashes[tenant] % self.buckets:0{self._width}d}"
+        return _bucket(self._hashes[tenant], self.buckets)
 
     def _recut(self, changed: bool = False) -> None:
         """The named ones are the first ``max_named`` of the hash order. Labels of known

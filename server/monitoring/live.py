@@ -359,10 +359,11 @@ class LiveMonitor:
                     out[label, target] = _window_stats(windows)
             return out
 
-    def drift(self) -> dict[str, tuple[float, float]]:
-        """(PSI, KS) per tenant label, over the scores of all its windows."""
+    def psi(self) -> dict[str, float]:
+        """PSI per tenant label, over the scores of all its windows (KS, in GetTenant
+        only, is not computed here: a scrape of a thousand full windows is half drift)."""
         with self._lock:
-            return {label: self._drift(label, s) for label, s in self._states.items()}
+            return {label: self._drift(label, s, ks=False)[0] for label, s in self._states.items()}
 
     def counts(self) -> dict[tuple[str, str], _Counts]:
         """A copy of the counters, per (tenant label, target label)."""
@@ -407,7 +408,7 @@ class LiveMonitor:
         terms = opis_terms(curves)
         return opis(curves), {m[0]: float(t) for m, t in zip(members, terms, strict=True)}
 
-    def _drift(self, label: str, state: _LabelState) -> tuple[float, float]:
+    def _drift(self, label: str, state: _LabelState, ks: bool = True) -> tuple[float, float]:
         ref: ReferenceHistogram | None
         if self._drift_reference == "baseline":
             ref = state.baseline
@@ -416,7 +417,7 @@ class LiveMonitor:
         scores = state.scores()
         if ref is None or len(scores) < max(self._min_drift, 1):
             return NAN, NAN
-        return ref.psi(scores), ref.ks(scores)
+        return ref.psi(scores), ref.ks(scores) if ks else NAN
 
 
 def _window_stats(w: _TargetWindows) -> dict[str, float]:
@@ -571,7 +572,7 @@ class _Collector(Collector):
         psi = GaugeMetricFamily(
             "tcm_score_drift_psi", "PSI of top-1 similarity vs the reference", labels=["tenant"]
         )
-        for label, (value, _) in sorted(m.drift().items()):
+        for label, value in sorted(m.psi().items()):
             psi.add_metric([label], value)
         yield psi
         cross = m.cross_tenant(stats)
