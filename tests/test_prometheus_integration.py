@@ -286,6 +286,19 @@ def test_real_server_drifting_tenant_pages_and_every_expression_has_data(
 # ---------------------------------------------------------------------------------------
 # docs/figures/monitoring_far.png: python -m tests.test_prometheus_integration OUT.png
 
+TENANTS = sorted((*CALM_TENANTS, DRIFTING_TENANT))
+# Per panel: expression -> what its line is (the first solid, the others dashed).
+FIGURE_PANELS = (
+    {
+        "tenant_target_far:tcm_label_free_far:target_ratio1h": "",
+        "tenant_target_far:tcm_label_free_far:ci_lower_target_ratio1h": "lower end",
+    },
+    {
+        "tenant_target_far:tcm_feedback_far:ratio1h": "",
+        "tenant_target_far:tcm_far_decision_expected": "expected",
+    },
+)
+
 
 def record_figure(out: Path, calm_s: float = 20.0, drift_s: float = 25.0) -> None:
     """Real server + real Prometheus; the drifting tenant fades after ``calm_s`` seconds.
@@ -320,29 +333,27 @@ def record_figure(out: Path, calm_s: float = 20.0, drift_s: float = 25.0) -> Non
                     end = time.time()
                 series = {
                     expr: prom.query_range(expr, start, end, 1.0)
-                    for expr in (
-                        "tcm_far_label_free_ratio",
-                        "tenant_target_far:tcm_feedback_far:ratio1h",
-                    )
+                    for panel in FIGURE_PANELS
+                    for expr in panel
                 }
                 alerts = prom.query_range('ALERTS{alertstate="firing"}', start, end, 1.0)
         finally:
             server.stop()
     fig, axes = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    titles = {
-        "tcm_far_label_free_ratio": "label-free FAR / target (per pair)",
-        "tenant_target_far:tcm_feedback_far:ratio1h": "feedback FAR (per impostor decision)",
-    }
-    for ax, (expr, result) in zip(axes, series.items(), strict=True):
-        for item in sorted(result, key=lambda r: r["metric"]["tenant"]):
-            t = np.array([float(v[0]) for v in item["values"]]) - start
-            y = np.array([float(v[1]) for v in item["values"]])
-            ax.plot(t, y, label=item["metric"]["tenant"])
+    for ax, panel in zip(axes, FIGURE_PANELS, strict=True):
+        for n, (expr, style) in enumerate(panel.items()):
+            for item in sorted(series[expr], key=lambda r: r["metric"]["tenant"]):
+                t = np.array([float(v[0]) for v in item["values"]]) - start
+                y = np.array([float(v[1]) for v in item["values"]])
+                color = f"C{TENANTS.index(item['metric']['tenant'])}"
+                label = f"{item['metric']['tenant']} {style}".strip()
+                ax.plot(t, y, color=color, linestyle="-" if n == 0 else "--", label=label)
         ax.axvline(switched - start, color="grey", linestyle=":", label="greek queries fade")
-        if expr == "tcm_far_label_free_ratio":
-            ax.axhline(3, color="red", linestyle="--", label="alert: 3 x target")
-        ax.set_title(titles[expr])
-        ax.legend(loc="upper left", fontsize=8)
+        ax.legend(loc="upper left", fontsize=7, ncol=2)
+    axes[0].axhline(2, color="red", linestyle=":", label="alert: lower end above 2 x target")
+    axes[0].set_title("label-free FAR / target (per pair), all replicas, last hour, 95% interval")
+    axes[1].set_title("feedback FAR (per impostor decision) and 1 - (1 - a)^G")
+    axes[0].legend(loc="upper left", fontsize=7, ncol=2)
     fired = sorted(
         {f"{a['metric']['alertname']}{{{a['metric'].get('tenant', '')}}}" for a in alerts}
     )
