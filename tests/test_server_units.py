@@ -419,4 +419,5 @@ def test_signed_decision_ids_are_recognised_by_another_replica_and_cannot_be_for
     moved = decision_id[:25] + other_far[25:41] + decision_id[41:]  # another target
     assert there.get(moved, "shop", "i1") is None
     assert DecisionStore(10, b"t" * 32).get(decision_id, "shop", "i1") is None  # another secret
+    assert there.get("é" * len(decision_id), "shop", "i1") is None  # not an error
     assert DecisionStore(10).get(decision_id, "shop", "i1") is None  # no secret: memory only

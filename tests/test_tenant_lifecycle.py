@@ -123,3 +123,29 @@ def test_signed_decision_ids_die_with_their_tenant_instance(
             await service.close()
 
     asyncio.run(run())
+
+
+def test_every_served_target_is_monitored_under_its_own_label(
+    server_assets: Assets, tmp_path: Path
+) -> None:
+    """A Match at another calibrated target than the default was answered but kept out
+    of monitoring before issue 21; now each target has its own series and its Feedback
+    counts under that target."""
+    server = start_server(server_assets, tmp_path, "--no-auth", "--target-far", "0.001")
+    try:
+        with RetrievalClient(server.address) as client:
+            client.create_tenant("shop")
+            use(client, server_assets, "shop", 2)  # at the default 0.001
+            other = client.match("shop", server_assets.png(3), target_far=0.01)
+            client.feedback("shop", other.decision_id, is_same=False)
+            lines = tenant_lines(server.metrics_url, "shop")
+        at = {
+            far: [line for line in lines if f'target_far="{far}"' in line]
+            for far in ("0.001", "0.01")
+        }
+        assert counter(at["0.001"], "tcm_monitored_decisions_total") == 2
+        assert counter(at["0.01"], "tcm_monitored_decisions_total") == 1
+        assert counter(at["0.01"], "tcm_feedback_outcomes_total") == 1
+        assert any(line.startswith("tcm_far_label_free_ratio{") for line in at["0.01"])
+    finally:
+        server.stop()

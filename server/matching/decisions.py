@@ -67,8 +67,8 @@ class DecisionStore:
             found = self._items.get(decision_id)
         if found is not None:
             return found if (found.tenant, found.incarnation) == (tenant, incarnation) else None
-        if not self.secret or len(decision_id) != _SIGNED:
-            return None
+        if not self.secret or len(decision_id) != _SIGNED or not decision_id.isascii():
+            return None  # (compare_digest refuses non-ASCII text)
         body, mac = decision_id[: _SIGNED - 16], decision_id[_SIGNED - 16 :]
         if not hmac.compare_digest(mac, self._mac(tenant, incarnation, body)):
             return None
