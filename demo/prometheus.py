@@ -21,10 +21,11 @@ from demo.processes import ProcessGroup, free_port
 RULES = Path(__file__).resolve().parent.parent / "deploy" / "prometheus" / "rules"
 QUERIES = (
     ("label-free FAR", "tcm_far_label_free"),
-    ("feedback FAR", "tcm_far_feedback"),
+    ("feedback FAR", "tenant_target_far:tcm_feedback_far:ratio1h"),
 )
 PASTE = (
-    "tcm_far_label_free / on() group_left tcm_target_far  # per-tenant FAR in units of the target",
+    "tenant_target_far:tcm_label_free_far:target_ratio1h  # per-tenant FAR / target, all replicas",
+    "tenant_target_far:tcm_label_free_far:ci_lower_target_ratio1h  # its 95% interval's lower end",
     'tcm_far_spread_ratio{estimate="label_free"}  # max/min FAR across tenants: 1 is consistent',
 )
 

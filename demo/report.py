@@ -69,21 +69,26 @@ def scrape(url: str) -> dict[str, dict[str, float]]:
     return values
 
 
-LIVE_GAUGES = (
-    "tcm_far_label_free",
-    "tcm_far_label_free_pairs",
-    "tcm_far_feedback",
-    "tcm_far_feedback_ci_lower",
-    "tcm_far_feedback_ci_upper",
-    "tcm_far_feedback_impostor_decisions",
-)
+LIVE_GAUGES = ("tcm_far_label_free", "tcm_far_label_free_pairs")
+# The window's feedback numbers are in GetTenant's stats, not in the exposition.
+FEEDBACK_STATS = {
+    "tcm_far_feedback": "far_feedback",
+    "tcm_far_feedback_ci_lower": "far_feedback_ci_lower",
+    "tcm_far_feedback_ci_upper": "far_feedback_ci_upper",
+    "tcm_far_feedback_impostor_decisions": "impostor_decisions",
+}
 
 
 def attach_live(outcomes: Sequence[TenantOutcome], metrics: dict[str, dict[str, float]]) -> None:
+    """The label-free window gauges scraped from /metrics (the demo serves one target),
+    and the feedback window from the GetTenant answer kept in ``outcome.normalization``."""
     for outcome in outcomes:
+        stats = outcome.normalization.get("stats", {})
         outcome.live = {
             name: metrics.get(name, {}).get(outcome.tenant, math.nan) for name in LIVE_GAUGES
         }
+        for name, key in FEEDBACK_STATS.items():
+            outcome.live[name] = stats.get(key, math.nan)
 
 
 def _rate(num: int, den: int) -> str:

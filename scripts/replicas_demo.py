@@ -112,17 +112,20 @@ def main() -> int:
             time.sleep(5)
             print()
             for expr in (
-                'tcm_label_free_accepted_total{tenant="shop"}',
+                'tcm_label_free_exceedances_total{tenant="shop"}',
                 'tcm_label_free_pairs_total{tenant="shop"}',
-                "sum by (tenant) (tcm_label_free_accepted_total) "
+                "sum by (tenant) (tcm_label_free_exceedances_total) "
                 "/ sum by (tenant) (tcm_label_free_pairs_total)",
-                "tenant:tcm_label_free_far:ratio_rate5m",
-                "tenant:tcm_label_free_far:target_ratio_rate5m",
+                "tenant_target_far:tcm_label_free_far:ratio1h",
+                "tenant_target_far:tcm_label_free_far:target_ratio1h",
+                "tenant_target_far:tcm_label_free_far:ci_lower_target_ratio1h",
+                "tenant_target_far:tcm_label_free_far:ci_upper_target_ratio1h",
                 'sum by (tenant) (tcm_monitored_decisions_total{tenant="shop"})',
             ):
                 print(f"promql> {expr}")
                 for r in prom.query(expr):
-                    labels = {k: v for k, v in r["metric"].items() if k in ("instance", "tenant")}
+                    keep = ("instance", "tenant", "target_far")
+                    labels = {k: v for k, v in r["metric"].items() if k in keep}
                     print(f"  {labels} {r['value'][1]}")
     finally:
         for server in servers or []:

@@ -19,7 +19,7 @@ import signal
 import sys
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
 from threadpoolctl import threadpool_limits
 
 import scorenorm
@@ -38,7 +38,7 @@ from server.matching.model import ServingModel
 from server.matching.observer import DecisionObserver, NullObserver
 from server.matching.service import RetrievalService, ServiceConfig
 from server.matching.statistics import StatisticsSettings
-from server.monitoring.labels import TenantLabels
+from server.monitoring.labels import DEFAULT_BUCKETS, DEFAULT_MAX_NAMED, TenantLabels
 from server.monitoring.serving import ServerMetrics
 from server.storage.base import TailOptions
 from server.storage.tail_stats import DEFAULT_CAPACITY
@@ -214,7 +214,17 @@ def parser() -> argparse.ArgumentParser:
         "--monitor-window-seconds", type=float, default=0.0, help="window age limit; 0 = none"
     )
     m.add_argument(
-        "--max-tenant-labels", type=int, default=20, help="tenants named in metrics; rest 'other'"
+        "--max-tenant-labels",
+        type=int,
+        default=DEFAULT_MAX_NAMED,
+        help="tenants named in metric labels while the store holds more: those with the "
+        "smallest name hash; the rest share --tenant-label-buckets labels (docs/METRICS.md)",
+    )
+    m.add_argument(
+        "--tenant-label-buckets",
+        type=int,
+        default=DEFAULT_BUCKETS,
+        help="bucket labels (_bucket-NN, NN = name hash mod this) for tenants beyond the cap",
     )
     m.add_argument(
         "--drift-reference",
@@ -312,7 +322,10 @@ async def serve(args: argparse.Namespace) -> int:
         args.normalize,
     )
     registry = CollectorRegistry()
-    labels = TenantLabels(args.max_tenant_labels)  # one mapping for serving and monitoring
+    # one mapping for serving and monitoring; no _created series (a second series per
+    # counter child that no rule reads: docs/METRICS.md, "Cost")
+    disable_created_metrics()
+    labels = TenantLabels(args.max_tenant_labels, args.tenant_label_buckets)
     metrics = ServerMetrics(registry, labels=labels)
     observer = make_observer(args, registry, model, labels)
     config = ServiceConfig(

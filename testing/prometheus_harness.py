@@ -31,7 +31,8 @@ INSTALL_HINT = (
 )
 
 _ROW = re.compile(r"^\|\s*`(?P<name>[a-z0-9_:]+)`[^|]*\|\s*(?P<type>[a-z() ]+?)\s*\|", re.M)
-_NAME = re.compile(r"(?<![\w:\"'{=~.$])(tcm[a-zA-Z0-9_:]*)")
+# tcm_* series and recording rules, with or without a level (``tenant_target_far:tcm_...``)
+_NAME = re.compile(r"(?<![\w:\"'{=~.$])((?:[a-z_]+:)?tcm[a-zA-Z0-9_:]*)")
 
 
 def binary(name: str) -> str | None:
@@ -57,7 +58,8 @@ def contract_names(metrics_md: Path = ROOT / "docs" / "METRICS.md") -> set[str]:
 
 
 def promql_names(expr: str) -> set[str]:
-    """tcm* metric or recording-rule names an expression reads (label values excluded)."""
+    """tcm* metric or recording-rule names an expression reads (label values excluded),
+    level-prefixed rule names included."""
     without_strings = re.sub(r'"[^"]*"|\'[^\']*\'', '""', expr)
     return set(_NAME.findall(without_strings))
 

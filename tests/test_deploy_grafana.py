@@ -41,20 +41,45 @@ def test_dashboard_shows_what_the_issue_asks_for():
     names = set().union(*(promql_names(e) for e in dashboard_exprs()))
     assert names >= {
         "tcm_far_label_free",
-        "tcm_far_feedback",
-        "tcm_far_feedback_ci_lower",
-        "tcm_far_feedback_ci_upper",
-        "tcm_target_far",
+        "tcm_far_label_free_ci_lower",
+        "tcm_far_label_free_ci_upper",
+        "tcm_served_target_far",
         "tcm_threshold_similarity",
         "tcm_far_spread_ratio",
         "tcm_tenant_opis",
         "tcm_score_drift_psi",
-        "tcm_score_drift_ks",
         "tcm_gallery_items",
         "tcm:decisions:match_ratio_rate5m",
         "tcm:request_duration_seconds:p99_5m",
         "tcm:request_errors:ratio_rate5m",
+        # issue 21: the fleet view, from counters summed over replicas
+        "tenant_target_far:tcm_label_free_far:target_ratio1h",
+        "tenant_target_far:tcm_label_free_far:ci_lower_target_ratio1h",
+        "tenant_target_far:tcm_label_free_far:ci_upper_target_ratio1h",
+        "target_far:tcm_tenants_in_band:count1h",
+        "tenant_target_far:tcm_feedback_far:ratio1h",
+        "tenant_target_far:tcm_feedback_far:ci_lower1h",
+        "tenant_target_far:tcm_feedback_far:ci_upper1h",
+        "tenant_target_far:tcm_far_decision_expected",
     }
+    assert any(e.startswith("topk(") for e in dashboard_exprs())
+
+
+def panels() -> list[dict]:
+    return [p for p in dashboard()["panels"] if p["type"] != "row"]
+
+
+def test_feedback_and_label_free_ratios_never_share_an_axis():
+    """Feedback FAR is per decision (about G x a for a calibrated G-item gallery), the
+    label-free FAR per pair (1x when calibrated): one panel drawing both read 30x
+    'breaches' off a calibrated tenant. Each has its own panel and reference line."""
+    for panel in panels():
+        exprs = " ".join(t["expr"] for t in panel.get("targets", []))
+        feedback = "feedback_far" in exprs or "tcm_feedback_outcomes" in exprs
+        label_free = "label_free" in exprs
+        assert not (feedback and label_free), panel["title"]
+        if "tcm_feedback_far:ratio1h" in exprs:
+            assert "tcm_far_decision_expected" in exprs, panel["title"]
 
 
 def test_tenant_variable_is_used_by_per_tenant_panels():

@@ -49,13 +49,25 @@ def test_rule_unit_tests_pass():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_rule_unit_tests_catch_a_wrong_threshold(tmp_path: Path):
-    """The unit tests are able to fail: with k = 10 the drifting tenant must not page."""
+@pytest.mark.parametrize(
+    ("path", "old", "new"),
+    [
+        # twice as strict a bound: the new customer at 3.5x must no longer page
+        ("rules/alerts.yml", "ci_lower_target_ratio1h > 2", "ci_lower_target_ratio1h > 4"),
+        # a point estimate instead of the interval: the 1.2x and thin tenants would page
+        ("rules/alerts.yml", "ci_lower_target_ratio1h > 2", "target_ratio1h > 1"),
+        # a 99% interval (z = 2.576): 600 pairs at 3.5x are no longer enough in time
+        ("rules/recording.yml", "- 1.959963984540054 *", "- 2.575829303549 *"),
+    ],
+)
+def test_rule_unit_tests_catch_a_wrong_alert(tmp_path: Path, path: str, old: str, new: str):
+    """The unit tests are able to fail: each change of the FAR alert's bound, of the
+    estimate it reads or of the interval's confidence breaks them."""
     shutil.copytree(PROMETHEUS_DIR, tmp_path / "p")
-    alerts = tmp_path / "p" / "rules" / "alerts.yml"
-    text = alerts.read_text()
-    assert "tcm_far_label_free_ratio > 3" in text
-    alerts.write_text(text.replace("tcm_far_label_free_ratio > 3", "tcm_far_label_free_ratio > 10"))
+    changed = tmp_path / "p" / path
+    text = changed.read_text()
+    assert old in text
+    changed.write_text(text.replace(old, new))
     result = promtool("test", "rules", "tests/far_alerts_test.yml", cwd=tmp_path / "p")
     assert result.returncode != 0
     assert "TcmTenantFarHigh" in result.stdout + result.stderr
@@ -97,6 +109,9 @@ def test_rule_files_are_all_loaded_by_the_config():
 
 def test_promql_names_ignores_label_values():
     assert promql_names('tcm_a{tenant="tcm_b"} / on(x) tcm:c:rate5m') == {"tcm_a", "tcm:c:rate5m"}
+    assert promql_names("topk(3, tenant_target_far:tcm_x:ratio1h > 2)") == {
+        "tenant_target_far:tcm_x:ratio1h"
+    }
     assert "tcm_requests_total" in contract_names()
     assert "tcm_request_duration_seconds_bucket" in contract_names()
     assert "tcm_model_info" in contract_names()

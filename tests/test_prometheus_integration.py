@@ -53,9 +53,13 @@ def feed(monitor: LiveMonitor, rng: np.random.Generator, stop: threading.Event) 
                 top1 = rng.normal(0.6, 0.08) if drifting else rng.normal(0.8, 0.05)
                 accepted = int(rng.binomial(GALLERY - 1, pair_far))
                 decision = f"{tenant}-{n}"
-                monitor.record_decision(tenant, decision, top1, top1 >= 0.7, 0.7, accepted, 50)
+                matched = top1 >= 0.7
+                monitor.record_decision(
+                    tenant, decision, top1, matched, TARGET_FAR, float(accepted), 50.0
+                )
                 if n % 2 == 0:  # every other query was an impostor, and the client says so
-                    monitor.record_feedback(tenant, decision, rng.random() < decision_far, False)
+                    accepted_impostor = rng.random() < decision_far
+                    monitor.record_feedback(tenant, decision, accepted_impostor, False, TARGET_FAR)
         stop.wait(0.1)
 
 
@@ -70,9 +74,10 @@ def metrics_endpoint() -> Iterator[str]:
         reference_top1=reference(rng),
         min_drift_samples=100,
     )
-    # The two serving gauges the feedback alert joins on (server/monitoring/serving.py
-    # exports them).
+    # The serving gauges the FAR rules join on (server/monitoring/serving.py exports them).
     Gauge("tcm_target_far", "target FAR", registry=registry).set(TARGET_FAR)
+    served = Gauge("tcm_served_target_far", "targets", ["target_far"], registry=registry)
+    served.labels(f"{TARGET_FAR:g}").set(TARGET_FAR)
     gallery = Gauge("tcm_gallery_items", "items", ["tenant"], registry=registry)
     for tenant in (*CALM, DRIFTING):
         gallery.labels(tenant).set(GALLERY)
@@ -117,9 +122,11 @@ def test_prometheus_alerts_on_the_drifting_tenant_only(metrics_endpoint: str, tm
             assert prom.value("tcm_far_label_free_ratio", tenant=tenant) < 3
             assert prom.value("tcm_score_drift_psi", tenant=tenant) < 0.25
         assert prom.value('tcm_far_spread_ratio{estimate="label_free"}') > 5
-        assert prom.value("tcm:far_decision_expected", tenant=DRIFTING) == pytest.approx(
-            1 - (1 - TARGET_FAR) ** GALLERY
-        )
+        expected = prom.value("tenant_target_far:tcm_far_decision_expected", tenant=DRIFTING)
+        assert expected == pytest.approx(1 - (1 - TARGET_FAR) ** GALLERY)
+        # the fleet view: the drifting tenant is the one whose interval lies above 2a
+        above = prom.query('target_far:tcm_tenants_in_band:count1h{band="above"}')
+        assert [float(r["value"][1]) for r in above] == [1.0]
         broken = [r for r in prom.rules_health() if r[1] == "err"]
         assert not broken, broken
 
@@ -209,7 +216,7 @@ class Traffic:
 def dashboard_exprs() -> list[str]:
     from tests.test_deploy_grafana import dashboard_exprs as exprs
 
-    return [e.replace("$tenant", ".*") for e in exprs()]
+    return [e.replace("$tenant", ".*").replace("$target_far", ".*") for e in exprs()]
 
 
 @pytest.mark.slow
@@ -247,7 +254,7 @@ def test_real_server_drifting_tenant_pages_and_every_expression_has_data(
                 assert not firing & {"TcmNoTraffic", "TcmServerDown", "TcmHighErrorRate"}
                 for tenant in (*CALM_TENANTS, DRIFTING_TENANT):
                     ratio = prom.value("tcm_far_label_free_ratio", tenant=tenant)
-                    far = prom.value("tcm_far_feedback", tenant=tenant)
+                    far = prom.value("tenant_target_far:tcm_feedback_far:ratio1h", tenant=tenant)
                     psi = prom.value("tcm_score_drift_psi", tenant=tenant)
                     print(
                         f"{tenant}: label-free/target {ratio:.2f}, feedback FAR {far:.3f}", end=""
@@ -278,6 +285,19 @@ def test_real_server_drifting_tenant_pages_and_every_expression_has_data(
 
 # ---------------------------------------------------------------------------------------
 # docs/figures/monitoring_far.png: python -m tests.test_prometheus_integration OUT.png
+
+TENANTS = sorted((*CALM_TENANTS, DRIFTING_TENANT))
+# Per panel: expression -> what its line is (the first solid, the others dashed).
+FIGURE_PANELS = (
+    {
+        "tenant_target_far:tcm_label_free_far:target_ratio1h": "",
+        "tenant_target_far:tcm_label_free_far:ci_lower_target_ratio1h": "lower end",
+    },
+    {
+        "tenant_target_far:tcm_feedback_far:ratio1h": "",
+        "tenant_target_far:tcm_far_decision_expected": "expected",
+    },
+)
 
 
 def record_figure(out: Path, calm_s: float = 20.0, drift_s: float = 25.0) -> None:
@@ -313,26 +333,27 @@ def record_figure(out: Path, calm_s: float = 20.0, drift_s: float = 25.0) -> Non
                     end = time.time()
                 series = {
                     expr: prom.query_range(expr, start, end, 1.0)
-                    for expr in ("tcm_far_label_free_ratio", "tcm_far_feedback")
+                    for panel in FIGURE_PANELS
+                    for expr in panel
                 }
                 alerts = prom.query_range('ALERTS{alertstate="firing"}', start, end, 1.0)
         finally:
             server.stop()
     fig, axes = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    titles = {
-        "tcm_far_label_free_ratio": "label-free FAR / target (per pair)",
-        "tcm_far_feedback": "feedback FAR (per impostor decision)",
-    }
-    for ax, (expr, result) in zip(axes, series.items(), strict=True):
-        for item in sorted(result, key=lambda r: r["metric"]["tenant"]):
-            t = np.array([float(v[0]) for v in item["values"]]) - start
-            y = np.array([float(v[1]) for v in item["values"]])
-            ax.plot(t, y, label=item["metric"]["tenant"])
+    for ax, panel in zip(axes, FIGURE_PANELS, strict=True):
+        for n, (expr, style) in enumerate(panel.items()):
+            for item in sorted(series[expr], key=lambda r: r["metric"]["tenant"]):
+                t = np.array([float(v[0]) for v in item["values"]]) - start
+                y = np.array([float(v[1]) for v in item["values"]])
+                color = f"C{TENANTS.index(item['metric']['tenant'])}"
+                label = f"{item['metric']['tenant']} {style}".strip()
+                ax.plot(t, y, color=color, linestyle="-" if n == 0 else "--", label=label)
         ax.axvline(switched - start, color="grey", linestyle=":", label="greek queries fade")
-        if expr == "tcm_far_label_free_ratio":
-            ax.axhline(3, color="red", linestyle="--", label="alert: 3 x target")
-        ax.set_title(titles[expr])
-        ax.legend(loc="upper left", fontsize=8)
+        ax.legend(loc="upper left", fontsize=7, ncol=2)
+    axes[0].axhline(2, color="red", linestyle=":", label="alert: lower end above 2 x target")
+    axes[0].set_title("label-free FAR / target (per pair), all replicas, last hour, 95% interval")
+    axes[1].set_title("feedback FAR (per impostor decision) and 1 - (1 - a)^G")
+    axes[0].legend(loc="upper left", fontsize=7, ncol=2)
     fired = sorted(
         {f"{a['metric']['alertname']}{{{a['metric'].get('tenant', '')}}}" for a in alerts}
     )

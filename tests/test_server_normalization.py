@@ -140,7 +140,7 @@ def test_statistics_survive_sigkill_and_are_exported(normalised, tmp_path):
         client.remove("durable", [f"durable-{i}" for i in range(0, 300, 7)])
         before = client.get_tenant("durable")
     assert metric(server.metrics_url, "tcm_norm_active", "durable") == 1
-    assert metric(server.metrics_url, "tcm_norm_tail_pairs", "durable") == before["tail_pairs"]
+    assert before["tail_pairs"] > 0  # in GetTenant; not a per-tenant series since issue 21
     shift = metric(server.metrics_url, "tcm_norm_threshold_shift", "durable")
     assert shift == pytest.approx(before["raw_threshold"] - before["threshold"], abs=1e-5)
     server.stop(signal.SIGKILL)

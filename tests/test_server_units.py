@@ -265,11 +265,23 @@ def test_bad_key_file(tmp_path: Path, content: str, why: str) -> None:
 # ---------------------------------------------------------------- decisions
 def test_decision_store_is_bounded() -> None:
     store = DecisionStore(capacity=3)
-    ids = [store.add("t", i % 2 == 0) for i in range(5)]
+    ids = [store.add("t", "i1", i % 2 == 0, 1e-3) for i in range(5)]
     assert len(store) == 3
-    assert store.get(ids[0]) is None
-    assert store.get(ids[4]).matched is True
-    assert store.get(ids[3]).tenant == "t"
+    assert store.get(ids[0], "t", "i1") is None
+    assert store.get(ids[4], "t", "i1").matched is True
+    assert store.get(ids[3], "t", "i1").target_far == 1e-3
+
+
+def test_a_decision_belongs_to_the_tenant_instance_that_made_it() -> None:
+    """DeleteTenant + CreateTenant with the same name is another incarnation: the old
+    instance's decision ids are unknown to it (remembered or signed alike)."""
+    for secret in (None, b"s" * 32):
+        store = DecisionStore(10, secret)
+        decision_id = store.add("shop", "old", True, 1e-2)
+        assert store.get(decision_id, "shop", "old") is not None
+        assert store.get(decision_id, "shop", "new") is None
+        assert store.get(decision_id, "other", "old") is None
+        assert DecisionStore(10, secret).get(decision_id, "shop", "new") is None
 
 
 # ------------------------------------------------------------------- config
@@ -391,16 +403,21 @@ def test_signed_decision_ids_are_recognised_by_another_replica_and_cannot_be_for
 
     secret = b"s" * 32
     here, there = DecisionStore(10, secret), DecisionStore(10, secret)
-    decision_id = here.add("shop", matched=True, monitored=True)
-    assert there.get(decision_id) is None  # no tenant given: only what it remembers
-    found = there.get(decision_id, "shop")
-    assert found is not None and (found.tenant, found.matched, found.monitored) == (
+    decision_id = here.add("shop", "i1", matched=True, target_far=1e-2)
+    found = there.get(decision_id, "shop", "i1")
+    assert found is not None
+    assert (found.tenant, found.incarnation, found.matched, found.target_far) == (
         "shop",
+        "i1",
         True,
-        True,
+        1e-2,
     )
-    assert there.get(decision_id, "other") is None  # bound to its tenant
-    flipped = decision_id[:24] + "2" + decision_id[25:]  # "not matched", same MAC
-    assert there.get(flipped, "shop") is None
-    assert DecisionStore(10, b"t" * 32).get(decision_id, "shop") is None  # another secret
-    assert DecisionStore(10).get(decision_id, "shop") is None  # no secret: memory only
+    assert there.get(decision_id, "other", "i1") is None  # bound to its tenant
+    flipped = decision_id[:24] + "0" + decision_id[25:]  # "not matched", same MAC
+    assert there.get(flipped, "shop", "i1") is None
+    other_far = here.add("shop", "i1", matched=True, target_far=1e-3)
+    moved = decision_id[:25] + other_far[25:41] + decision_id[41:]  # another target
+    assert there.get(moved, "shop", "i1") is None
+    assert DecisionStore(10, b"t" * 32).get(decision_id, "shop", "i1") is None  # another secret
+    assert there.get("é" * len(decision_id), "shop", "i1") is None  # not an error
+    assert DecisionStore(10).get(decision_id, "shop", "i1") is None  # no secret: memory only

@@ -51,6 +51,7 @@ from server.storage.base import (
     SearchResult,
     StaleModelError,
     TailOptions,
+    Tenant,
     TenantError,
     check_name,
 )
@@ -188,6 +189,8 @@ class RetrievalService:
         for tenant in self.tenants.all():
             for key_hash in tenant.key_hashes:
                 self.keys.add(key_hash, Principal(False, tenant.name))
+        # metric labels follow the store's tenants, the same on every replica
+        self.metrics.labels.sync(t.name for t in self.tenants.all())
         self._mutations = asyncio.Lock()
         self._tenant_changes = asyncio.Lock()
         if self.tenants.shared:  # Milvus: a search waits on the network, not the CPU
@@ -278,9 +281,15 @@ class RetrievalService:
     # ---------------------------------------------------------------- helpers
     def tenant(self, name: str):
         try:
-            return self.tenants.get(name)
+            found = self.tenants.get(name)
         except TenantError as err:
             raise ServiceError(Code.NOT_FOUND, str(err)) from err
+        if self.metrics.labels.get(name) is None:
+            # Created on another replica since this one's last store refresh: take the
+            # store's whole tenant list now, so that the tenant gets the label every
+            # replica gives it (labels learnt one tenant at a time would move later).
+            self.metrics.labels.sync(self.tenants.names())
+        return found
 
     async def _decode(self, images: list[bytes], model: ServingModel) -> list[np.ndarray | str]:
         """Model inputs per image, or the refusal message of a bad one."""
@@ -365,7 +374,7 @@ class RetrievalService:
             return [
                 ServiceError(Code.INVALID_ARGUMENT, d)
                 if isinstance(d, str)
-                else self._decide(tenant_name, *next(found), size)
+                else self._decide(tenant, *next(found), size)
                 for d in decoded
             ]
         raise ServiceError(Code.UNAVAILABLE, "model reloaded repeatedly during the call; retry")
@@ -396,7 +405,7 @@ class RetrievalService:
 
     def _decide(
         self,
-        tenant: str,
+        tenant: Tenant,
         result: SearchResult,
         served: TenantThreshold,
         label_free: LabelFree,
@@ -405,20 +414,18 @@ class RetrievalService:
         top = result.top1
         # the tenant's raw threshold: the same comparison the label-free counts made
         matched = top is not None and top.similarity >= served.raw
-        # The live FAR windows divide by the default target: a call that asked for another
-        # target FAR is answered and counted, but kept out of them (and so is its feedback).
-        monitored = served.target_far == self.model.default_far
-        decision_id = self.decisions.add(tenant, matched, monitored)
+        decision_id = self.decisions.add(
+            tenant.name, tenant.incarnation, matched, served.target_far
+        )
         if top is not None:
-            self.metrics.decision(tenant, matched, top.similarity)
-        if top is not None and monitored:
+            self.metrics.decision(matched, top.similarity)
             try:
                 self.observer.record_decision(
-                    tenant,
+                    tenant.name,
                     decision_id,
                     top.similarity,
                     matched,
-                    served.threshold,
+                    served.target_far,
                     label_free.exceedances,
                     label_free.pairs,
                 )
@@ -509,30 +516,49 @@ class RetrievalService:
             return 0
 
     async def refresh_tenants(self) -> None:
-        """Follow tenants and tenant keys that other replicas created or deleted."""
+        """Follow tenants and tenant keys that other replicas created or deleted; a tenant
+        deleted elsewhere (or deleted and created again) leaves monitoring here too."""
         loop = asyncio.get_running_loop()
         assert self._tenant_changes is not None
         async with self._tenant_changes:
+            before = self._incarnations()
             stored = await loop.run_in_executor(self._work_pool, self.tenants.refresh)
             for name, key_hashes in stored.items():
                 entries = [(h, Principal(False, name)) for h in key_hashes]
                 self.keys.set_source(f"tenant:{name}", entries)
             for name in self.keys.tenants() - set(stored):
                 self.keys.forget_tenant(name)
+            after = self._incarnations()
+            for name in [n for n, i in before.items() if after.get(n) != i]:
+                self._tenant_gone(name)
+            self.metrics.labels.sync(after)
+
+    def _incarnations(self) -> dict[str, str]:
+        return {t.name: t.incarnation for t in self.tenants.all()}
+
+    def _tenant_gone(self, name: str) -> None:
+        """Monitoring and the statistics forget a deleted tenant: its windows, counters,
+        label and traffic evidence (a tenant created again under the name starts afresh)."""
+        self._current().statistics.forget(name)
+        try:
+            self.observer.tenant_deleted(name)
+        except Exception:  # monitoring must never fail an Admin call
+            log.exception("observer.tenant_deleted failed")
+        self.metrics.labels.remove(name)
 
     async def feedback(self, tenant_name: str, decision_id: str, is_same: bool) -> bool:
-        self.tenant(tenant_name)
-        decision = self.decisions.get(decision_id, tenant_name)
-        if decision is None or decision.tenant != tenant_name:
+        tenant = self.tenant(tenant_name)
+        decision = self.decisions.get(decision_id, tenant.name, tenant.incarnation)
+        if decision is None:
             raise ServiceError(
                 Code.NOT_FOUND,
                 f"no recent decision {decision_id[:40]!r} for tenant {tenant_name!r} "
                 f"(the server remembers the last {self.decisions.capacity})",
             )
-        if not decision.monitored:
-            return decision.matched
         try:
-            self.observer.record_feedback(tenant_name, decision_id, decision.matched, is_same)
+            self.observer.record_feedback(
+                tenant_name, decision_id, decision.matched, is_same, decision.target_far
+            )
         except ValueError as err:
             raise ServiceError(Code.FAILED_PRECONDITION, str(err)) from err
         return decision.matched
@@ -569,16 +595,13 @@ class RetrievalService:
         }
 
     def normalization_stats(self) -> dict[str, TenantNormalization]:
-        """Per tenant: is its map active, its tail sample, its threshold shift (metrics)."""
+        """Per tenant: is its map active, its threshold shift (metrics)."""
         model = self.model
         statistics, threshold = self._current().statistics, model.target(0).threshold
         out = {}
         for tenant in self.tenants.all():
-            snapshot = tenant.gallery.tail_snapshot()
-            mapping = statistics.mapping(tenant.name, snapshot)
-            out[tenant.name] = TenantNormalization(
-                mapping.active, snapshot.gallery.total, mapping.shift(threshold)
-            )
+            mapping = statistics.mapping(tenant.name, tenant.gallery.tail_snapshot())
+            out[tenant.name] = TenantNormalization(mapping.active, mapping.shift(threshold))
         return out
 
     # ------------------------------------------------------------------ admin
@@ -600,6 +623,7 @@ class RetrievalService:
                 raise ServiceError(Code.ALREADY_EXISTS, str(err)) from err
             if key_hash:
                 self.keys.add(key_hash, Principal(False, name))
+            self.metrics.labels.add(name)
         return key
 
     async def delete_tenant(self, name: str) -> int:
@@ -613,7 +637,7 @@ class RetrievalService:
             except TenantError as err:
                 raise ServiceError(Code.NOT_FOUND, str(err)) from err
             self.keys.forget_tenant(name)
-            self._current().statistics.forget(name)
+            self._tenant_gone(name)
         return removed
 
     def _restart_monitoring(self, model: ServingModel) -> None:

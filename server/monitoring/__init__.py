@@ -7,14 +7,17 @@ No torch here: the serving image must not need it.
 
 from server.monitoring.drift import ReferenceHistogram, load_references
 from server.monitoring.estimators import spread_ratio, wilson_interval
-from server.monitoring.labels import OTHER, TenantLabels
-from server.monitoring.live import LiveMonitor
+from server.monitoring.labels import BUCKET_PREFIX, TenantLabels, bucket_label, is_bucket
+from server.monitoring.live import LiveMonitor, far_label
 
 __all__ = [
-    "OTHER",
+    "BUCKET_PREFIX",
     "LiveMonitor",
     "ReferenceHistogram",
     "TenantLabels",
+    "bucket_label",
+    "far_label",
+    "is_bucket",
     "load_references",
     "spread_ratio",
     "wilson_interval",

@@ -2,9 +2,15 @@
 
 Everything lives in one :class:`~prometheus_client.CollectorRegistry` owned by the
 server, so tests can run several servers in one process and the live monitor
-(server/monitoring/) registers its gauges next to these. Tenant label values are
-bounded by the same :class:`TenantLabels` the monitor uses (top-N by first traffic,
-the rest ``other``), so the two sets of series agree.
+(server/monitoring/) registers its gauges next to these.
+
+No prometheus_client metric here carries a ``tenant`` label. The few per-tenant series
+(gallery size, normalisation state) are computed at scrape time from the store's
+tenants, under the labels of the shared :class:`TenantLabels` (server/monitoring/labels.py),
+so a deleted tenant's series are gone at the next scrape and nothing needs ``remove()``.
+Decisions and top-1 scores per tenant were cut (issue 21): at 41 histogram buckets they
+were two thirds of every tenant's series; the monitor's counters count decisions per
+tenant and target, and its drift gauge watches each tenant's top-1 scores.
 """
 
 from __future__ import annotations
@@ -46,15 +52,14 @@ class TenantNormalization:
     """What ``tcm_norm_*`` exports for one tenant."""
 
     active: bool
-    tail_pairs: int
     shift: float  # raw threshold - served threshold at the default target FAR
 
 
 class _Normalization(Collector):
-    """``tcm_norm_active``, ``tcm_norm_tail_pairs``, ``tcm_norm_threshold_shift`` per tenant.
+    """``tcm_norm_active`` and ``tcm_norm_threshold_shift`` per tenant label.
 
-    Tenants sharing the overflow label ``other`` are summed (active maps, pairs) and
-    their shifts averaged.
+    Tenants sharing a bucket label are summed (active maps) and their shifts averaged.
+    A tenant's tail pairs are in GetTenant (``tail_pairs``), not in the metrics.
     """
 
     def __init__(
@@ -70,11 +75,6 @@ class _Normalization(Collector):
         active = GaugeMetricFamily(
             "tcm_norm_active", "tenants whose score normalisation map is active", labels=["tenant"]
         )
-        pairs = GaugeMetricFamily(
-            "tcm_norm_tail_pairs",
-            "impostor pairs behind the tenant's tail statistics",
-            labels=["tenant"],
-        )
         shift = GaugeMetricFamily(
             "tcm_norm_threshold_shift",
             "tenant's raw similarity threshold minus the served threshold (default target)",
@@ -82,9 +82,8 @@ class _Normalization(Collector):
         )
         for label, values in sorted(groups.items()):
             active.add_metric([label], sum(v.active for v in values))
-            pairs.add_metric([label], sum(v.tail_pairs for v in values))
             shift.add_metric([label], sum(v.shift for v in values) / len(values))
-        yield from (active, pairs, shift)
+        yield from (active, shift)
 
 
 class ServerMetrics:
@@ -124,12 +123,11 @@ class ServerMetrics:
             "queue_depth", "images waiting for the embedder", namespace=ns, registry=registry
         )
         self.decisions = Counter(
-            "decisions", "Match decisions", ["tenant", "decision"], namespace=ns, registry=registry
+            "decisions", "Match decisions", ["decision"], namespace=ns, registry=registry
         )
         self.top1 = Histogram(
             "top1_similarity",
             "cosine similarity of the best gallery item per query",
-            ["tenant"],
             namespace=ns,
             buckets=_SIMILARITY,
             registry=registry,
@@ -144,12 +142,21 @@ class ServerMetrics:
         self.target_far = Gauge(
             "target_far", "the server's default target FAR", namespace=ns, registry=registry
         )
+        self.served_targets = Gauge(
+            "served_target_far",
+            "each calibrated target FAR served, as a number (its target_far label's value)",
+            ["target_far"],
+            namespace=ns,
+            registry=registry,
+        )
         self.model = Info("model", "served model and calibration", namespace=ns, registry=registry)
         self.reloads = Counter(
             "reloads", "model/calibration reloads", ["result"], namespace=ns, registry=registry
         )
         for result in ("ok", "error"):  # export zeros before the first reload
             self.reloads.labels(result)
+        for decision in ("match", "no_match"):
+            self.decisions.labels(decision)
 
     def watch_galleries(self, sizes: Callable[[], dict[str, int]]) -> None:
         """Export ``tcm_gallery_items`` from ``sizes()`` (tenant -> items) at scrape time."""
@@ -159,15 +166,16 @@ class ServerMetrics:
         """Export the per-tenant ``tcm_norm_*`` gauges from ``stats()`` at scrape time."""
         self.registry.register(_Normalization(stats, self.labels))
 
-    def decision(self, tenant: str, matched: bool, top1: float) -> None:
-        label = self.labels.label(tenant)
-        self.decisions.labels(label, "match" if matched else "no_match").inc()
-        self.top1.labels(label).observe(top1)
+    def decision(self, matched: bool, top1: float) -> None:
+        self.decisions.labels("match" if matched else "no_match").inc()
+        self.top1.observe(top1)
 
     def served(self, thresholds: dict[float, float], default_far: float, info: dict) -> None:
         """Publish the thresholds, default FAR and model identity now being served."""
         self.threshold.clear()
+        self.served_targets.clear()
         for far, similarity in thresholds.items():
             self.threshold.labels(f"{far:g}").set(similarity)
+            self.served_targets.labels(f"{far:g}").set(far)
         self.target_far.set(default_far)
         self.model.info(info)

@@ -14,6 +14,7 @@ one test suite run against each (tests/test_gallery_contract.py).
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -166,11 +167,24 @@ class TenantGallery(Protocol):
 
 @dataclass
 class Tenant:
-    """One tenant of a store: its name, its gallery and the hashes of its API keys."""
+    """One tenant of a store: its name, its gallery, the hashes of its API keys and its
+    incarnation.
+
+    The incarnation is a random id made when the tenant is created and stored with it:
+    a tenant deleted and created again under the same name is another instance, and
+    what was bound to the old one (decision ids, server/matching/decisions.py) must not
+    reach the new one. Tenants stored before incarnations existed have "".
+    """
 
     name: str
     gallery: TenantGallery
     key_hashes: list[str] = field(default_factory=list)
+    incarnation: str = ""
+
+
+def new_incarnation() -> str:
+    """A fresh tenant incarnation (64 random bits, hex)."""
+    return secrets.token_hex(8)
 
 
 class GalleryStore(Protocol):

@@ -7,9 +7,9 @@ Layout:
   share a collection, each search touches its own partition), the item id, label, the
   63-bit hash of the item id (so the tail sample's bottom-k can be queried) and the
   source image (base64, for re-embedding), the vector with a COSINE HNSW index;
-- ``tcm_tenants``: tenant names and their hashed API keys, plus the HMAC secret that
-  makes decision ids verifiable on every replica, and the model all replicas write to
-  (the alias ``tcm_current`` names its collection).
+- ``tcm_tenants``: tenant names, their hashed API keys and incarnations, plus the HMAC
+  secret that makes decision ids verifiable on every replica, and the model all
+  replicas write to (the alias ``tcm_current`` names its collection).
 
 Milvus returns scores; the threshold, normalisation and label-free counts stay in
 server/matching/service.py. The tail sample is rebuilt by every replica from the store (the
@@ -58,6 +58,7 @@ from server.storage.base import (
     TrafficRow,
     check_name,
     identity,
+    new_incarnation,
 )
 from server.storage.tail_stats import Entry, TailSnapshot, TenantTail, item_hash
 
@@ -297,31 +298,41 @@ class MilvusStore:
 
     def load_all(self) -> None:
         for name, payload in self._registry().items():
-            self._open(name, payload.get("keys", []))
+            self._open(name, payload)
         if self.tail_refresh > 0 and self._refresher is None:
             self._refresher = threading.Thread(
                 target=self._refresh_loop, daemon=True, name="milvus-refresh"
             )
             self._refresher.start()
 
-    def _open(self, name: str, keys: list[str]) -> Tenant:
+    def _open(self, name: str, payload: dict) -> Tenant:
+        """The open tenant of a registry row; a new one when the row is another
+        incarnation than the one open here (deleted and created again elsewhere)."""
+        keys, incarnation = payload.get("keys", []), payload.get("incarnation", "")
         with self._lock:
             found = self._tenants.get(name)
-            if found is not None:
+            if found is not None and found.incarnation == incarnation:
                 found.key_hashes = keys
                 return found
-        gallery = MilvusGallery(self, name)
-        tenant = Tenant(name, gallery, keys)
+        tenant = Tenant(name, MilvusGallery(self, name), keys, incarnation)
         with self._lock:
-            return self._tenants.setdefault(name, tenant)
+            found = self._tenants.get(name)
+            if found is not None and found.incarnation == incarnation:
+                return found
+            self._tenants[name] = tenant
+            return tenant
 
     def create(self, name: str, key_hash: str | None) -> Tenant:
         check_name(name)
         if name in self._registry():
             raise TenantError(f"tenant {name!r} already exists")
-        keys = [key_hash] if key_hash else []
-        self._put(name, {"keys": keys, "created_at": time.time()})
-        return self._open(name, keys)
+        payload = {
+            "keys": [key_hash] if key_hash else [],
+            "created_at": time.time(),
+            "incarnation": new_incarnation(),
+        }
+        self._put(name, payload)
+        return self._open(name, payload)
 
     def delete(self, name: str) -> int:
         tenant = self.get(name)
@@ -342,7 +353,7 @@ class MilvusStore:
         payload = self._registry().get(name)  # created on another replica?
         if payload is None:
             raise TenantError(f"unknown tenant {name!r}; create it with the Admin service")
-        return self._open(name, payload.get("keys", []))
+        return self._open(name, payload)
 
     def names(self) -> list[str]:
         return sorted(self._registry())
@@ -359,7 +370,7 @@ class MilvusStore:
         forgets deleted ones (another replica's Admin calls)."""
         registry = self._registry()
         for name, payload in registry.items():
-            self._open(name, payload.get("keys", []))
+            self._open(name, payload)
         with self._lock:
             for name in [n for n in self._tenants if n not in registry]:
                 del self._tenants[name]

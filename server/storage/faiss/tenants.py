@@ -1,11 +1,11 @@
 """The tenants of a data dir: one directory, one gallery and hashed keys per tenant.
 
-Layout: ``<data-dir>/tenants/<name>/tenant.json`` (name, creation time, key hashes)
-next to the gallery's ``snapshot.npz`` and ``wal.log``, and ``traffic/<model>-<replica>.bin``:
-each serving process's published traffic evidence (server/matching/statistics.py),
-rewritten atomically, so processes sharing the data dir read each other's. A tenant
-exists once its ``tenant.json`` is written (atomically); deletion renames the
-directory away first, so a crash never leaves half a tenant visible.
+Layout: ``<data-dir>/tenants/<name>/tenant.json`` (name, creation time, key hashes,
+incarnation) next to the gallery's ``snapshot.npz`` and ``wal.log``, and
+``traffic/<model>-<replica>.bin``: each serving process's published traffic evidence
+(server/matching/statistics.py), rewritten atomically, so processes sharing the data dir
+read each other's. A tenant exists once its ``tenant.json`` is written (atomically);
+deletion renames the directory away first, so a crash never leaves half a tenant visible.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import faiss
 import numpy as np
 
 from contracts.files import atomic_write_bytes, atomic_write_text, fsync_dir
-from server.storage.base import NAME, Tenant, TenantError, TrafficRow, check_name
+from server.storage.base import NAME, Tenant, TenantError, TrafficRow, check_name, new_incarnation
 from server.storage.faiss.gallery import Gallery, TailOptions, describe_index
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,8 @@ class TenantRegistry:
                 continue
             raw = json.loads(meta.read_text(encoding="utf-8"))
             gallery = self._open(directory)
-            self._tenants[directory.name] = Tenant(directory.name, gallery, raw.get("keys", []))
+            keys, incarnation = raw.get("keys", []), raw.get("incarnation", "")
+            self._tenants[directory.name] = Tenant(directory.name, gallery, keys, incarnation)
 
     def create(self, name: str, key_hash: str | None) -> Tenant:
         check_name(name)
@@ -100,9 +101,15 @@ class TenantRegistry:
             directory.mkdir(parents=True)
             gallery = self._open(directory)
             keys = [key_hash] if key_hash else []
-            record = {"name": name, "created_at": time.time(), "keys": keys}
+            incarnation = new_incarnation()
+            record = {
+                "name": name,
+                "created_at": time.time(),
+                "keys": keys,
+                "incarnation": incarnation,
+            }
             atomic_write_text(directory / TENANT_FILE, json.dumps(record) + "\n")
-            tenant = Tenant(name, gallery, keys)
+            tenant = Tenant(name, gallery, keys, incarnation)
             self._tenants[name] = tenant
             return tenant
 
