@@ -24,6 +24,13 @@ TINY_LIMIT = 6  # classes per (split, tenant) in glyphs-tiny
 RENDERED = ("glyphs", "glyphs-tiny", "novel", "novel-tiny")  # the specs rendered from fonts
 
 
+def training_background(spec: str) -> str:
+    """The background a model trained on ``spec`` saw, for its metadata (contracts.embedder):
+    the rendered sets draw dark ink on white paper; images read from files have their
+    transparent pixels composited onto black (``ImageSet.image``'s default)."""
+    return "white" if spec in RENDERED else "black"
+
+
 def glyph_config(spec: str):
     """The glyph configuration a spec names: ``glyphs`` or ``glyphs-tiny``."""
     from imagesets.glyphs import GlyphConfig
@@ -75,4 +82,11 @@ def load_embeddings(path: str | Path) -> EmbeddingSet:
     return load_npz(path)
 
 
-__all__ = ["EmbeddingSet", "ImageSet", "LabelledSet", "load_embeddings", "load_images"]
+__all__ = [
+    "EmbeddingSet",
+    "ImageSet",
+    "LabelledSet",
+    "load_embeddings",
+    "load_images",
+    "training_background",
+]

@@ -681,3 +681,9 @@ def test_reload_restarts_the_live_windows(server_assets: Assets, tmp_path: Path)
             assert client.get_tenant("rw")["stats"]["decisions"] == 1
     finally:
         server.stop()
+
+
+def test_a_model_that_declares_no_background_is_one_warning(auth_server: ServerProcess) -> None:
+    """The test embedder's metadata has no embedder.background and names no known training
+    data: served as before (black), and the log says so once, not per image."""
+    assert auth_server.log().count("declares no background") == 1, auth_server.log()[-2000:]
