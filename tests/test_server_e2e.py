@@ -526,7 +526,7 @@ def test_client_cli_enroll_and_match(auth_server: ServerProcess, server_assets: 
 
     cli("create-tenant", "cli")
     enrolled = cli("enroll", "cli", str(tmp_path / "gallery"))
-    assert enrolled[-1] == {"gallery_size": 4}
+    assert enrolled[-1] == {"gallery_size": 4, "enrolled": 4, "unchanged": 0, "refused": 0}
     (match,) = cli("match", "cli", str(tmp_path / "gallery" / "class1" / "img3.png"))
     assert match["matched"] and match["item_id"] == "class1/img3.png" and match["label"] == "class1"
     (fb,) = cli("feedback", "cli", match["decision_id"], "same")
