@@ -99,11 +99,10 @@ class OnnxEmbedder:
         out = np.empty((n, self.dim), np.float32)
         starts = range(0, n, batch_size)
         if progress:
-            from tqdm import tqdm
+            from contracts.progress import bar
 
-            starts = tqdm(
-                starts, desc=progress, unit="batch", total=(n + batch_size - 1) // batch_size
-            )
+            total = (n + batch_size - 1) // batch_size
+            starts = bar(starts, desc=progress, unit="batch", total=total)
         for s in starts:
             out[s : s + batch_size] = self.run(preprocess(images[s : s + batch_size], self.meta))
         return out

@@ -72,9 +72,10 @@ def load_images(spec: str, split: str = "test") -> ImageSet:
         return LOADERS[kind](path, split)
     if Path(spec).is_dir():
         return load_folder(spec)
+    # No "cannot read dataset {spec!r}" here: every caller says that, with the spec.
     raise ValueError(
-        f"cannot read dataset {spec!r}: expected one of {', '.join(RENDERED)}, an image folder, "
-        f"or one of {', '.join(k + ':PATH' for k in LOADERS)}"
+        f"no such image folder, and not a dataset name: expected one of {', '.join(RENDERED)}, "
+        f"an image folder, or one of {', '.join(k + ':PATH' for k in LOADERS)}"
     )
 
 

@@ -1,7 +1,7 @@
 """Write a labelled image set as ``DIR/<tenant>/<label>/<n>.png`` folders.
 
-That layout is what ``python -m server.client enroll TENANT DIR/<tenant>`` reads (a
-file's label is its parent folder's name) and what :func:`imagesets.load_images` reads
+That layout is what ``python -m client enroll TENANT DIR/<tenant>`` reads (a file's
+label is its parent folder's name) and what :func:`imagesets.load_images` reads
 back as a folder set, so any dataset spec becomes a gallery or query set on disk.
 
 Folder names must be safe file names, yet class names such as ``U+002F /`` or
