@@ -95,8 +95,12 @@ def _export(args: argparse.Namespace) -> int:
         what = "a file" if not out.is_dir() else "a folder that is not empty"
         print(f"export: {out} is {what}; choose a new DIR or pass --force", file=sys.stderr)
         return 3
-    if args.limit is not None and args.limit < 1:
-        print(f"export: --limit must be at least 1, got {args.limit}", file=sys.stderr)
+    for flag, value, least in (("--limit", args.limit, 1), ("--per-class", args.per_class, 1)):
+        if value is not None and value < least:
+            print(f"export: {flag} must be at least {least}, got {value}", file=sys.stderr)
+            return 2
+    if args.skip < 0:
+        print(f"export: --skip must be at least 0, got {args.skip}", file=sys.stderr)
         return 2
     try:
         images = load_images(args.name, args.split)
@@ -104,7 +108,16 @@ def _export(args: argparse.Namespace) -> int:
         print(f"export: cannot read dataset {args.name!r} ({args.split}): {err}", file=sys.stderr)
         return 1
     try:
-        done = export(images, out, args.tenant, args.limit, args.seed, _progress(args.progress))
+        done = export(
+            images,
+            out,
+            args.tenant,
+            args.limit,
+            args.seed,
+            _progress(args.progress),
+            args.per_class,
+            args.skip,
+        )
     except ExportError as err:
         print(f"export: {err}", file=sys.stderr)
         return 2
@@ -178,6 +191,20 @@ def _parser() -> argparse.ArgumentParser:
         help="at most N classes per tenant (a seeded sample, see --seed)",
     )
     exp.add_argument("--seed", type=int, default=0, help="seed of the --limit sample")
+    exp.add_argument(
+        "--per-class",
+        metavar="N",
+        type=int,
+        help="at most N images per class (after --skip): e.g. a gallery of 5 per class",
+    )
+    exp.add_argument(
+        "--skip",
+        metavar="K",
+        type=int,
+        default=0,
+        help="leave out each class's first K images: e.g. queries that are not in a "
+        "gallery exported with --per-class K",
+    )
     exp.add_argument(
         "--force",
         action="store_true",
