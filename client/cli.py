@@ -16,7 +16,7 @@ table with ``--table``. Folders are read recursively. An enrolled file's item id
 ``<folder>/<file name>``, its folder being the one that holds it, whatever path form
 names it (``gallery/`` and ``gallery/*/`` give the same ids), and its label is that
 folder's name unless ``--label``. The API key may come from the environment variable
-TCM_API_KEY.
+TCM_API_KEY, the address from TCM_ADDRESS.
 """
 
 from __future__ import annotations
@@ -338,7 +338,11 @@ def _parser() -> argparse.ArgumentParser:
         description="The retrieval.v1 client: one JSON line per result (--table: a table).",
         epilog="Exit status: 0 ok, 1 a call failed, 2 usage or local files, 141 pipe closed.",
     )
-    p.add_argument("--address", default="127.0.0.1:50051", help="server HOST:PORT")
+    p.add_argument(
+        "--address",
+        default=os.environ.get("TCM_ADDRESS", "127.0.0.1:50051"),
+        help="server HOST:PORT (or TCM_ADDRESS; default 127.0.0.1:50051)",
+    )
     p.add_argument("--api-key", default=os.environ.get("TCM_API_KEY"), help="or TCM_API_KEY")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per call")
     p.add_argument("--tls-ca", type=Path, help="PEM CA that signed the server's certificate")
