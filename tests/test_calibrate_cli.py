@@ -196,3 +196,24 @@ def test_unloadable_model_for_images(tiny_glyphs, tmp_path, capsys):
     assert main(argv) == EXIT_BAD_INPUT
     assert "cannot load model" in capsys.readouterr().err
     assert not out.parent.exists()
+
+
+def test_the_table_widens_for_long_dataset_names_and_keeps_warnings():
+    """A name longer than the 14-character column, and a target with few errors (a warning)."""
+    from calibrate import evaluate
+    from calibrate.reports.report import table
+    from imagesets import EmbeddingSet
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(20), 10)
+    x = rng.normal(size=(20, DIM))[labels] + rng.normal(size=(200, DIM))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    names = tuple(f"c{i}" for i in range(20))
+    emb = EmbeddingSet(
+        "e", labels, names, labels % 2, ("coptic-glagolitic", "b"), x.astype(np.float32)
+    )
+    text = table(evaluate(emb, (0.001, 0.01)))  # a warning at the first, then another
+    assert "warning:" in text
+    rows = [line for line in text.splitlines() if line.startswith("  coptic-glagolitic ")]
+    head = next(line for line in text.splitlines() if line.startswith("  dataset"))
+    assert rows and all(len(r) == len(head) for r in rows[:1])

@@ -173,9 +173,9 @@ def test_target_fpir_without_gallery_size_is_refused(model, tmp_path, tails_npz,
     assert "--gallery-size" in capsys.readouterr().err
 
 
-def check(model, doc, npz, capsys) -> tuple[int, str, str]:
+def check(model, doc, npz, capsys, *extra: str) -> tuple[int, str, str]:
     args = ["--check", str(doc), "--model", str(model), "--dataset", str(npz)]
-    code = main([*args, "--no-progress", "--bootstrap", "50"])
+    code = main([*args, "--no-progress", "--bootstrap", "50", *extra])
     printed = capsys.readouterr()
     return code, printed.out, printed.err
 
@@ -183,9 +183,11 @@ def check(model, doc, npz, capsys) -> tuple[int, str, str]:
 def test_check_passes_on_data_like_the_calibration(model, tmp_path, tails_npz, capsys):
     _, doc = calibrate(model, tails_npz, "--target-far", "0.01")
     fresh = tmp_path / "fresh.npz"
-    save_npz(tenants_with_tails(seed=0, per_class=8), fresh)  # same tenants, same tails
+    # same kind of tenants, three times the classes: intervals narrow enough to pass
+    save_npz(tenants_with_tails(seed=0, classes=144), fresh)
     code, printed, _ = check(model, doc, fresh, capsys)
     assert code == 0, printed
+    assert "4 pass, 0 fail, 0 insufficient evidence" in printed
     assert "check passed" in printed
 
 
@@ -197,7 +199,29 @@ def test_check_fails_the_gate_when_one_threshold_cannot_hold(model, tmp_path, ta
     code, printed, err = check(model, doc, other, capsys)
     assert code == EXIT_CHECK_FAILED
     assert "deployed thresholds measured on the new data" in printed
-    assert "check failed" in err and "outside" in err
+    assert "check failed" in err and "wholly above 2x target" in err
+    assert "FAIL" in printed  # the verdict column
+
+
+@pytest.mark.parametrize(("flag", "code"), [([], 0), (["--fail-if-too-safe"], EXIT_CHECK_FAILED)])
+def test_a_too_safe_tenant_fails_only_when_asked(model, tmp_path, tails_npz, capsys, flag, code):
+    """Served raw, one new tenant whose classes lie far apart accepts no impostor pair."""
+    _, doc = calibrate(model, tails_npz, "--target-far", "0.01", "--normalize", "none")
+    safe = tmp_path / "safe.npz"
+    save_npz(tenants_with_tails(spreads=(1.5,), seed=5), safe)
+    got, printed, err = check(model, doc, safe, capsys, *flag)
+    assert got == code, printed + err
+    if flag:  # 0 of 23,040 pairs: the upper end 3.69 / 23,040 = 0.016x target is below 1/2
+        assert "[0.00, 0.02] x target wholly below target/2 (0 of 23,040" in err
+        assert "0 pass, 1 fail, 0 insufficient evidence" in printed
+    else:
+        assert "1 pass, 0 fail, 0 insufficient evidence" in printed
+
+
+def test_fail_if_too_safe_belongs_to_check(model, tmp_path, tails_npz, capsys):
+    code, out = calibrate(model, tails_npz, "--fail-if-too-safe")
+    assert code == EXIT_BAD_INPUT and not out.exists()
+    assert "--fail-if-too-safe goes with --check" in capsys.readouterr().err
 
 
 def test_check_refuses_another_model(model, tmp_path, tails_npz, capsys):

@@ -64,12 +64,23 @@ def test_schedule_warms_up_then_decays_to_zero() -> None:
 
 
 def test_stop_when_flat() -> None:
+    from types import SimpleNamespace
+
     stop = StopWhenFlat(patience=2, min_delta=0.001)
-    for value, should in [(0.90, False), (0.95, False), (0.9505, False), (0.94, True)]:
-        stop.on_evaluate(None, 0, {"recall_at_1": value})
+    trainer = SimpleNamespace(step=0)
+    evaluations = [(1, 0.90, False), (2, 0.95, False), (3, 0.9505, False), (4, 0.94, True)]
+    for step, value, should in evaluations:
+        trainer.step = step
+        stop.on_evaluate(trainer, step, {"recall_at_1": value})
         assert stop.should_stop() is should
+    # patience counts from the last gain of min_delta (0.95); the best is the highest value
+    assert (stop.level, stop.best, stop.best_step) == (0.95, 0.9505, 3)
     restored = StopWhenFlat(patience=2)
     restored.load_state_dict(stop.state_dict())
-    assert restored.should_stop() and restored.best == 0.95
+    assert restored.should_stop() and restored.best == 0.9505 and restored.best_step == 3
+    never = StopWhenFlat(patience=None)
+    for step in range(1, 20):
+        never.on_evaluate(SimpleNamespace(step=step), step, {"recall_at_1": 0.5})
+    assert not never.should_stop() and never.best_step == 1
     with pytest.raises(ValueError, match="patience"):
         StopWhenFlat(patience=0)

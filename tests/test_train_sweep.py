@@ -152,3 +152,12 @@ def test_figures_draw_margins_and_utility_of_seed_zero(tmp_path) -> None:
     names = sorted(p.name for p in (tmp_path / "fig").iterdir())
     assert names == ["train_margins_ms.png", "train_sweep.png", "train_utility_ms.png"]
     assert all((tmp_path / "fig" / n).stat().st_size > 10_000 for n in names)
+
+
+def test_explicit_bases_pair_settings_whose_names_do_not_share_a_prefix() -> None:
+    results = _results([0.010, 0.011, 0.012], [0.895, 0.9, 0.905])
+    for r in results:
+        r["setting"] = {"ms": "shipped", "ms-calibrated-l10": "tcm"}[r["setting"]]
+    assert paired_changes(results) == []  # "tcm" has no loss prefix to pair by
+    (row,) = paired_changes(results, bases={"tcm": "shipped"})
+    assert row["base"] == "shipped" and row["opis"] == pytest.approx([-0.5, -0.5, -1 / 3])

@@ -42,7 +42,8 @@ HELP = {
     "loss": "registered base loss (see --list), or none (TCM alone)",
     "tcm": "add the TCM regulariser to the base loss",
     "steps_per_epoch": "0 = one pass over the train split",
-    "proxy_lr": "learning rate of loss parameters (proxies, class centres)",
+    "proxy_lr": "learning rate of the base loss's own parameters (ProxyAnchor proxies, "
+    "ArcFace class centres): their own optimizer parameter group",
     "schedule": "cosine or constant",
     "amp": "float16 autocast (CUDA only)",
     "device": "auto, cpu or cuda (cuda without a GPU falls back to cpu with a message)",
@@ -62,6 +63,9 @@ HELP = {
     "margin_far_hi": "calibrated margins: the loose end of the operating range (FAR)",
     "warmup_steps": "linear learning-rate warm-up steps",
     "patience": "stop after this many evaluations without a held-out Recall@1 gain (0 = off)",
+    "min_delta": "held-out Recall@1 gain that counts as progress for --patience",
+    "restore_best": "test and export the weights of the best held-out evaluation, not the last "
+    "(kept in RUN_DIR/best.pt)",
     "optimizer": "registered optimizer (see --list)",
 }
 

@@ -53,7 +53,7 @@ class TrainConfig:
     epochs: int = 3
     steps_per_epoch: int = 0  # 0: one pass over the train set
     lr: float = 1e-3
-    proxy_lr: float = 1e-2
+    proxy_lr: float = 1e-2  # the loss's own parameters (ProxyAnchor proxies, ArcFace centres)
     weight_decay: float = 1e-4
     optimizer: str = "adamw"
     schedule: str = "cosine"
@@ -65,6 +65,8 @@ class TrainConfig:
     # evaluation
     eval_every: int = 1
     patience: int = 0  # stop after this many evaluations without a held-out R@1 gain; 0 = off
+    min_delta: float = 0.0  # the held-out R@1 gain that counts as one for --patience
+    restore_best: bool = False  # test and export the best held-out evaluation, not the last
     eval_limit: int = 0  # 0: whole test split; else at most this many test images
     target_far: float = 1e-3
 

@@ -53,6 +53,17 @@ def gather_batch(emb: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     return _GatherWithGrad.apply(emb), torch.cat(parts)
 
 
+def broadcast_flag(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (e.g. its early-stopping decision); identity alone."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        value = value.cuda()
+    dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
 def init_from_env(device: torch.device) -> bool:
     """Join the process group torchrun describes (WORLD_SIZE > 1); False when single-process."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():

@@ -8,8 +8,11 @@ thresholds are only valid for the exact function that was calibrated.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,40 @@ from train.models import Embedder
 
 PARITY_TOL = 1e-4
 OPSET = 18
+# torch's ONNX exporter logs one warning per torchvision op it could translate
+# (nms, roi_align, roi_pool, deform_conv2d) when torchvision is not installed; our
+# embedders use none of them, so the four lines only alarm users.
+_REGISTRATION_LOGGER = "torch.onnx._internal.exporter._registration"
+_NO_TORCHVISION = "torchvision is not installed. Skipping %s"
+
+
+class _DropTorchvisionNotice(logging.Filter):
+    """Drops exactly the exporter's "torchvision is not installed. Skipping ..." records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        notice = (
+            record.msg == _NO_TORCHVISION
+            and len(args) == 1
+            and str(args[0]).startswith("torchvision::")
+        )
+        return not notice
+
+
+@contextlib.contextmanager
+def _quiet_torchvision_notices() -> Iterator[None]:
+    """Drop only those notices, only during an export: every other exporter log still shows.
+
+    They are ``logging`` records (torch's logger), not ``warnings``, so a warnings
+    filter does not reach them; a filter on that one logger does.
+    """
+    logger = logging.getLogger(_REGISTRATION_LOGGER)
+    drop = _DropTorchvisionNotice()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 class ParityError(RuntimeError):
@@ -51,7 +88,7 @@ def to_onnx(model: Embedder, recipe: dict[str, Any]) -> onnx.ModelProto:
     spec = model.spec
     example = torch.randn(2, spec.channels, spec.height, spec.width)
     batch = torch.export.Dim("batch", min=1, max=65536)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_torchvision_notices():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             model,

@@ -144,3 +144,52 @@ def plot_margin_runs(runs: dict[str, Path], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+CURVE_PANELS = (
+    ("recall_at_1", "held-out Recall@1"),
+    ("opis", "held-out OPIS (lower = more consistent)"),
+    ("tar", "held-out TAR at FAR 1e-3"),
+)
+
+
+def plot_curves(results: list[dict], out: Path, title: str | None = None) -> None:
+    """Every run's held-out curves against the step: one line per run, one colour per setting.
+
+    ``results`` are run results with ``setting``, ``seed``, ``curve`` (per evaluation:
+    step and metrics) and ``best_step``; the best evaluation of each run is ringed, so
+    where early stopping took its checkpoint is visible. Line styles tell seeds apart.
+    """
+    fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(5.2 * len(CURVE_PANELS), 4.2))
+    settings = list(dict.fromkeys(r["setting"] for r in results))
+    seeds = sorted({r["seed"] for r in results})
+    styles = ("-", "--", ":", "-.")
+    cmap = plt.get_cmap("tab10")
+    for ax, (key, label) in zip(axes, CURVE_PANELS, strict=True):
+        for r in results:
+            points = [(e["step"], e[key]) for e in r["curve"] if e.get(key) is not None]
+            if not points:
+                continue
+            x, y = zip(*points, strict=True)
+            color = cmap(settings.index(r["setting"]) % 10)
+            style = styles[seeds.index(r["seed"]) % len(styles)]
+            ax.plot(x, y, style, color=color, lw=1.2, marker=".", ms=3)
+            best = dict(points).get(r.get("best_step"))
+            if best is not None:
+                ax.plot(r["best_step"], best, "o", mfc="none", color=color, ms=7)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        if key == "opis":
+            ax.set_yscale("log")
+    handles = [plt.Line2D([], [], color=cmap(i % 10), label=s) for i, s in enumerate(settings)]
+    handles += [
+        plt.Line2D([], [], color="0.3", ls=styles[i % len(styles)], label=f"seed {s}")
+        for i, s in enumerate(seeds)
+    ]
+    handles.append(plt.Line2D([], [], color="0.3", ls="", marker="o", mfc="none", label="best"))
+    axes[0].legend(handles=handles, fontsize=7, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)

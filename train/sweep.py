@@ -21,13 +21,14 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from contracts import atomic_write_text
 from train.config import load_config
+from train.jobs import claim
 
 MODES = ("base", "fixed", "calibrated")
 COLUMNS = {
@@ -161,23 +162,42 @@ def seed_summary(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def paired_changes(results: list[dict]) -> list[dict[str, Any]]:
-    """Each TCM setting against its base loss on the same seeds: relative changes."""
+RELATIVE_KEYS = ("opis", "eps_opis", "tenant_opis")  # paired change as a fraction of the base
+POINT_KEYS = ("recall_at_1", "tar")  # paired change as a difference (x100 = points)
+
+
+def _base_of(setting: str, bases: Mapping[str, str] | None) -> str | None:
+    """The setting ``setting`` is compared with: ``bases`` if given, else its loss prefix."""
+    if bases is not None:
+        return bases.get(setting)
+    loss = setting.split("-", 1)[0]
+    return None if loss == setting else loss
+
+
+def paired_changes(
+    results: list[dict], bases: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """Each TCM setting against its base on the same seeds: per-seed changes.
+
+    The base is the setting named by the loss prefix (``ms-calibrated-l10`` -> ``ms``),
+    or ``bases[setting]`` when a mapping is given (the convergence matrix names its
+    pairs explicitly). Relative changes for the OPIS family, differences for the rest.
+    """
     by = _by_setting(results)
     out = []
     for setting, runs in by.items():
-        loss = setting.split("-", 1)[0]
-        if setting == loss or loss not in by:
+        loss = _base_of(setting, bases)
+        if loss is None or loss not in by:
             continue
         seeds = sorted(set(runs) & set(by[loss]))
         if not seeds:
             continue
         base, tcm = [by[loss][s] for s in seeds], [runs[s] for s in seeds]
         row: dict[str, Any] = {"setting": setting, "base": loss, "seeds": seeds}
-        for key in ("opis", "eps_opis", "tenant_opis"):
+        for key in RELATIVE_KEYS:
             row[key] = [(t[key] - b[key]) / b[key] for b, t in zip(base, tcm, strict=True)]
             row[f"{key}_base_cv"] = _cv([b[key] for b in base])
-        for key in ("recall_at_1", "tar"):
+        for key in POINT_KEYS:
             row[key] = [
                 t[key] - b[key]
                 for b, t in zip(base, tcm, strict=True)
@@ -195,7 +215,43 @@ def _cv(values: list[float]) -> float | None:
     return s / m if m else None
 
 
-def comparison(results: list[dict], opis_goal: float = -0.30, recall_window: float = 0.01) -> str:
+def noise(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, std and standard error of paired changes, and whether the mean is outside
+    the seed noise (|mean| > 2 standard errors; unknowable from one seed: ``None``)."""
+    n = len(values)
+    m, s = mean_std(values) if n else (math.nan, math.nan)
+    se = s / math.sqrt(n) if n > 1 else None
+    outside = None if se is None else abs(m) > 2 * se
+    return {"per_seed": list(values), "n": n, "mean": m, "std": s, "se": se, "outside": outside}
+
+
+def summary(results: list[dict], bases: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The report as data: mean ± std per setting and paired changes with their noise."""
+    settings: dict[str, Any] = {}
+    for setting, runs in _by_setting(results).items():
+        entry: dict[str, Any] = {"seeds": sorted(runs)}
+        for key in COLUMNS:
+            vals = [v for m in runs.values() if (v := _value(m, key)) is not None]
+            name = key
+            if key == "far_spread":  # a ratio: averaged on a log scale, as in the table
+                name, vals = "log10_far_spread", [math.log10(v) for v in vals]
+            entry[name] = dict(zip(("mean", "std"), mean_std(vals), strict=True)) if vals else None
+        settings[setting] = entry
+    paired = []
+    for row in paired_changes(results, bases):
+        item: dict[str, Any] = {"setting": row["setting"], "base": row["base"]}
+        item["seeds"] = row["seeds"]
+        item |= {key: noise(row[key]) for key in (*RELATIVE_KEYS, *POINT_KEYS)}
+        paired.append(item)
+    return {"settings": settings, "paired": paired}
+
+
+def comparison(
+    results: list[dict],
+    opis_goal: float = -0.30,
+    recall_window: float = 0.01,
+    bases: Mapping[str, str] | None = None,
+) -> str:
     """The paper-style table: change vs base per TCM setting (mean ± std over paired seeds)."""
     rows = [
         "| TCM setting | vs | seeds | OPIS change | eps-OPIS change | tenant OPIS change "
@@ -203,7 +259,7 @@ def comparison(results: list[dict], opis_goal: float = -0.30, recall_window: flo
         "|---|---|---|---|---|---|---|---|---|",
     ]
     notes = []
-    for row in paired_changes(results):
+    for row in paired_changes(results, bases):
         o, e, t = row["opis"], row["eps_opis"], row["tenant_opis"]
         r1 = [100 * v for v in row["recall_at_1"]]
         tar = [100 * v for v in row["tar"]]
@@ -233,18 +289,18 @@ def _noise_note(row: dict[str, Any]) -> str:
         return f"- {row['setting']}: one seed, noise not measurable."
     parts = []
     for key, label in (("opis", "OPIS"), ("eps_opis", "eps-OPIS"), ("tenant_opis", "tenant OPIS")):
-        m, s = mean_std(row[key])
-        inside = abs(m) <= 2 * s / math.sqrt(n)
-        parts.append(f"{label} {m:+.0%} {'inside' if inside else 'outside'} the noise")
-    m, s = mean_std(row["recall_at_1"])
-    inside = abs(m) <= 2 * s / math.sqrt(n)
-    parts.append(f"R@1 {100 * m:+.1f} pt {'inside' if inside else 'outside'} the noise")
+        change = noise(row[key])
+        where = "outside" if change["outside"] else "inside"
+        parts.append(f"{label} {change['mean']:+.0%} {where} the noise")
+    change = noise(row["recall_at_1"])
+    where = "outside" if change["outside"] else "inside"
+    parts.append(f"R@1 {100 * change['mean']:+.1f} pt {where} the noise")
     return f"- {row['setting']} ({n} seeds; noise = 2 standard errors of the paired change): " + (
         ", ".join(parts)
     )
 
 
-def report(results: list[dict]) -> str:
+def report(results: list[dict], bases: Mapping[str, str] | None = None) -> str:
     return "\n\n".join(
         [
             "### Every run (test split)",
@@ -252,13 +308,14 @@ def report(results: list[dict]) -> str:
             "### Mean ± std over seeds",
             seed_summary(results),
             "### TCM against the same base loss (paired by seed)",
-            comparison(results),
+            comparison(results, bases=bases),
         ]
     )
 
 
 # ---- running -----------------------------------------------------------------------
-def _overrides(items: Sequence[str]) -> dict[str, Any]:
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items as config changes (values as Python literals, else text)."""
     import ast
 
     out: dict[str, Any] = {}
@@ -296,11 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results_path = args.out / "results.json"
     if not args.report:
-        base = load_config(args.config).replace(**_overrides(args.set))
+        base = load_config(args.config).replace(**parse_overrides(args.set))
         for name, setting, seed in plan(
             args.losses, args.modes, args.lambdas, args.seeds, args.only
         ):
-            if name in {r["name"] for r in _read(results_path)} or _claimed(args.out / name):
+            if name in {r["name"] for r in _read(results_path)} or not claim(args.out / name):
                 continue
             _append(results_path, train_one(base, setting, seed, args.out / name, name))
     results = _read(results_path)
@@ -362,29 +419,6 @@ def _append(path: Path, result: dict) -> None:
     with (path.parent / ".results.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         atomic_write_text(path, json.dumps([*_read(path), result], indent=2))
-
-
-def _claimed(run_dir: Path) -> bool:
-    """Claim a run for this process; False when another live sweep process holds it.
-
-    Lets several sweep processes (one per CPU lane) share one plan and results file.
-    """
-    import os
-
-    marker = run_dir / ".sweep-pid"
-    if marker.is_file():
-        try:
-            pid = int(marker.read_text())
-            os.kill(pid, 0)
-        except (ValueError, ProcessLookupError):
-            pass  # stale claim of a process that is gone: take it over
-        else:
-            if pid != os.getpid():
-                print(f"{run_dir.name}: being trained by process {pid}, skipped")
-                return True
-    run_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(str(os.getpid()))
-    return False
 
 
 def train_one(base, setting: Setting, seed: int, run_dir: Path, name: str) -> dict:

@@ -115,10 +115,12 @@ class Trainer:
         device: torch.device | None = None,
         quiet: bool = False,
         export: bool = True,
+        progress: bool = True,
     ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.quiet, self.export = quiet, export
+        # progress=False keeps the per-epoch lines but drops the per-step bar (log files)
+        self.quiet, self.export, self.progress = quiet, export, progress
         self.device = device or torch.device("cpu")
         self.rank = distributed.rank()
         # channels-last convolutions: ~20% less CPU time per step for glyphnet, measured
@@ -143,13 +145,24 @@ class Trainer:
         self.history: list[dict] = []
         self.epochs: list[dict] = []
         self.stopped_early = False
+        self.seconds = 0.0  # wall time of training and held-out evaluation, over resumes
 
     # ---- the usual parts ---------------------------------------------------------
     @classmethod
     def from_config(
-        cls, cfg: TrainConfig, run_dir: str | Path, quiet: bool = False, export: bool = True
+        cls,
+        cfg: TrainConfig,
+        run_dir: str | Path,
+        quiet: bool = False,
+        export: bool = True,
+        test: bool = True,
+        progress: bool = True,
     ) -> Trainer:
-        """Build model, losses, optimizer, schedule, data and callbacks from a config."""
+        """Build model, losses, optimizer, schedule, data and callbacks from a config.
+
+        ``test=False`` does not even load the test split: learning-rate tuning
+        (``train.tune``) must choose on the held-out train classes alone.
+        """
         torch.set_num_threads(max(1, cfg.threads))
         device = resolve_device(cfg.device)
         distributed.init_from_env(device)
@@ -158,7 +171,9 @@ class Trainer:
         val_set = None
         if cfg.val_fraction > 0:
             train_set, val_set = hold_out_classes(train_set, cfg.val_fraction, VAL_SPLIT_SEED)
-        test_set = class_subset(load_dataset(cfg.dataset, "test"), cfg.eval_limit, cfg.seed)
+        test_set = None
+        if test:
+            test_set = class_subset(load_dataset(cfg.dataset, "test"), cfg.eval_limit, cfg.seed)
         model = build_model(cfg.backbone, cfg.embedding_dim, cfg.width, cfg.weights).to(device)
         losses = build_losses(
             cfg.loss,
@@ -180,8 +195,8 @@ class Trainer:
             if not cfg.tcm:  # silently training without the margins asked for would mislead
                 raise ValueError("--margins calibrated moves TCM's margins: add --tcm")
             callbacks.append(_calibrated_margins(cfg, losses["tcm"], val_set))
-        if cfg.patience > 0:
-            callbacks.append(StopWhenFlat(cfg.patience))
+        if val_set is not None or cfg.patience > 0 or cfg.restore_best:
+            callbacks.append(_early_stopping(cfg, val_set))
         return cls(
             cfg,
             run_dir,
@@ -195,6 +210,7 @@ class Trainer:
             callbacks=callbacks,
             device=device,
             quiet=quiet,
+            progress=progress,
             export=export,
         )
 
@@ -206,6 +222,7 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "stopped_early": self.stopped_early,
+            "seconds": self.seconds,
             "model": self.model.state_dict(),
             "losses": self.losses.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -230,6 +247,7 @@ class Trainer:
         self.epoch, self.history, self.epochs = state["epoch"], state["history"], state["epochs"]
         self.step = state.get("step", self.epoch * self.steps)
         self.stopped_early = state.get("stopped_early", False)
+        self.seconds = state.get("seconds", 0.0)
         print(f"resumed {path} after epoch {self.epoch}")
 
     # ---- training ----------------------------------------------------------------
@@ -273,7 +291,7 @@ class Trainer:
             loader,
             total=self.steps,
             desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-            disable=self.quiet or self.rank != 0,
+            disable=self.quiet or not self.progress or self.rank != 0,
             dynamic_ncols=True,
         )
         start, seen = time.perf_counter(), 0
@@ -325,11 +343,15 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_fit_start(self)
         while self.epoch < self.cfg.epochs and not self.stopped_early:
+            start = time.perf_counter()
             self.train_epoch()
             last = self.epoch == self.cfg.epochs
             if self.rank == 0 and (last or self.epoch % max(1, self.cfg.eval_every) == 0):
                 self._evaluate_epoch()
-            self.stopped_early = any(cb.should_stop() for cb in self.callbacks)
+            # only rank 0 evaluates, so its decision is every rank's (else the others hang)
+            stop = any(cb.should_stop() for cb in self.callbacks)
+            self.stopped_early = distributed.broadcast_flag(stop) and self.epoch < self.cfg.epochs
+            self.seconds += time.perf_counter() - start
             if self.stopped_early:
                 self.say(f"stopping after epoch {self.epoch}: held-out Recall@1 stopped rising")
             self.save_checkpoint()
@@ -340,7 +362,10 @@ class Trainer:
     def _evaluate_epoch(self) -> None:
         """Held-out metrics of this epoch: validation classes if held out, else the test set."""
         split, images = ("val", self.val_set) if self.val_set is not None else ("test", None)
-        metrics, _ = self.evaluate(images if images is not None else self.test_set)
+        images = images if images is not None else self.test_set
+        if images is None:  # neither held out nor tested (a tuning run without val classes)
+            return
+        metrics, _ = self.evaluate(images)
         for cb in self.callbacks:
             cb.on_evaluate(self, self.epoch, metrics)
         self.epochs.append(
@@ -359,14 +384,22 @@ class Trainer:
         return None
 
     def finish(self) -> dict:
-        """Test-split metrics, ONNX export, metrics.json, figures."""
+        """Callbacks' last word (best checkpoint), test metrics, export, metrics.json, figures."""
         from train.plots import plot_training
 
-        metrics, curves = self.evaluate(self.test_set)
-        self.say("test: " + _line(metrics))
-        metrics = {**metrics, "epochs": self.epoch, "steps": self.step}
+        ended: dict[str, Any] = {}
+        for cb in self.callbacks:
+            ended.update(cb.on_fit_end(self))
+        metrics: dict[str, Any] = {}
+        curves = None
+        if self.test_set is not None:
+            metrics, curves = self.evaluate(self.test_set)
+            self.say("test: " + _line(metrics))
+        metrics |= {"epochs": self.epoch, "steps": self.step, "seconds": self.seconds, **ended}
+        tested_step = ended["best"]["step"] if ended.get("restored_best") else self.step
         if self.val_set is not None and self.epochs:
-            metrics["val"] = {k: v for k, v in self.epochs[-1].items() if k != "split"}
+            row = next((e for e in self.epochs if e["step"] == tested_step), self.epochs[-1])
+            metrics["val"] = {k: v for k, v in row.items() if k != "split"}
         margins = self.final_margins()
         if margins:
             metrics["final_margins"] = {k: margins[k] for k in ("margin_plus", "margin_minus")}
@@ -377,12 +410,13 @@ class Trainer:
             metrics["export_max_abs_diff"] = diff
         atomic_write_text(self.run_dir / "metrics.json", json.dumps(json_safe(metrics), indent=2))
         atomic_write_text(self.run_dir / "history.json", json.dumps(self.history))
-        np.savez_compressed(
-            self.run_dir / "utility_curves.npz",
-            grid=curves.grid,
-            class_utility=curves.class_utility,
-            tenant_utility=curves.tenant_utility,
-        )
+        if curves is not None:
+            np.savez_compressed(
+                self.run_dir / "utility_curves.npz",
+                grid=curves.grid,
+                class_utility=curves.class_utility,
+                tenant_utility=curves.tenant_utility,
+            )
         plot_training(self.history, self.epochs, self.run_dir / "curves.png")
         self.say(f"wrote {self.run_dir}: metrics.json, curves.png" + (", model.onnx" * self.export))
         return metrics
@@ -410,6 +444,22 @@ def _param_groups(cfg: TrainConfig, model: torch.nn.Module, losses: Mapping) -> 
     if loss_params:
         groups.append({"params": loss_params, "lr": cfg.proxy_lr})
     return groups
+
+
+def _early_stopping(cfg: TrainConfig, val_set: ImageSet | None) -> StopWhenFlat:
+    """``--patience`` / ``--restore-best``: on held-out classes, never the test split.
+
+    Attached whenever classes are held out, so every run records its best held-out
+    step (``best`` in metrics.json), stopping and restoring only when asked to.
+    """
+    if val_set is None:
+        raise ValueError(
+            "--patience and --restore-best judge held-out train classes (never the test "
+            "split): set --val-fraction > 0 (e.g. 0.1)"
+        )
+    return StopWhenFlat(
+        cfg.patience or None, min_delta=cfg.min_delta, restore_best=cfg.restore_best
+    )
 
 
 def _calibrated_margins(cfg: TrainConfig, tcm: torch.nn.Module, val_set: ImageSet | None):

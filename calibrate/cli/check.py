@@ -4,9 +4,10 @@ A new customer arrives with data the calibration never saw. Without recalibratin
 this measures the deployed thresholds on it: per dataset (tenant) the FAR at the
 deployed threshold on all its pairs, its own threshold for the same target and the
 drift between them, OPIS; and, on held-out classes, the FAR raw and with the
-document's normalisation, each with a class-bootstrap interval. It exits with
-``EXIT_CHECK_FAILED`` when a dataset's interval for the served scores lies wholly
-outside [target/2, 2 target], so it can gate a deploy.
+document's normalisation, each with a class-bootstrap interval. Each (dataset,
+target) row of the served scores gets a verdict (calibrate/heldout/verdict.py): pass,
+fail or insufficient evidence; the run exits with the worst of them (main.py's exit
+codes: 0, ``EXIT_CHECK_FAILED``, ``EXIT_CHECK_INSUFFICIENT``), so it can gate a deploy.
 """
 
 from __future__ import annotations
@@ -24,10 +25,15 @@ class CheckFailedError(Exception):
     """--check found a dataset off target; the table above says which."""
 
 
+class CheckInsufficientError(Exception):
+    """--check found no dataset off target, but some it could not decide on this data."""
+
+
 def run_check(args: argparse.Namespace) -> None:
     from calibrate.engine.evaluate import evaluate
     from calibrate.engine.prepare import CalibrationInputError
     from calibrate.heldout.serving import Served, serving_report
+    from calibrate.heldout.verdict import FAIL, INSUFFICIENT, PASS, overall
     from calibrate.reports.report import table
 
     if not args.dataset:
@@ -86,11 +92,24 @@ def run_check(args: argparse.Namespace) -> None:
             "\nno normalisation section in the document: the held-out columns are raw only "
             "(calibrate with --normalize tenant-tail to serve normalised scores)"
         )
-    print(report.text())
-    bad = report.off_target(method)
-    if bad:
-        raise CheckFailedError("; ".join(bad))
-    print(f"\ncheck passed: every dataset's {method} FAR interval overlaps [target/2, 2 target]")
+    verdicts = report.verdicts(fail_if_too_safe=args.fail_if_too_safe)
+    print(report.text(verdicts))
+    band = "[target/2, 2x target]" if args.fail_if_too_safe else "<= 2x target"
+    counts = {k: sum(v.verdict.verdict == k for v in verdicts) for k in (PASS, FAIL, INSUFFICIENT)}
+    print(
+        f"\nverdicts ({method} FAR {band} on the 95% interval): {counts[PASS]} pass, "
+        f"{counts[FAIL]} fail, {counts[INSUFFICIENT]} insufficient evidence"
+    )
+    verdict = overall(v.verdict.verdict for v in verdicts)
+    if verdict == FAIL:
+        bad = [v for v in verdicts if v.verdict.verdict == FAIL]
+        raise CheckFailedError("; ".join(v.summary() for v in bad))
+    if verdict == INSUFFICIENT:
+        open_ = [v for v in verdicts if v.verdict.verdict == INSUFFICIENT]
+        raise CheckInsufficientError(
+            "; ".join(f"{v.dataset} at target FAR {v.target_far:g}" for v in open_)
+        )
+    print(f"check passed: every dataset's {method} FAR is {band} at every target")
 
 
 def _resolve_model(args: argparse.Namespace, doc) -> Path:

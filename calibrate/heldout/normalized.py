@@ -12,7 +12,7 @@ within the dataset, thresholds held fixed).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -61,6 +61,7 @@ class DatasetHeldOut:
     normalized: HeldOutFar
     shift: float | None  # mean over the galleries of (tenant raw threshold - global)
     active: int  # galleries whose map was active (of PARTS)
+    classes: int = 0  # the dataset's classes (all evaluated once, over the rotations)
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,8 @@ def held_out(
     tenants = prep.class_ds[prep.cls]
     rng = np.random.default_rng(seed)
     parts = split_classes(labels, tenants, PARTS, rng)
-    usable = [len(np.unique(labels[np.concatenate(p)])) >= MIN_CLASSES for p in parts]
+    classes = [len(np.unique(labels[np.concatenate(p)])) for p in parts]
+    usable = [c >= MIN_CLASSES for c in classes]
     ticker = Ticker(sum(usable) * PARTS, progress, "held-out pairs")
     pairs = []
     for k, (rows, ok) in enumerate(zip(parts, usable, strict=True)):
@@ -110,7 +112,12 @@ def held_out(
     out = []
     for a, t in thresholds.items():
         rows = [
-            _dataset(prep.dataset_names[k], p, t, global_tail, settings, weights, prep.n_classes)
+            replace(
+                _dataset(
+                    prep.dataset_names[k], p, t, global_tail, settings, weights, prep.n_classes
+                ),
+                classes=classes[k],
+            )
             for k, p in enumerate(pairs)
         ]
         out.append(TargetHeldOut(a, t, rows))
@@ -161,14 +168,6 @@ def _interval(w: np.ndarray, acc: np.ndarray, pairs: np.ndarray) -> tuple[float,
     tail = (1 - LEVEL) / 2 * 100
     lo, hi = np.nanpercentile(far, [tail, 100 - tail])
     return float(lo), float(hi)
-
-
-def outside(far: HeldOutFar, target: float, factor: float = 2.0) -> bool:
-    """The whole interval lies outside [target / factor, target * factor]."""
-    if far.ci is None:
-        return False
-    lo, hi = far.ci
-    return hi < target / factor or lo > target * factor
 
 
 def rows_for_document(results: Sequence[TargetHeldOut]) -> dict[float, dict[str, dict]]:

@@ -15,7 +15,14 @@ from typing import Any
 
 from calibrate.engine.results import Evaluation
 from calibrate.heldout.fpir import DatasetFpir, held_out_fpir, independent_fpir
-from calibrate.heldout.normalized import TargetHeldOut, held_out, outside, rows_for_document
+from calibrate.heldout.normalized import (
+    MIN_CLASSES,
+    DatasetHeldOut,
+    TargetHeldOut,
+    held_out,
+    rows_for_document,
+)
+from calibrate.heldout.verdict import FAIL, INSUFFICIENT, PASS, Verdict, decide
 from imagesets import EmbeddingSet
 from scorenorm import TailSettings
 
@@ -28,6 +35,38 @@ class Served:
     settings: TailSettings
     gallery_size: int | None = None  # measure FPIR at this many items
     target_fpir: float | None = None  # the threshold was chosen for this FPIR
+
+
+@dataclass(frozen=True)
+class RowVerdict:
+    """The --check verdict on one dataset at one target, with the counts it rests on."""
+
+    target_far: float
+    dataset: str
+    accepted: int
+    pairs: int
+    classes: int
+    verdict: Verdict
+
+    def line(self) -> str:
+        """Why a row did not pass, and what would decide it."""
+        v = self.verdict
+        text = f"{v.reason} ({self.accepted:,} of {self.pairs:,} pairs accepted)"
+        if v.verdict == INSUFFICIENT:
+            text += "; " + (
+                v.need.text(self.pairs, self.classes) if v.need else "no amount of data decides it"
+            )
+        return text
+
+    def summary(self) -> str:
+        """One line for the exit message."""
+        v = self.verdict
+        interval = v.ratio_text(self.target_far)
+        counted = f"{self.accepted:,} of {self.pairs:,} pairs accepted"
+        return (
+            f"{self.dataset} at target FAR {self.target_far:g}: {interval} x target "
+            f"{v.reason} ({counted})"
+        )
 
 
 @dataclass
@@ -63,24 +102,32 @@ class ServingReport:
             for a, rows in self.fpir.items()
         }
 
-    def off_target(self, method: str | None = None) -> list[str]:
-        """Datasets whose served FAR interval lies wholly outside [a/2, 2a]."""
-        method = method or self.served.method
-        bad = []
+    def served_far(self, d: DatasetHeldOut):
+        """The column the threshold is served with: normalised unless served raw."""
+        return d.normalized if self.served.method != "none" else d.raw
+
+    def verdicts(self, fail_if_too_safe: bool = False) -> list[RowVerdict]:
+        """Per (target, dataset), the verdict on its served held-out FAR (heldout/verdict.py)."""
+        out = []
         for r in self.held_out or []:
             for d in r.datasets:
-                far = d.normalized if method != "none" else d.raw
-                if outside(far, r.target_far):
-                    lo, hi = far.ci or (float("nan"), float("nan"))
-                    bad.append(
-                        f"{d.name} at target FAR {r.target_far:g}: {method} FAR interval "
-                        f"[{lo:.2e}, {hi:.2e}] outside [{r.target_far / 2:.2e}, "
-                        f"{2 * r.target_far:.2e}]"
-                    )
-        return bad
+                far = self.served_far(d)
+                v = decide(
+                    far.accepted,
+                    far.pairs,
+                    far.ci,
+                    r.target_far,
+                    classes=d.classes,
+                    min_classes=MIN_CLASSES,
+                    fail_if_too_safe=fail_if_too_safe,
+                )
+                out.append(RowVerdict(r.target_far, d.name, far.accepted, far.pairs, d.classes, v))
+        return out
 
-    def text(self) -> str:
-        return "\n".join(_held_out_lines(self) + _fpir_lines(self))
+    def text(self, verdicts: list[RowVerdict] | None = None) -> str:
+        """The held-out and FPIR tables; with ``verdicts`` (--check) the held-out rows
+        get a verdict column and, under each row not passed, why and what would decide it."""
+        return "\n".join(_held_out_lines(self, verdicts) + _fpir_lines(self))
 
 
 def serving_report(
@@ -131,7 +178,7 @@ def _ratio(far, target: float) -> str:
     return f"{far.far / target:.2f}{ci}"
 
 
-def _held_out_lines(rep: ServingReport) -> list[str]:
+def _held_out_lines(rep: ServingReport, verdicts: list[RowVerdict] | None = None) -> list[str]:
     if not rep.held_out:
         return []
     lines = [
@@ -139,19 +186,41 @@ def _held_out_lines(rep: ServingReport) -> list[str]:
         "held-out classes (3 class parts per dataset; each part once the gallery the "
         "normalisation is estimated from, once evaluated): FAR / target [95% class-bootstrap CI]",
     ]
+    if verdicts:
+        lines.append(
+            "verdict on the served column's decision interval (the bootstrap's, widened to "
+            "the exact Poisson interval of the accepted count)"
+        )
     served = rep.served.method
+    by_row = {(v.target_far, v.dataset): v for v in verdicts or []}
+    width = max([14] + [len(d.name) + 2 for r in rep.held_out for d in r.datasets])
     for r in rep.held_out:
         lines.append(
             f"target FAR {r.target_far:g} at threshold {r.threshold:.6f} (served: {served})"
         )
-        lines.append(f"  {'dataset':<14}{'raw':>26}{'tenant-tail':>26}{'shift':>10}{'mapped':>8}")
+        head = f"  {'dataset':<{width}}{'raw':>26}{'tenant-tail':>26}{'shift':>10}{'mapped':>8}"
+        lines.append(head + (f"{'decision':>16}  verdict" if verdicts else ""))
         for d in r.datasets:
             shift = "n/a" if d.shift is None else f"{d.shift:+.4f}"
-            lines.append(
-                f"  {d.name:<14}{_ratio(d.raw, r.target_far):>26}"
-                f"{_ratio(d.normalized, r.target_far):>26}{shift:>10}{d.active:>6}/3"
+            norm = _ratio(d.normalized, r.target_far) if served != "none" else "-"
+            row = (
+                f"  {d.name:<{width}}{_ratio(d.raw, r.target_far):>26}"
+                f"{norm:>26}{shift:>10}{d.active:>6}/3"
             )
+            v = by_row.get((r.target_far, d.name))
+            if v is None:
+                lines.append(row)
+                continue
+            lines.append(
+                f"{row}{v.verdict.ratio_text(r.target_far):>16}  "
+                f"{_VERDICT_WORDS[v.verdict.verdict]}"
+            )
+            if v.verdict.verdict != PASS:
+                lines.append(f"      {v.line()}")
     return lines
+
+
+_VERDICT_WORDS = {PASS: "pass", FAIL: "FAIL", INSUFFICIENT: "insufficient evidence"}
 
 
 def _fpir_lines(rep: ServingReport) -> list[str]:

@@ -9,19 +9,25 @@ def _num(v: float | None, fmt: str = ".4f") -> str:
     return "n/a" if v is None else format(v, fmt)
 
 
+def name_width(names) -> int:
+    """The dataset column: 14 characters, wider when a name needs it."""
+    return max([14] + [len(n) + 2 for n in names])
+
+
 def table(ev: Evaluation) -> str:
     """Per target: the global threshold, then one row per dataset; then consistency."""
     lines = []
+    width = name_width(d.name for d in ev.datasets)
     for t in ev.targets:
         lines.append(_target_header(t))
         lines.append(
-            f"  {'dataset':<14}{'FAR@global':>12}{'FAR ratio':>11}{'FRR@global':>12}"
+            f"  {'dataset':<{width}}{'FAR@global':>12}{'FAR ratio':>11}{'FRR@global':>12}"
             f"{'own thr':>10}{'drift':>10}"
         )
         for d in t.datasets:
             own = "n/a" if d.threshold is None else f"{d.threshold:.4f}"
             lines.append(
-                f"  {d.name:<14}{_num(d.far, '.2e'):>12}{_num(d.far_ratio, '.2f'):>11}"
+                f"  {d.name:<{width}}{_num(d.far, '.2e'):>12}{_num(d.far_ratio, '.2f'):>11}"
                 f"{_num(d.frr):>12}{own:>10}{_num(d.threshold_drift, '+.4f'):>10}"
             )
         for w in t.warnings:
@@ -51,15 +57,16 @@ def _consistency(ev: Evaluation) -> str:
     rng = ev.similarity_range
     span = "n/a" if rng is None else f"[{rng[0]:.4f}, {rng[1]:.4f}]"
     lo, hi = ev.settings["far_range"]
+    width = name_width(d.name for d in ev.datasets)
     lines = [
         f"consistency over FAR {lo:g}..{hi:g} (similarity {span}, "
         f"{ev.settings['grid_size']} thresholds):",
-        f"  {'dataset':<14}{'images':>8}{'classes':>9}{'OPIS':>11}{'eps-OPIS':>11}"
+        f"  {'dataset':<{width}}{'images':>8}{'classes':>9}{'OPIS':>11}{'eps-OPIS':>11}"
         f"{'OPIS drift':>12}{'Recall@1':>10}",
     ]
     for d in ev.datasets:
         lines.append(
-            f"  {d.name:<14}{d.images:>8}{d.classes:>9}{_num(d.opis.opis, '.2e'):>11}"
+            f"  {d.name:<{width}}{d.images:>8}{d.classes:>9}{_num(d.opis.opis, '.2e'):>11}"
             f"{_num(d.opis.eps_opis, '.2e'):>11}{_num(d.opis_drift, '.2e'):>12}"
             f"{_num(d.recall_at_1):>10}"
         )
