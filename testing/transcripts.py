@@ -149,7 +149,9 @@ def run(
         for n, step in enumerate(steps):
             script += [
                 "{ " + there(step.command),
-                f'}} > "{folder}/{n}.out" 2> "{folder}/{n}.err"; echo $? > "{folder}/{n}.rc"',
+                f'}} > "{folder}/{n}.out" 2> "{folder}/{n}.err"; rc_=$?',
+                f'echo $rc_ > "{folder}/{n}.rc"',
+                "(exit $rc_)",  # so that a following `echo $?` reads this command's status
             ]
         proc = subprocess.run(
             ["bash", "-c", "\n".join(script)],

@@ -41,6 +41,16 @@ def test_the_transcript_reader_can_fail() -> None:
     assert not transcripts.matches(["a  b"], "a b c\n")
 
 
+def test_echo_status_reads_the_command_before_it(tmp_path: Path) -> None:
+    steps = transcripts.parse("```console\n$ (exit 4)\n$ echo $?\n4\n$ true\n```\n")
+    outcomes = transcripts.run(steps, tmp_path)
+    assert [o.status for o in outcomes] == [4, 0, 0] and outcomes[1].output == "4\n"
+    assert transcripts.problems(outcomes) == []  # exit 4 is what the document says
+    steps = transcripts.parse("```console\n$ (exit 4)\n$ true\n```\n")
+    (problem,) = transcripts.problems(transcripts.run(steps, tmp_path))
+    assert "exited 4" in problem
+
+
 def test_the_commands_are_parsed_with_their_continuations() -> None:
     steps = transcripts.parse(DOC.read_text())
     assert any(s.command.startswith("python -m server --api-keys") and "\n" in s.command
