@@ -8,6 +8,7 @@ scripts/bootstrap.sh train,dev
 venv=${TCM_VENV:-.venv}
 scripts/install_prometheus.sh
 scripts/install_fonts.sh  # the novel set's fonts: its tests must not skip
+scripts/install_node_client.sh  # the Node.js client of docs/SERVER.md, run by its test
 export TCM_TEST_CACHE_DIR=${TCM_TEST_CACHE_DIR:-$PWD/.cache/test-glyphs}
 # Everything the tests need is installed above, so a skip here would hide a gap: fail on it.
 export TCM_TEST_NO_SKIPS=1

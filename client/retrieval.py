@@ -9,13 +9,14 @@ with RetrievalClient("127.0.0.1:50051", api_key=KEY) as client:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from retrieval.v1 import retrieval_pb2 as pb
 from retrieval.v1 import retrieval_pb2_grpc as rpc
-from retrieval.v1.metadata import API_KEY, READ_AFTER, WRITE_TOKEN
+from retrieval.v1.metadata import API_KEY, READ_AFTER, WRITE_TOKEN, target_far_error
 
 
 @dataclass(frozen=True)
@@ -28,36 +29,48 @@ class Neighbor:
 
 @dataclass(frozen=True)
 class MatchResult:
+    """One decision. Without a best item (an empty gallery) ``similarity``, ``distance``
+    and ``score`` are None and ``no_match_reason`` says why: no number is made up."""
+
     decision_id: str
     matched: bool
     item_id: str
-    similarity: float
+    similarity: float | None
     threshold: float
     label: str = ""
-    distance: float = 0.0
+    distance: float | None = None
     target_far: float = 0.0
     neighbors: list[Neighbor] = field(default_factory=list)
-    score: float = 0.0  # the top-1 on the normalised scale: matched = score >= threshold
+    score: float | None = None  # the top-1 on the normalised scale: matched = score >= threshold
     raw_threshold: float = 0.0  # the tenant's raw similarity that clears threshold
     normalization: str = "none"
     normalization_active: bool = False
+    gallery_size: int = 0
+    no_match_reason: str = ""
 
     @classmethod
     def from_proto(cls, r: pb.MatchResponse) -> MatchResult:
+        # Item ids are never empty, so an id means there is a best item. (Servers before
+        # similarity/distance/score had presence left a 0.0 out of the message, e.g. the
+        # distance of an exact match: reading by the id keeps those replies right.)
+        best = bool(r.item_id)
+        reason = r.no_match_reason or ("" if best else "the gallery is empty")
         return cls(
             r.decision_id,
             r.matched,
             r.item_id,
-            r.similarity,
+            r.similarity if best else None,
             r.threshold,
             r.label,
-            r.distance,
+            r.distance if best else None,
             r.target_far,
             [Neighbor(n.item_id, n.label, n.similarity, n.score) for n in r.neighbors],
-            r.score,
+            r.score if best else None,
             r.raw_threshold,
             r.normalization or "none",
             r.normalization_active,
+            r.gallery_size,
+            reason,
         )
 
 
@@ -66,7 +79,7 @@ class ItemRefusedError(RuntimeError):
 
     def __init__(self, item_id: str, code: str, message: str) -> None:
         super().__init__(f"{item_id}: {code}: {message}")
-        self.item_id, self.code = item_id, code
+        self.item_id, self.code, self.message = item_id, code, message
 
 
 class RetrievalClient:
@@ -164,6 +177,9 @@ class RetrievalClient:
     def match(
         self, tenant: str, image_bytes: bytes, top_k: int = 1, target_far: float = 0.0
     ) -> MatchResult:
+        """``target_far`` 0 = the server's default; else it must lie in (0, 1) (ValueError
+        before anything is sent, by the rule the server applies)."""
+        _check_target_far(target_far)
         request = pb.MatchRequest(
             tenant=tenant, image=image_bytes, top_k=top_k, target_far=target_far
         )
@@ -173,6 +189,7 @@ class RetrievalClient:
         self, tenant: str, images: list[bytes], top_k: int = 1, target_far: float = 0.0
     ) -> list[MatchResult | ItemRefusedError]:
         """One result per image; a refused image gives an ItemRefusedError in its slot."""
+        _check_target_far(target_far)
         request = pb.MatchBatchRequest(
             tenant=tenant, images=images, top_k=top_k, target_far=target_far
         )
@@ -190,13 +207,15 @@ class RetrievalClient:
         return self._call(self.stub.Feedback, request).matched
 
     def get_tenant(self, tenant: str) -> dict:
+        """GetTenant as a dict; a statistic the monitor cannot estimate yet (NaN on the
+        wire, e.g. a live FAR before any decision; or infinite) is None: the dict is valid JSON."""
         info = self._call(self.stub.GetTenant, pb.GetTenantRequest(tenant=tenant))
         return {
             "tenant": info.tenant,
             "gallery_size": info.gallery_size,
             "target_far": info.target_far,
             "threshold": info.threshold,
-            "stats": dict(info.stats),
+            "stats": {k: v if math.isfinite(v) else None for k, v in sorted(info.stats.items())},
             "normalization": info.normalization or "none",
             "normalization_active": info.normalization_active,
             "tail_pairs": info.tail_pairs,
@@ -220,3 +239,9 @@ class RetrievalClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _check_target_far(value: float) -> None:
+    why = target_far_error(value, zero_is_default=True)
+    if why is not None:
+        raise ValueError(why)

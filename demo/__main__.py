@@ -18,6 +18,17 @@ from demo.config import DemoConfig
 from demo.pipeline import run
 
 DEFAULT_TENANTS = ("latin", "greek", "cyrillic", "math")
+OUT, TINY_OUT = Path("out/demo"), Path("out/demo-tiny")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, except where there is none to show (None, an off switch):
+    "(default: the shipped model) (default: None)" says nothing twice."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def parse_args(argv: list[str] | None = None) -> DemoConfig:
@@ -28,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
             "enrol tenants, send genuine and impostor queries, and report the live "
             "per-tenant FAR the server exports."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
     )
     parser.add_argument("--target-far", type=float, default=1e-3, help="FAR to serve at")
     parser.add_argument("--model", type=Path, help="ONNX embedder (default: the shipped model)")
@@ -56,9 +67,13 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
     parser.add_argument(
         "--impostor-classes", type=int, default=60, help="never-enrolled classes queried per tenant"
     )
-    parser.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--out", type=Path, help=f"output folder (default: {OUT}; with --tiny {TINY_OUT})"
+    )
+    parser.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to embed"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the tenants' plans")
     parser.add_argument(
         "--tiny", action="store_true", help="glyphs-tiny and few queries: a smoke run in seconds"
     )
@@ -84,7 +99,16 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
         action="store_true",
         help="keep the server (and Prometheus) running after the report until Ctrl-C",
     )
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar in any step (they show only on a terminal anyway)",
+    )
     args = parser.parse_args(argv)
+    if args.no_progress:
+        from contracts.progress import silence
+
+        silence()  # the steps run as processes: the environment carries it to them
     if not 0.0 < args.target_far < 1.0:
         parser.error(f"--target-far must be in (0, 1), got {args.target_far}")
     tenants = tuple(t.strip() for t in args.tenants.split(",") if t.strip())
@@ -99,7 +123,7 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
         genuine_per_class=args.genuine_per_class,
         impostor_classes=3 if args.tiny else args.impostor_classes,
         impostor_per_class=args.impostor_per_class,
-        out=args.out,
+        out=args.out or (TINY_OUT if args.tiny else OUT),
         device=args.device,
         seed=args.seed,
         tiny=args.tiny,

@@ -70,6 +70,7 @@ class OnnxEmbedder:
         self.providers = self.session.get_providers()
         self.sha256 = sha256_file(self.path)
         log.info("embedder %s on %s", self.path.name, self.providers[0])
+        _log_background(self.path, self.meta)
 
     @property
     def device(self) -> str:
@@ -98,11 +99,10 @@ class OnnxEmbedder:
         out = np.empty((n, self.dim), np.float32)
         starts = range(0, n, batch_size)
         if progress:
-            from tqdm import tqdm
+            from contracts.progress import bar
 
-            starts = tqdm(
-                starts, desc=progress, unit="batch", total=(n + batch_size - 1) // batch_size
-            )
+            total = (n + batch_size - 1) // batch_size
+            starts = bar(starts, desc=progress, unit="batch", total=total)
         for s in starts:
             out[s : s + batch_size] = self.run(preprocess(images[s : s + batch_size], self.meta))
         return out
@@ -111,18 +111,48 @@ class OnnxEmbedder:
         self, images: ImageSet, batch_size: int = 256, progress: str | None = None
     ) -> np.ndarray:
         """Embed an image set, reading file-backed images one batch at a time."""
-        source = images.pixels if images.pixels is not None else _LazyImages(images)
+        source = (
+            images.pixels
+            if images.pixels is not None
+            else _LazyImages(images, self.meta.alpha_background)
+        )
         return self.embed(source, batch_size=batch_size, progress=progress)
+
+
+def _log_background(path: Path, meta: EmbedderMeta) -> None:
+    """Say once per load where the alpha background comes from when the file does not
+    declare it: a wrong background silently ruins every transparent image."""
+    source, rgb = meta.background_source, meta.alpha_background
+    if source == "legacy":
+        log.info(
+            "%s declares no background (format version %d); its recipe's training data "
+            "%r was drawn on %s, so transparent pixels are composited onto that",
+            path.name,
+            meta.format_version,
+            meta.recipe.get("dataset"),
+            rgb,
+        )
+    elif source == "undeclared":
+        log.warning(
+            "%s declares no background (metadata key embedder.background, format version "
+            "2): transparent pixels are composited onto black %s as before; re-export the "
+            "model (python -m train) so it says what its training images were drawn on",
+            path.name,
+            rgb,
+        )
 
 
 class _LazyImages:
     """Slices of a file-backed image set, decoded on demand."""
 
-    def __init__(self, images: ImageSet) -> None:
+    def __init__(self, images: ImageSet, background: tuple[int, int, int]) -> None:
         self.images = images
+        self.background = background  # what transparent pixels become: the model's
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, window: slice) -> list[np.ndarray]:
-        return [self.images.image(i) for i in range(*window.indices(len(self.images)))]
+        return [
+            self.images.image(i, self.background) for i in range(*window.indices(len(self.images)))
+        ]

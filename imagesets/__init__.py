@@ -24,6 +24,13 @@ TINY_LIMIT = 6  # classes per (split, tenant) in glyphs-tiny
 RENDERED = ("glyphs", "glyphs-tiny", "novel", "novel-tiny")  # the specs rendered from fonts
 
 
+def training_background(spec: str) -> str:
+    """The background a model trained on ``spec`` saw, for its metadata (contracts.embedder):
+    the rendered sets draw dark ink on white paper; images read from files have their
+    transparent pixels composited onto black (``ImageSet.image``'s default)."""
+    return "white" if spec in RENDERED else "black"
+
+
 def glyph_config(spec: str):
     """The glyph configuration a spec names: ``glyphs`` or ``glyphs-tiny``."""
     from imagesets.glyphs import GlyphConfig
@@ -65,9 +72,10 @@ def load_images(spec: str, split: str = "test") -> ImageSet:
         return LOADERS[kind](path, split)
     if Path(spec).is_dir():
         return load_folder(spec)
+    # No "cannot read dataset {spec!r}" here: every caller says that, with the spec.
     raise ValueError(
-        f"cannot read dataset {spec!r}: expected one of {', '.join(RENDERED)}, an image folder, "
-        f"or one of {', '.join(k + ':PATH' for k in LOADERS)}"
+        f"no such image folder, and not a dataset name: expected one of {', '.join(RENDERED)}, "
+        f"an image folder, or one of {', '.join(k + ':PATH' for k in LOADERS)}"
     )
 
 
@@ -75,4 +83,11 @@ def load_embeddings(path: str | Path) -> EmbeddingSet:
     return load_npz(path)
 
 
-__all__ = ["EmbeddingSet", "ImageSet", "LabelledSet", "load_embeddings", "load_images"]
+__all__ = [
+    "EmbeddingSet",
+    "ImageSet",
+    "LabelledSet",
+    "load_embeddings",
+    "load_images",
+    "training_background",
+]

@@ -12,8 +12,8 @@ import numpy as np
 
 _EXPORT_HELP = """\
 Write DIR/<tenant>/<label>/<n>.png: enrol a tenant with
-`python -m server.client enroll TENANT DIR/TENANT` (labels are the folder names) or
-read it back with imagesets.load_images("DIR").
+`python -m client enroll TENANT DIR/TENANT` (labels are the folder names, item ids
+<label>/<n>.png) or read it back with imagesets.load_images("DIR").
 
 Label folders are the class names made safe: '%', path separators, the characters
 <>:"|?* , non-printable characters and a trailing space or dot become %XX (UTF-8
@@ -78,12 +78,12 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _progress(enabled: bool):
-    """A tqdm on stderr when it is a terminal and not silenced, else no wrapper."""
-    if not enabled or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
+    """A bar on stderr when it is a terminal and not silenced (contracts.progress)."""
+    from contracts import progress
 
-    return lambda rows, total: tqdm(rows, total=total, unit="img", file=sys.stderr)
+    if not progress.enabled(enabled):
+        return None
+    return lambda rows, total: progress.bar(rows, total=total, unit="img")
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -95,8 +95,12 @@ def _export(args: argparse.Namespace) -> int:
         what = "a file" if not out.is_dir() else "a folder that is not empty"
         print(f"export: {out} is {what}; choose a new DIR or pass --force", file=sys.stderr)
         return 3
-    if args.limit is not None and args.limit < 1:
-        print(f"export: --limit must be at least 1, got {args.limit}", file=sys.stderr)
+    for flag, value, least in (("--limit", args.limit, 1), ("--per-class", args.per_class, 1)):
+        if value is not None and value < least:
+            print(f"export: {flag} must be at least {least}, got {value}", file=sys.stderr)
+            return 2
+    if args.skip < 0:
+        print(f"export: --skip must be at least 0, got {args.skip}", file=sys.stderr)
         return 2
     try:
         images = load_images(args.name, args.split)
@@ -104,7 +108,16 @@ def _export(args: argparse.Namespace) -> int:
         print(f"export: cannot read dataset {args.name!r} ({args.split}): {err}", file=sys.stderr)
         return 1
     try:
-        done = export(images, out, args.tenant, args.limit, args.seed, _progress(args.progress))
+        done = export(
+            images,
+            out,
+            args.tenant,
+            args.limit,
+            args.seed,
+            _progress(args.progress),
+            args.per_class,
+            args.skip,
+        )
     except ExportError as err:
         print(f"export: {err}", file=sys.stderr)
         return 2
@@ -121,8 +134,17 @@ def _parser() -> argparse.ArgumentParser:
     from imagesets import RENDERED
 
     parser = argparse.ArgumentParser(prog="python -m imagesets", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bar, the rendering's included (bars show only on a terminal)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    build = sub.add_parser("build", help="render a dataset into the cache and print its statistics")
+    build = sub.add_parser(
+        "build", help="render a dataset into the cache and print its statistics", parents=[common]
+    )
     build.add_argument(
         "--dataset",
         default="glyphs",
@@ -139,16 +161,17 @@ def _parser() -> argparse.ArgumentParser:
         "--system-fonts", action="store_true", help="glyphs: also use fonts under /usr/share/fonts"
     )
     build.add_argument("--rebuild", action="store_true", help="render again even if cached")
-    grid = sub.add_parser("grid", help="save a PNG grid of test-split samples")
+    grid = sub.add_parser("grid", help="save a PNG grid of test-split samples", parents=[common])
     grid.add_argument("--dataset", default="glyphs", help="dataset spec (default: glyphs)")
     grid.add_argument("--out", type=Path, default=Path("docs/glyphs_grid.png"))
     grid.add_argument("--classes", type=int, default=16, help="rows: one random class each")
     grid.add_argument("--per-class", type=int, default=16, help="columns: samples per class")
     exp = sub.add_parser(
         "export",
-        help="write a dataset as DIR/<tenant>/<label>/<n>.png for the server client's enroll",
+        help="write a dataset as DIR/<tenant>/<label>/<n>.png for `python -m client enroll`",
         description=_EXPORT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
     )
     exp.add_argument(
         "name", metavar="NAME", help="dataset spec: glyphs, glyphs-tiny, novel, a folder, ..."
@@ -169,21 +192,33 @@ def _parser() -> argparse.ArgumentParser:
     )
     exp.add_argument("--seed", type=int, default=0, help="seed of the --limit sample")
     exp.add_argument(
+        "--per-class",
+        metavar="N",
+        type=int,
+        help="at most N images per class (after --skip): e.g. a gallery of 5 per class",
+    )
+    exp.add_argument(
+        "--skip",
+        metavar="K",
+        type=int,
+        default=0,
+        help="leave out each class's first K images: e.g. queries that are not in a "
+        "gallery exported with --per-class K",
+    )
+    exp.add_argument(
         "--force",
         action="store_true",
         help="write into a non-empty DIR: same names are overwritten, other files stay",
-    )
-    exp.add_argument(
-        "--no-progress",
-        dest="progress",
-        action="store_false",
-        help="no progress bar (it is shown on stderr only when stderr is a terminal)",
     )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if not args.progress:
+        from contracts.progress import silence
+
+        silence()  # also the bar of rendering the dataset, when it is not cached yet
     if args.command == "grid":
         _grid(args.dataset, args.out, args.classes, args.per_class)
         return 0

@@ -15,6 +15,26 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+BLACK = (0, 0, 0)
+_ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
+
+
+def has_alpha(image: Image.Image) -> bool:
+    """Whether some pixels of ``image`` may be (partly) transparent."""
+    return image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info)
+
+
+def flatten_alpha(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """``image`` composited onto an opaque ``background``, as RGB.
+
+    The one place where transparency becomes pixels, for the server (untrusted uploads)
+    and for files read into image sets (calibration, training), so a transparent PNG
+    embeds the same whichever route it takes.
+    """
+    rgba = image.convert("RGBA")
+    base = Image.new("RGBA", rgba.size, (*background, 255))
+    return Image.alpha_composite(base, rgba).convert("RGB")
+
 
 @dataclass(frozen=True)
 class LabelledSet:
@@ -65,11 +85,15 @@ class ImageSet(LabelledSet):
         if len(stored) != len(self.labels):
             raise ValueError(f"{self.name}: {len(stored)} images but {len(self.labels)} labels")
 
-    def image(self, i: int) -> np.ndarray:
-        """One image as uint8, (H,W) grayscale or (H,W,3) RGB."""
+    def image(self, i: int, background: tuple[int, int, int] = BLACK) -> np.ndarray:
+        """One image as uint8, (H,W) grayscale or (H,W,3) RGB; transparent pixels of a
+        file are composited onto ``background`` (an embedder passes the colour its
+        training images were drawn on, as the server does)."""
         if self.pixels is not None:
             return self.pixels[i]
         with Image.open(self.paths[i]) as img:
+            if has_alpha(img):
+                return np.asarray(flatten_alpha(img, background))
             return np.asarray(img if img.mode in ("L", "RGB") else img.convert("RGB"))
 
     def subset(self, indices: Sequence[int] | np.ndarray, name: str | None = None) -> ImageSet:

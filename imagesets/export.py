@@ -1,7 +1,7 @@
 """Write a labelled image set as ``DIR/<tenant>/<label>/<n>.png`` folders.
 
-That layout is what ``python -m server.client enroll TENANT DIR/<tenant>`` reads (a
-file's label is its parent folder's name) and what :func:`imagesets.load_images` reads
+That layout is what ``python -m client enroll TENANT DIR/<tenant>`` reads (a file's
+label is its parent folder's name) and what :func:`imagesets.load_images` reads
 back as a folder set, so any dataset spec becomes a gallery or query set on disk.
 
 Folder names must be safe file names, yet class names such as ``U+002F /`` or
@@ -112,16 +112,25 @@ def export(
     limit: int | None = None,
     seed: int = 0,
     progress: Callable[[Iterable[int], int], Iterable[int]] | None = None,
+    per_class: int | None = None,
+    skip: int = 0,
 ) -> Exported:
     """Write ``images`` under ``out/<tenant>/<label>/<n>.png``; ``out`` must not exist
     or be empty unless the caller decided otherwise (the CLI's ``--force``).
 
     ``n`` counts a class's images in dataset order, zero-padded to one width per export
-    so that sorted file names keep that order. ``progress`` wraps the row iterator
-    (a tqdm, say) and gets the row count.
+    so that sorted file names keep that order; ``skip`` leaves out each class's first
+    images and ``per_class`` keeps at most that many of the rest (``n`` still counts from
+    the class's first image, so a gallery exported with ``per_class`` and queries
+    exported with ``skip`` never share a file name or an image). ``progress`` wraps the
+    row iterator (a tqdm, say) and gets the row count.
     """
     if limit is not None and limit < 1:
         raise ExportError(f"--limit must be at least 1, got {limit}")
+    if per_class is not None and per_class < 1:
+        raise ExportError(f"--per-class must be at least 1, got {per_class}")
+    if skip < 0:
+        raise ExportError(f"--skip must be at least 0, got {skip}")
     chosen = _tenants(images, tenants)
     plan = {t: pick_classes(images, images.tenant_names.index(t), limit, seed) for t in chosen}
     rows = np.concatenate(
@@ -129,22 +138,42 @@ def export(
         or [np.zeros(0, np.int64)]
     )
     width = len(str(max(np.bincount(images.labels[rows]).max(initial=1) - 1, 0)))
-    seen: dict[int, int] = {}
+    position = _position_in_class(images.labels[rows])
+    keep = position >= skip
+    if per_class is not None:
+        keep &= position < skip + per_class
+    rows, position = rows[keep], position[keep]
     folders = {
         label: out / safe_name(t) / label_folder(images, label, t)
         for t, labels in plan.items()
         for label in labels
     }
-    for folder in set(folders.values()):
-        folder.mkdir(parents=True, exist_ok=True)
+    for label in set(images.labels[rows].tolist()):
+        folders[label].mkdir(parents=True, exist_ok=True)
+    numbered = dict(zip(rows.tolist(), position.tolist(), strict=True))
     for i in progress(rows, len(rows)) if progress else rows:
         label = int(images.labels[i])
-        n = seen[label] = seen.get(label, -1) + 1
-        _save(images.image(int(i)), folders[label] / f"{n:0{width}d}.png")
+        _save(images.image(int(i)), folders[label] / f"{numbered[int(i)]:0{width}d}.png")
+    written = images.labels[rows]
     return Exported(
         out,
-        {t: (len(labels), int(np.isin(images.labels, labels).sum())) for t, labels in plan.items()},
+        {
+            t: (int(np.isin(labels, written).sum()), int(np.isin(written, labels).sum()))
+            for t, labels in plan.items()
+        },
     )
+
+
+def _position_in_class(labels: np.ndarray) -> np.ndarray:
+    """For each row, how many rows of its class come before it (0 for the first)."""
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
+    counts = np.diff(np.r_[starts, len(labels)])
+    ranks = np.arange(len(labels)) - np.repeat(starts, counts)
+    position = np.empty(len(labels), np.int64)
+    position[order] = ranks
+    return position
 
 
 def _tenants(images: ImageSet, wanted: Sequence[str] | None) -> list[str]:

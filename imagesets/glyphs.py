@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -240,7 +241,7 @@ def load(cfg: GlyphConfig | None = None, rebuild: bool = False, verbose: bool = 
     if path.exists() and not rebuild:
         return _read(path)
     if verbose:
-        print(f"glyphs: rendering dataset (once) into {path}", flush=True)
+        print(f"glyphs: rendering dataset (once) into {path}", file=sys.stderr, flush=True)
     data = build(cfg)
     write_npz(
         path,
@@ -261,6 +262,7 @@ def load(cfg: GlyphConfig | None = None, rebuild: bool = False, verbose: bool = 
         print(
             f"glyphs: {len(data.codepoints)} classes, {len(data.images)} images in "
             f"{data.info['build_seconds']} s; cache {size_mb:.1f} MiB",
+            file=sys.stderr,  # a note, not the command's result: stdout stays the result
             flush=True,
         )
     return data

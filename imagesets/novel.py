@@ -25,6 +25,7 @@ import bisect
 import hashlib
 import json
 import os
+import sys
 import time
 import zlib
 from collections import defaultdict
@@ -501,7 +502,7 @@ def load(cfg: NovelConfig | None = None, rebuild: bool = False, verbose: bool = 
     if path.exists() and not rebuild:
         return _read(path)
     if verbose:
-        print(f"novel: rendering dataset (once) into {path}", flush=True)
+        print(f"novel: rendering dataset (once) into {path}", file=sys.stderr, flush=True)
     data = build(cfg)
     arrays = {name: getattr(data, name) for name in _ARRAYS}
     write_npz(path, {**arrays, "font_names": np.array(data.font_names)}, data.info)
@@ -509,6 +510,7 @@ def load(cfg: NovelConfig | None = None, rebuild: bool = False, verbose: bool = 
         print(
             f"novel: {len(data.codepoints)} classes, {len(data.images)} images in "
             f"{data.info['build_seconds']} s; cache {path.stat().st_size / 2**20:.1f} MiB",
+            file=sys.stderr,  # a note, not the command's result: stdout stays the result
             flush=True,
         )
     return data

@@ -28,16 +28,17 @@ R = TypeVar("R")
 def parallel_map(fn: Callable[[J], R], jobs: Sequence[J], workers: int, desc: str) -> list[R]:
     """``[fn(j) for j in jobs]`` in order, over ``workers`` processes.
 
-    The progress bar shows only on a terminal: logs of scripted builds stay readable.
+    The progress bar shows only on a terminal and not when silenced (contracts.progress:
+    ``--no-progress`` of the command that needs the set): logs stay readable.
     """
-    from tqdm import tqdm
+    from contracts.progress import bar
 
     chunks = max(1, len(jobs) // (workers * 16))
-    bar = {"desc": desc, "unit": "class", "leave": False, "disable": None}  # None: TTY only
+    options = {"desc": desc, "unit": "class", "leave": False}
     if workers <= 1:
-        return [fn(j) for j in tqdm(jobs, **bar)]
+        return [fn(j) for j in bar(jobs, **options)]
     with ProcessPoolExecutor(workers) as pool:
-        return list(tqdm(pool.map(fn, jobs, chunksize=chunks), total=len(jobs), **bar))
+        return list(bar(pool.map(fn, jobs, chunksize=chunks), total=len(jobs), **options))
 
 
 @dataclass

@@ -22,6 +22,18 @@ def _glyph_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _progress_switch_stays_in_its_test():
+    """A CLI run in process with --no-progress sets TCM_NO_PROGRESS for the process (it is
+    meant to reach child processes): undo it, so one test's flag is not the next one's."""
+    before = os.environ.get("TCM_NO_PROGRESS")
+    yield
+    if before is None:
+        os.environ.pop("TCM_NO_PROGRESS", None)
+    else:
+        os.environ["TCM_NO_PROGRESS"] = before
+
+
 @pytest.fixture(scope="session")
 def linear_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_linear_embedder(tmp_path_factory.mktemp("models") / "linear.onnx")

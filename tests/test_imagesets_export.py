@@ -103,3 +103,32 @@ def test_safe_name_is_reversible_and_a_single_path_part(name):
     assert folder not in (".", "..") and "/" not in folder and "\\" not in folder
     assert all(c == " " or c.isprintable() for c in folder)
     assert not folder.endswith((" ", "."))
+
+
+def test_per_class_and_skip_split_a_class_into_gallery_and_queries(tmp_path, tiny_glyphs):
+    """--per-class K for a gallery and --skip K for queries: no shared image or name, and
+    the numbering stays the class's own, so the two folders tell which image is which."""
+    gallery, queries = tmp_path / "gallery", tmp_path / "queries"
+    base = ["glyphs-tiny", "test", "--tenant", "latin", "--no-progress"]
+    assert main(["export", *base[:2], str(gallery), *base[2:], "--per-class", "2"]) == 0
+    assert (
+        main(["export", *base[:2], str(queries), *base[2:], "--skip", "2", "--per-class", "1"]) == 0
+    )
+    labels = np.asarray(tiny_glyphs.labels)
+    latin = tiny_glyphs.tenant_names.index("latin")
+    classes = np.unique(labels[np.asarray(tiny_glyphs.tenants) == latin])
+    for label in classes:
+        rows = np.flatnonzero(labels == label)
+        folder = safe_name(tiny_glyphs.class_names[label].removeprefix("latin/"))
+        kept = sorted(p.name for p in (gallery / "latin" / folder).iterdir())
+        asked = sorted(p.name for p in (queries / "latin" / folder).iterdir())
+        width = len(kept[0]) - len(".png")
+        assert kept == [f"{n:0{width}d}.png" for n in range(min(2, len(rows)))]
+        assert asked == ([f"{2:0{width}d}.png"] if len(rows) > 2 else [])
+        if len(rows) > 2:
+            from PIL import Image
+
+            got = np.asarray(Image.open(queries / "latin" / folder / asked[0]))
+            assert np.array_equal(got, tiny_glyphs.image(int(rows[2])))
+    assert main(["export", *base[:2], str(tmp_path / "x"), "--per-class", "0"]) == 2
+    assert main(["export", *base[:2], str(tmp_path / "y"), "--skip", "-1"]) == 2

@@ -526,7 +526,7 @@ def test_client_cli_enroll_and_match(auth_server: ServerProcess, server_assets: 
 
     cli("create-tenant", "cli")
     enrolled = cli("enroll", "cli", str(tmp_path / "gallery"))
-    assert enrolled[-1] == {"gallery_size": 4}
+    assert enrolled[-1] == {"gallery_size": 4, "enrolled": 4, "unchanged": 0, "refused": 0}
     (match,) = cli("match", "cli", str(tmp_path / "gallery" / "class1" / "img3.png"))
     assert match["matched"] and match["item_id"] == "class1/img3.png" and match["label"] == "class1"
     (fb,) = cli("feedback", "cli", match["decision_id"], "same")
@@ -681,3 +681,9 @@ def test_reload_restarts_the_live_windows(server_assets: Assets, tmp_path: Path)
             assert client.get_tenant("rw")["stats"]["decisions"] == 1
     finally:
         server.stop()
+
+
+def test_a_model_that_declares_no_background_is_one_warning(auth_server: ServerProcess) -> None:
+    """The test embedder's metadata has no embedder.background and names no known training
+    data: served as before (black), and the log says so once, not per image."""
+    assert auth_server.log().count("declares no background") == 1, auth_server.log()[-2000:]

@@ -55,7 +55,7 @@ def test_supported_modes_decode_to_model_channels(mode: str) -> None:
 def test_alpha_is_composited_on_the_background() -> None:
     clear = Image.new("RGBA", (8, 8), (255, 255, 255, 0))
     assert decode(encode(clear), 1, LIMITS).max() == 0
-    assert decode(encode(clear), 1, ImageLimits(alpha_background=255)).min() == 255
+    assert decode(encode(clear), 1, LIMITS, (255, 255, 255)).min() == 255
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ import torch
 
 from contracts import EmbedderMeta, atomic_write_bytes
 from contracts.embedder import write_embedder_meta
+from imagesets import training_background
 from train.models import Embedder
 
 PARITY_TOL = 1e-4
@@ -77,6 +78,7 @@ def embedder_meta(model: Embedder, recipe: dict[str, Any]) -> EmbedderMeta:
         embedding_dim=model.dim,
         l2_normalized=True,
         recipe=recipe,
+        background=training_background(str(recipe.get("dataset", ""))),
     )
 
 

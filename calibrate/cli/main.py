@@ -81,7 +81,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=DEVICES, help="where to embed and count")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling and bootstrap")
     p.add_argument("--block", type=int, default=DEFAULT_BLOCK, help="rows per score block")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="hide every progress bar (they show only on a terminal; TCM_NO_PROGRESS=1 too)",
+    )
     p.add_argument(
         "--normalize",
         default=scorenorm.DEFAULT,
@@ -147,6 +151,10 @@ def parse_fars(values: list[str] | None) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.no_progress:
+        from contracts.progress import silence
+
+        silence()  # every bar: embedding, pairs, and rendering a dataset not cached yet
     try:
         run(args)
     except CheckFailedError as err:

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from contracts import progress
+
 
 class Ticker:
-    """Counts processed blocks; shows a tqdm bar when ``enabled`` (stderr)."""
+    """Counts processed blocks; shows a tqdm bar on stderr when ``enabled`` and the one
+    switch of contracts.progress allows (a terminal, not silenced)."""
 
     def __init__(self, total: int, enabled: bool, desc: str = "counting pairs") -> None:
         self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="block", leave=False)
+        if progress.enabled(enabled):
+            self.bar = progress.bar(total=total, desc=desc, unit="block", leave=False)
 
     def grow(self, more: int) -> None:
         """Another sweep is needed (tail cache too big, or the cutoff was too high)."""

@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from retrieval.v1 import retrieval_pb2 as pb
 from retrieval.v1 import retrieval_pb2_grpc as rpc
-from retrieval.v1.metadata import READ_AFTER, WRITE_TOKEN
+from retrieval.v1.metadata import READ_AFTER, WRITE_TOKEN, target_far_error
 
 from server.api.interceptor import RetrievalInterceptor
 from server.matching.service import MatchOutcome, RetrievalService, ServiceError
@@ -53,16 +53,17 @@ def similarity_in_domain(similarity: float) -> float:
     return min(1.0, max(-1.0, similarity))
 
 
+EMPTY_GALLERY = "the gallery is empty"
+
+
 def _match_response(outcome: MatchOutcome) -> pb.MatchResponse:
+    """The reply to one image. Without a best item (an empty gallery) similarity, distance
+    and score stay absent and ``no_match_reason`` says why: a 0.0 there would read as a
+    measured similarity, and a distance of 0 as a perfect match."""
     top = outcome.result.top1
-    similarity = similarity_in_domain(top.similarity) if top else 0.0
-    return pb.MatchResponse(
+    response = pb.MatchResponse(
         decision_id=outcome.decision_id,
         matched=outcome.matched,
-        label=top.label if top else "",
-        item_id=top.item_id if top else "",
-        similarity=similarity,
-        distance=1.0 - similarity if top else 0.0,  # in [0, 2]
         threshold=outcome.threshold,
         target_far=outcome.target_far,
         neighbors=[
@@ -75,11 +76,27 @@ def _match_response(outcome: MatchOutcome) -> pb.MatchResponse:
             for h, score in zip(outcome.result.neighbors, outcome.scores, strict=True)
         ],
         gallery_size=outcome.gallery_size,
-        score=outcome.scores[0] if top else 0.0,
         raw_threshold=outcome.raw_threshold,
         normalization=outcome.normalization,
         normalization_active=outcome.mapping.active,
     )
+    if top is None:
+        response.no_match_reason = EMPTY_GALLERY
+        return response
+    similarity = similarity_in_domain(top.similarity)
+    response.label, response.item_id = top.label, top.item_id
+    response.similarity = similarity
+    response.distance = 1.0 - similarity  # in [0, 2]
+    response.score = outcome.scores[0]
+    return response
+
+
+def check_target_far(value: float) -> None:
+    """MatchRequest.target_far by the rule the client also applies (retrieval.v1.metadata):
+    0 = the server's default, else a number in (0, 1)."""
+    why = target_far_error(value, zero_is_default=True)
+    if why is not None:
+        raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, why)
 
 
 class RetrievalServicer(rpc.RetrievalServicer):
@@ -87,6 +104,7 @@ class RetrievalServicer(rpc.RetrievalServicer):
         self.service = service
 
     async def _match_one(self, request: pb.MatchRequest, token: int) -> pb.MatchResponse:
+        check_target_far(request.target_far)
         (outcome,) = await self.service.match(
             request.tenant, [request.image], request.top_k, request.target_far, token
         )
@@ -98,6 +116,7 @@ class RetrievalServicer(rpc.RetrievalServicer):
         return await self._match_one(request, read_after(context))
 
     async def MatchBatch(self, request, context):
+        check_target_far(request.target_far)
         outcomes = await self.service.match(
             request.tenant,
             list(request.images),

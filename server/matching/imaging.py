@@ -4,7 +4,8 @@ Decoding is where hostile input bites: decompression bombs (a tiny file that inf
 to gigapixels), truncated files, exotic modes. We check the byte size, then read only
 the header and check the pixel count *before* decoding pixels, accept a fixed set of
 formats, and convert every supported mode to the model's channels (alpha is
-composited onto the background of the training images, black by default).
+composited onto the background the model was trained on, from its metadata:
+contracts.embedder, ``EmbedderMeta.alpha_background``).
 Whatever a decoder raises on a hostile file becomes an :class:`ImageError`, so a bad
 image is refused on its own (INVALID_ARGUMENT in its slot) and never fails a call;
 tests/test_fuzz_images.py holds this against a corpus of malformed files.
@@ -21,9 +22,9 @@ from PIL import Image, UnidentifiedImageError
 
 from contracts.embedder import EmbedderMeta
 from embedding.preprocess import preprocess
+from imagesets.base import BLACK, flatten_alpha, has_alpha
 
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
-_ALPHA = {"LA", "La", "PA", "RGBA", "RGBa"}
 _COLOUR = {"RGB", "CMYK", "YCbCr", "LAB", "HSV", "P"}
 
 
@@ -35,11 +36,16 @@ class ImageError(ValueError):
 class ImageLimits:
     max_bytes: int = 8 << 20
     max_pixels: int = 16_000_000
-    alpha_background: int = 0
 
 
-def decode(data: bytes, channels: int, limits: ImageLimits) -> np.ndarray:
-    """Encoded image -> uint8 (H, W) for channels=1 or (H, W, 3) for channels=3."""
+def decode(
+    data: bytes,
+    channels: int,
+    limits: ImageLimits,
+    background: tuple[int, int, int] = BLACK,
+) -> np.ndarray:
+    """Encoded image -> uint8 (H, W) for channels=1 or (H, W, 3) for channels=3;
+    transparent pixels composited onto ``background``."""
     if not data:
         raise ImageError("empty image: send the encoded bytes of a PNG/JPEG/... file")
     if len(data) > limits.max_bytes:
@@ -57,7 +63,7 @@ def decode(data: bytes, channels: int, limits: ImageLimits) -> np.ndarray:
                     f"image is {width}x{height} pixels, the limit is {limits.max_pixels} pixels"
                 )
             image.load()
-            return _to_channels(image, channels, limits.alpha_background)
+            return _to_channels(image, channels, background)
     except ImageError:
         raise
     except Image.DecompressionBombError as err:
@@ -78,7 +84,7 @@ def _short(err: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _to_channels(image: Image.Image, channels: int, background: int) -> np.ndarray:
+def _to_channels(image: Image.Image, channels: int, background: tuple[int, int, int]) -> np.ndarray:
     mode = image.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # 16-bit grey: keep the top 8 bits (the full 0..65535 range maps to 0..255).
@@ -86,10 +92,8 @@ def _to_channels(image: Image.Image, channels: int, background: int) -> np.ndarr
         image = Image.fromarray((wide >> 8).astype(np.uint8), "L")
     elif mode in ("1", "L"):
         image = image.convert("L")
-    elif mode in _ALPHA or (mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        base = Image.new("RGBA", rgba.size, (background, background, background, 255))
-        image = Image.alpha_composite(base, rgba).convert("RGB")
+    elif has_alpha(image):
+        image = flatten_alpha(image, background)
     elif mode in _COLOUR:
         image = image.convert("RGB")
     else:
@@ -115,4 +119,5 @@ def header_pixels(data: bytes) -> int:
 
 def to_model_input(data: bytes, meta: EmbedderMeta, limits: ImageLimits) -> np.ndarray:
     """Encoded image -> (C, H, W) float32, preprocessed exactly as the model expects."""
-    return preprocess([decode(data, meta.input_channels, limits)], meta)[0]
+    pixels = decode(data, meta.input_channels, limits, meta.alpha_background)
+    return preprocess([pixels], meta)[0]

@@ -30,3 +30,32 @@ def retry_after_of(error) -> float | None:
             except ValueError:
                 return None
     return None
+
+
+# What a target FAR may be. One rule for everything a person types (python -m client
+# --target-far, python -m server --target-far, python -m calibrate --target-far): a number
+# in (0, 1). On the wire, MatchRequest.target_far = 0 means "the server's default", so a
+# client that sent a typed 0 as is would be silently served at the default instead of
+# being told that 0 is no FAR: the client refuses it before sending.
+def target_far_error(value: float, *, zero_is_default: bool = False) -> str | None:
+    """Why ``value`` is not an acceptable target FAR, or None when it is.
+
+    ``zero_is_default``: the wire rule of MatchRequest/MatchBatchRequest (0 = default),
+    which the server applies to every request; without it, the rule for a typed value."""
+    if zero_is_default and value == 0:
+        return None
+    if not 0.0 < value < 1.0:  # NaN fails this comparison too
+        return f"target FAR must lie in (0, 1), got {value}; e.g. 0.001"
+    return None
+
+
+def parse_target_far(text: str) -> float:
+    """A typed target FAR (a command-line value) -> float; ValueError with the reason."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"target FAR {text!r} is not a number; e.g. 0.001") from None
+    why = target_far_error(value)
+    if why is not None:
+        raise ValueError(why)
+    return value
