@@ -162,6 +162,92 @@ class TrafficFit:
         return float((pairs * s).sum() / total) if total > 0 else float("nan")
 
 
+@dataclass(frozen=True)
+class ScoredQueries:
+    """Queries scored against the same items, reduced once, whatever scale they are then
+    binned in (the server bins each micro-batch twice: the maps' evidence and the
+    monitor's window).
+
+    All items of the rank-1 item's identity are left out with it: when the query is
+    genuine they are its genuine pairs. Beyond REST_SAMPLE items the other scores are read
+    at a fixed stride (each standing for its share): the cost per query stays bounded,
+    and the same scores always give the same evidence."""
+
+    items: int  # N, the items every query was scored against
+    top: np.ndarray  # each query's rank-1 score
+    rest: np.ndarray  # the rank >= 2 scores read (-1 where left out, with weight 0)
+    weights: np.ndarray  # how many pairs each read score stands for
+    location: np.ndarray  # mu_q: the median of the query's rank >= 2 scores read
+    group: np.ndarray  # items sharing the query's rank-1 identity
+    weight: float = 1.0
+
+    @staticmethod
+    def usable(scores: np.ndarray) -> bool:
+        return scores.ndim == 2 and scores.shape[1] >= 2 and len(scores) > 0
+
+    @classmethod
+    def of(
+        cls, scores: np.ndarray, identities: np.ndarray | None = None, weight: float = 1.0
+    ) -> ScoredQueries:
+        scores = np.asarray(scores, dtype=np.float64)
+        q, n = scores.shape
+        best = scores.argmax(axis=1)
+        top = scores[np.arange(q), best]
+        cols = np.arange(0, n, -(-n // REST_SAMPLE)) if n - 1 > REST_SAMPLE else np.arange(n)
+        sample = scores[:, cols]
+        if identities is None:
+            group = np.ones(q)
+            out = cols[None, :] == best[:, None]  # rank 1, where the columns meet it
+        else:
+            ids = np.asarray(identities)
+            same = ids[None, :] == ids[best][:, None]  # q x n: the rank-1 identity
+            group = same.sum(axis=1).astype(np.float64)
+            out = same[:, cols]
+        counted = (~out).sum(axis=1)
+        weights = np.where(out, 0.0, weight * ((n - group) / np.maximum(counted, 1))[:, None])
+        location = np.where(counted > 0, _row_medians(sample, out, counted), top)
+        rest = np.where(out, -1.0, sample)
+        return cls(n, top, rest, weights, location, group, weight)
+
+    def binned(self, scale: str) -> BinnedQueries:
+        """Fine-bin indices of the residuals in ``scale``, ready to add to tails."""
+        return BinnedQueries(
+            scale=scale,
+            items=self.items,
+            top=bin_of(residual(self.top, self.location, scale)),
+            rest=bin_of(residual(self.rest, self.location[:, None], scale).ravel()),
+            rest_weights=self.weights.ravel(),
+            locations=bin_of(self.location),
+            weight=self.weight,
+            kept=self.weight * float((self.items - self.group).sum()),
+            grouped=self.weight * float(self.group.sum()),
+        )
+
+
+@dataclass(frozen=True)
+class BinnedQueries:
+    """:class:`ScoredQueries` binned in one scale: what a :class:`TrafficTail` adds."""
+
+    scale: str
+    items: int
+    top: np.ndarray
+    rest: np.ndarray
+    rest_weights: np.ndarray
+    locations: np.ndarray
+    weight: float
+    kept: float
+    grouped: float
+
+
+def _row_medians(values: np.ndarray, out: np.ndarray, counted: np.ndarray) -> np.ndarray:
+    """The median of each row's values outside ``out`` (np.nanmedian's result, without its
+    masked-array path, which cost most of a one-query micro-batch)."""
+    ranked = np.sort(np.where(out, np.inf, values), axis=1)
+    c = np.maximum(counted, 1)
+    rows = np.arange(len(values))
+    return (ranked[rows, (c - 1) // 2] + ranked[rows, c // 2]) / 2.0
+
+
 @dataclass
 class TrafficTail:
     """Unlabelled evidence of one tenant, as weighted histograms of residuals (fine bins):
@@ -187,41 +273,31 @@ class TrafficTail:
         and how many items share its rank-1 item's identity (callers turn a threshold into
         the residual they count against, and count the pairs behind it).
 
-        ``identities``: the items' enrolment identities (None: every item its own). All
-        items of the rank-1 item's identity are left out with it: when the query is
-        genuine they are its genuine pairs. Beyond REST_SAMPLE items the other scores
-        are read at a fixed stride (each standing for its share): the cost per query
-        stays bounded, and the same scores always give the same evidence."""
+        ``identities``: the items' enrolment identities (None: every item its own); see
+        :class:`ScoredQueries`, which does the work once when several tails (scales) take
+        the same scores."""
         scores = np.asarray(scores, dtype=np.float64)
-        if scores.ndim != 2 or scores.shape[1] < 2 or not len(scores):
+        if not ScoredQueries.usable(scores):
             return np.zeros(len(scores)), np.ones(len(scores))
-        q, n = scores.shape
-        best = scores.argmax(axis=1)
-        top = scores[np.arange(q), best]
-        cols = np.arange(0, n, -(-n // REST_SAMPLE)) if n - 1 > REST_SAMPLE else np.arange(n)
-        sample = scores[:, cols]
-        if identities is None:
-            group = np.ones(q)
-            out = cols[None, :] == best[:, None]  # rank 1, where the columns meet it
-        else:
-            ids = np.asarray(identities)
-            same = ids[None, :] == ids[best][:, None]  # q x n: the rank-1 identity
-            group = same.sum(axis=1).astype(np.float64)
-            out = same[:, cols]
-        kept = n - group  # items each query's evidence stands for
-        counted = (~out).sum(axis=1)
-        valid = counted > 0
-        weights = np.where(out, 0.0, weight * (kept / np.maximum(counted, 1))[:, None])
-        masked = np.where(out, np.nan, sample)
-        mu = np.where(valid, np.nanmedian(np.where(valid[:, None], masked, 0.0), axis=1), top)
-        hist = self.top.setdefault(size_key(n), np.zeros(NBINS))
-        np.add.at(hist, bin_of(residual(top, mu, self.scale)), weight)  # no full bincount
-        bins = bin_of(residual(np.where(out, -1.0, sample), mu[:, None], self.scale).ravel())
-        self.rest += np.bincount(bins, weights=weights.ravel(), minlength=NBINS)
-        np.add.at(self.locations, bin_of(mu), weight)
-        self.kept += weight * float(kept.sum())
-        self.grouped += weight * float(group.sum())
-        return mu, group
+        scored = ScoredQueries.of(scores, identities, weight)
+        self.add(scored)
+        return scored.location, scored.group
+
+    def add(self, scored: ScoredQueries) -> None:
+        """Bins reduced queries in this tail's scale."""
+        self.add_binned(scored.binned(self.scale))
+
+    def add_binned(self, binned: BinnedQueries) -> None:
+        """Adds queries already binned in this tail's scale (binned once, added to a
+        window's chunk and total alike)."""
+        if binned.scale != self.scale:
+            raise ValueError(f"queries binned in {binned.scale!r}, tail in {self.scale!r}")
+        hist = self.top.setdefault(size_key(binned.items), np.zeros(NBINS))
+        np.add.at(hist, binned.top, binned.weight)
+        np.add.at(self.rest, binned.rest, binned.rest_weights)
+        np.add.at(self.locations, binned.locations, binned.weight)
+        self.kept += binned.kept
+        self.grouped += binned.grouped
 
     def absorb(self, other: TrafficTail, sign: float = 1.0) -> None:
         """Adds ``other`` in place (the serving path: no copies of the histograms)."""

@@ -7,7 +7,16 @@ import numpy as np
 import pytest
 
 from scorenorm.histogram import NBINS, WIDTH, bin_of
-from scorenorm.traffic import EDGES, FISHER, SHIFT, Null, TrafficTail, rank1_null, residual
+from scorenorm.traffic import (
+    EDGES,
+    FISHER,
+    SHIFT,
+    Null,
+    ScoredQueries,
+    TrafficTail,
+    rank1_null,
+    residual,
+)
 
 N = 40
 
@@ -146,3 +155,37 @@ def test_a_gallery_with_several_items_per_identity_leaves_the_whole_identity_out
     alone = TrafficTail()  # the same traffic read as if every item were its own identity
     alone.add_scores(s)
     assert alone.fit(null).far(counts, counts * N) / truth > 1.5
+
+
+@pytest.mark.parametrize("items", [7, 40, 1500])
+def test_locations_are_the_median_of_each_querys_rank_2_and_beyond(items: int):
+    """The serving path's median (sort, no masked arrays) is np.nanmedian's, odd and even
+    counts, with and without identities that leave out several items."""
+    rng = np.random.default_rng(items)
+    s = rng.uniform(-0.2, 0.9, (9, items))
+    identities = rng.integers(0, max(items // 3, 2), items)
+    for ids in (None, identities):
+        scored = ScoredQueries.of(s, ids)
+        best = s.argmax(axis=1)
+        cols = np.arange(items)
+        if items - 1 > 512:
+            cols = np.arange(0, items, -(-items // 512))
+        for q in range(len(s)):
+            left = cols == best[q] if ids is None else ids[cols] == ids[best[q]]
+            assert scored.location[q] == np.nanmedian(np.where(left, np.nan, s[q, cols]))
+
+
+def test_one_reduction_binned_in_two_scales_equals_two_separate_additions():
+    rng = np.random.default_rng(3)
+    s, _ = _scores(rng, 50, 0.4)
+    ids = np.arange(N) // 2
+    scored = ScoredQueries.of(s, ids)
+    for scale in (SHIFT, FISHER):
+        shared, alone = TrafficTail(scale=scale), TrafficTail(scale=scale)
+        shared.add(scored)
+        alone.add_scores(s, ids)
+        assert np.array_equal(shared.rest, alone.rest)
+        assert np.array_equal(shared.locations, alone.locations)
+        assert shared.top.keys() == alone.top.keys()
+        assert all(np.array_equal(shared.top[k], alone.top[k]) for k in shared.top)
+        assert (shared.kept, shared.grouped) == (alone.kept, alone.grouped)

@@ -41,7 +41,16 @@ from scorenorm.evidence import (
     traffic_survival,
 )
 from scorenorm.tail_map import tenant_map
-from scorenorm.traffic import FISHER, Null, TrafficFit, TrafficTail, residual
+from scorenorm.traffic import (
+    FISHER,
+    SHIFT,
+    BinnedQueries,
+    Null,
+    ScoredQueries,
+    TrafficFit,
+    TrafficTail,
+    residual,
+)
 from server.storage.base import TrafficRow
 from server.storage.tail_stats import TailSnapshot
 
@@ -98,7 +107,7 @@ class _Window:
         self.total = TrafficTail(scale=FISHER)
         self.queries = 0  # in the window now (counted, not summed from the histograms)
 
-    def add(self, tail: TrafficTail, queries: int) -> None:
+    def add(self, binned: BinnedQueries, queries: int) -> None:
         if self._chunks[-1][1][0] >= self._per_chunk:
             if len(self._chunks) == self._chunks.maxlen:
                 oldest, count = self._chunks[0]
@@ -106,9 +115,9 @@ class _Window:
                 self.queries -= count[0]
             self._chunks.append((TrafficTail(scale=FISHER), [0]))
         chunk, count = self._chunks[-1]
-        chunk.absorb(tail)
+        chunk.add_binned(binned)
         count[0] += queries
-        self.total.absorb(tail)
+        self.total.add_binned(binned)
         self.queries += queries
 
 
@@ -190,13 +199,13 @@ class TenantStatistics:
         if members < MIN_MEMBERS or not len(queries):
             return [NO_EVIDENCE] * len(queries)
         scores = np.asarray(queries, np.float32) @ snapshot.vectors.T
-        batch = TrafficTail()  # the maps' evidence
-        batch.add_scores(scores, snapshot.codes)
-        seen = TrafficTail(scale=FISHER)  # the monitor's window: the same scores, in z
-        locations, group = seen.add_scores(scores, snapshot.codes)
+        scored = ScoredQueries.of(scores, snapshot.codes)  # reduced once, binned twice:
+        evidence = scored.binned(SHIFT)  # the maps' evidence
+        seen = scored.binned(FISHER)  # the monitor's window: the same scores, in z
+        locations, group = scored.location, scored.group
         traffic = self._traffic(tenant)
         with traffic.lock:
-            traffic.pending.absorb(batch)
+            traffic.pending.add_binned(evidence)
             traffic.window.add(seen, len(queries))
             fit = self._window_fit(traffic, snapshot.null)
         if fit is None:
