@@ -103,6 +103,15 @@ class Null:
     def residuals(self, scale: str) -> np.ndarray:
         return residual(self.tops, self.locations, scale)
 
+    def quantile(self, scale: str, lam: float) -> float:
+        """The ``lam`` quantile of the residuals in ``scale``: Storey's cut, read at every
+        refit of a window against the same null (cached: the null is immutable)."""
+        cache = self.__dict__.setdefault("_quantiles", {})
+        key = (scale, lam)
+        if key not in cache:
+            cache[key] = float(np.quantile(self.residuals(scale), lam))
+        return cache[key]
+
 
 @dataclass
 class TrafficFit:
@@ -352,7 +361,7 @@ class TrafficTail:
             return None
         genuine, error = 0.5, 0.5  # without a gallery to judge by: a guess, worth little
         if null is not None and len(null) >= MIN_NULL:
-            cut = int(bin_of(np.quantile(null.residuals(self.scale), lam)))
+            cut = int(bin_of(null.quantile(self.scale, lam)))
             below = sum(float(h[:cut].sum()) for h in self.top.values())
             genuine = 1.0 - min(1.0, below / (lam * queries))
             error = _share_error(below / queries, queries, lam, 1.0 - genuine, len(null))
