@@ -9,7 +9,8 @@ For each call (and each message of MatchStream) and in this order:
    progress are bounded, the rest is refused at once;
 4. the servicer runs;
 5. **error mapping**: a :class:`~server.errors.StatusError` becomes its status
-   (RESOURCE_EXHAUSTED and UNAVAILABLE with a retry hint in the trailers), anything
+   (RESOURCE_EXHAUSTED, UNAVAILABLE and DEADLINE_EXCEEDED with a retry hint in the
+   trailers), anything
    else INTERNAL with the traceback in the log, never UNKNOWN;
 6. **metrics**: ``tcm_requests_total{method,code}`` and
    ``tcm_request_duration_seconds{method}`` once per call, streams included;
@@ -44,7 +45,9 @@ from server.monitoring.serving import ServerMetrics
 log = logging.getLogger(__name__)
 
 Code = grpc.StatusCode
-_RETRYABLE = (Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE)
+# The statuses sent with a retry hint. DEADLINE_EXCEEDED is the server's own (a store that
+# did not answer in time, docs/SCALE.md); a caller's expired deadline sends no status.
+_RETRYABLE = (Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED)
 DISK_FULL_RETRY_AFTER = 5.0  # seconds: space comes back by an operator, not by itself
 
 
