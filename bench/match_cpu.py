@@ -80,6 +80,19 @@ def by_thread_name(before: dict, after: dict) -> dict[str, float]:
     return dict(sorted(spent.items(), key=lambda kv: -kv[1]))
 
 
+def batches(metrics_url: str) -> tuple[float, float]:
+    """(images, onnxruntime calls) so far, from the server's tcm_embed_batch_size."""
+    import urllib.request
+
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    found = {}
+    for line in text.splitlines():
+        for key in ("tcm_embed_batch_size_sum", "tcm_embed_batch_size_count"):
+            if line.startswith(key + " "):
+                found[key] = float(line.split()[1])
+    return found.get("tcm_embed_batch_size_sum", 0.0), found.get("tcm_embed_batch_size_count", 0.0)
+
+
 def window(
     address: str,
     clients: int,
@@ -205,9 +218,12 @@ def main(argv: list[str] | None = None) -> int:
             profile = None
             if args.profile is not None:
                 profile = args.profile / ("match.txt" if per_call == 1 else "batch.txt")
+            first = batches(server.metrics_url)
             w = window(
                 server.address, clients, per_call, args.seconds, pngs, server.proc.pid, profile
             )
+            last = batches(server.metrics_url)
+            w["batch"] = (last[0] - first[0]) / max(1.0, last[1] - first[1])
             images = w["rate"] * args.seconds  # the client's own window
             rows.append((name, w, w["server_cpu"] / images))
     finally:
@@ -220,11 +236,14 @@ def main(argv: list[str] | None = None) -> int:
         + " / ".join(f"{1000 * b['cpu_per_image']:.2f}" for b in baseline)
         + f" ms CPU per image (before / after the server windows), mean {1000 * work:.2f}"
     )
-    print("\n| case | img/s | server cores | server CPU/image | in-process CPU/image | ratio |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "\n| case | img/s | mean micro-batch | server cores | server CPU/image "
+        "| in-process CPU/image | ratio |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for name, w, per_image in rows:
         print(
-            f"| {name} | {w['rate']:.0f} | {w['server_cpu'] / w['wall']:.2f} | "
+            f"| {name} | {w['rate']:.0f} | {w['batch']:.1f} | {w['server_cpu'] / w['wall']:.2f} | "
             f"{1000 * per_image:.2f} ms | {1000 * work:.2f} ms | {per_image / work:.2f}x |"
         )
     for name, w, _ in rows:

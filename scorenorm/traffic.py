@@ -192,36 +192,7 @@ class TrafficTail:
         genuine they are its genuine pairs. Beyond REST_SAMPLE items the other scores
         are read at a fixed stride (each standing for its share): the cost per query
         stays bounded, and the same scores always give the same evidence."""
-        scores = np.asarray(scores, dtype=np.float64)
-        if scores.ndim != 2 or scores.shape[1] < 2 or not len(scores):
-            return np.zeros(len(scores)), np.ones(len(scores))
-        q, n = scores.shape
-        best = scores.argmax(axis=1)
-        top = scores[np.arange(q), best]
-        cols = np.arange(0, n, -(-n // REST_SAMPLE)) if n - 1 > REST_SAMPLE else np.arange(n)
-        sample = scores[:, cols]
-        if identities is None:
-            group = np.ones(q)
-            out = cols[None, :] == best[:, None]  # rank 1, where the columns meet it
-        else:
-            ids = np.asarray(identities)
-            same = ids[None, :] == ids[best][:, None]  # q x n: the rank-1 identity
-            group = same.sum(axis=1).astype(np.float64)
-            out = same[:, cols]
-        kept = n - group  # items each query's evidence stands for
-        counted = (~out).sum(axis=1)
-        valid = counted > 0
-        weights = np.where(out, 0.0, weight * (kept / np.maximum(counted, 1))[:, None])
-        masked = np.where(out, np.nan, sample)
-        mu = np.where(valid, np.nanmedian(np.where(valid[:, None], masked, 0.0), axis=1), top)
-        hist = self.top.setdefault(size_key(n), np.zeros(NBINS))
-        np.add.at(hist, bin_of(residual(top, mu, self.scale)), weight)  # no full bincount
-        bins = bin_of(residual(np.where(out, -1.0, sample), mu[:, None], self.scale).ravel())
-        self.rest += np.bincount(bins, weights=weights.ravel(), minlength=NBINS)
-        np.add.at(self.locations, bin_of(mu), weight)
-        self.kept += weight * float(kept.sum())
-        self.grouped += weight * float(group.sum())
-        return mu, group
+        return add_scores_to((self,), scores, identities, weight)
 
     def absorb(self, other: TrafficTail, sign: float = 1.0) -> None:
         """Adds ``other`` in place (the serving path: no copies of the histograms)."""
@@ -474,3 +445,68 @@ def _continue_tail(survival: np.ndarray, above: np.ndarray, upper: np.ndarray) -
     out = survival.copy()
     out[b:] = np.minimum(survival[b] * np.exp(rate * (FIT_EDGES[b:] - FIT_EDGES[b])), upper[b:])
     return np.minimum.accumulate(out)
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """What adding a batch of scored queries needs, whatever the residual scale."""
+
+    n: int
+    top: np.ndarray  # rank-1 score per query
+    mu: np.ndarray  # location per query
+    group: np.ndarray  # items of its rank-1 identity per query
+    kept: np.ndarray  # items its evidence stands for
+    sample: np.ndarray  # its rank >= 2 scores read (q x columns; -1 where left out)
+    weights: np.ndarray  # what each read score stands for (0 where left out)
+
+
+def _scored(scores: np.ndarray, identities: np.ndarray | None, weight: float) -> _Scored | None:
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape[1] < 2 or not len(scores):
+        return None
+    q, n = scores.shape
+    best = scores.argmax(axis=1)
+    top = scores[np.arange(q), best]
+    cols = np.arange(0, n, -(-n // REST_SAMPLE)) if n - 1 > REST_SAMPLE else np.arange(n)
+    sample = scores[:, cols]
+    if identities is None:
+        group = np.ones(q)
+        out = cols[None, :] == best[:, None]  # rank 1, where the columns meet it
+    else:
+        ids = np.asarray(identities)
+        same = ids[None, :] == ids[best][:, None]  # q x n: the rank-1 identity
+        group = same.sum(axis=1).astype(np.float64)
+        out = same[:, cols]
+    kept = n - group  # items each query's evidence stands for
+    counted = (~out).sum(axis=1)
+    valid = counted > 0
+    weights = np.where(out, 0.0, weight * (kept / np.maximum(counted, 1))[:, None])
+    masked = np.where(out, np.nan, sample)
+    mu = np.where(valid, np.nanmedian(np.where(valid[:, None], masked, 0.0), axis=1), top)
+    return _Scored(n, top, mu, group, kept, np.where(out, -1.0, sample), weights)
+
+
+def add_scores_to(
+    tails: Iterable[TrafficTail],
+    scores: np.ndarray,
+    identities: np.ndarray | None = None,
+    weight: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """TrafficTail.add_scores into each of ``tails`` (in their own residual scales), the
+    scale-free work (rank 1, identities, locations) done once: the serving path counts
+    every micro-batch in two scales, the maps' and the monitor's."""
+    s = _scored(scores, identities, weight)
+    if s is None:
+        q = len(np.asarray(scores))
+        return np.zeros(q), np.ones(q)
+    location_bins = bin_of(s.mu)
+    weights = s.weights.ravel()
+    for tail in tails:
+        hist = tail.top.setdefault(size_key(s.n), np.zeros(NBINS))
+        np.add.at(hist, bin_of(residual(s.top, s.mu, tail.scale)), weight)  # no full bincount
+        bins = bin_of(residual(s.sample, s.mu[:, None], tail.scale).ravel())
+        tail.rest += np.bincount(bins, weights=weights, minlength=NBINS)
+        np.add.at(tail.locations, location_bins, weight)
+        tail.kept += weight * float(s.kept.sum())
+        tail.grouped += weight * float(s.group.sum())
+    return s.mu, s.group

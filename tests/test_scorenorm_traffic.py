@@ -146,3 +146,24 @@ def test_a_gallery_with_several_items_per_identity_leaves_the_whole_identity_out
     alone = TrafficTail()  # the same traffic read as if every item were its own identity
     alone.add_scores(s)
     assert alone.fit(null).far(counts, counts * N) / truth > 1.5
+
+
+@pytest.mark.parametrize("identities", [None, "grouped"])
+def test_add_scores_to_several_tails_equals_adding_to_each(identities) -> None:
+    """The serving path counts a micro-batch in two scales with one pass over the scores
+    (statistics.observe): the histograms must be exactly those of one add_scores each."""
+    from scorenorm.traffic import add_scores_to
+
+    rng = np.random.default_rng(5)
+    scores = rng.uniform(-0.3, 0.9, (11, 1500)).astype(np.float32)
+    ids = rng.integers(0, 300, 1500) if identities else None
+    alone = [TrafficTail(), TrafficTail(scale=FISHER)]
+    returned = [t.add_scores(scores, ids, 0.5) for t in alone]
+    together = [TrafficTail(), TrafficTail(scale=FISHER)]
+    mu, group = add_scores_to(together, scores, ids, 0.5)
+    for a, b in zip(alone, together, strict=True):
+        assert np.array_equal(a.rest, b.rest) and np.array_equal(a.locations, b.locations)
+        assert a.top.keys() == b.top.keys()
+        assert all(np.array_equal(a.top[k], b.top[k]) for k in a.top)
+        assert (a.kept, a.grouped) == (b.kept, b.grouped)
+    assert np.array_equal(mu, returned[1][0]) and np.array_equal(group, returned[1][1])

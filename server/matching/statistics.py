@@ -41,7 +41,7 @@ from scorenorm.evidence import (
     traffic_survival,
 )
 from scorenorm.tail_map import tenant_map
-from scorenorm.traffic import FISHER, Null, TrafficFit, TrafficTail, residual
+from scorenorm.traffic import FISHER, Null, TrafficFit, TrafficTail, add_scores_to, residual
 from server.storage.base import TrafficRow
 from server.storage.tail_stats import TailSnapshot
 
@@ -191,9 +191,9 @@ class TenantStatistics:
             return [NO_EVIDENCE] * len(queries)
         scores = np.asarray(queries, np.float32) @ snapshot.vectors.T
         batch = TrafficTail()  # the maps' evidence
-        batch.add_scores(scores, snapshot.codes)
         seen = TrafficTail(scale=FISHER)  # the monitor's window: the same scores, in z
-        locations, group = seen.add_scores(scores, snapshot.codes)
+        # one pass over the scores for both (rank 1, identities, locations are scale-free)
+        locations, group = add_scores_to((batch, seen), scores, snapshot.codes)
         traffic = self._traffic(tenant)
         with traffic.lock:
             traffic.pending.absorb(batch)
