@@ -1,7 +1,8 @@
 """Where a Match server's CPU goes: server CPU per image against the work itself, one run.
 
     python -m bench.match_cpu [DATA_DIR] [--items 5000] [--clients 16] [--batch-clients 4]
-        [--per-call 16] [--seconds 8] [--profile DIR] [--server 'FLAGS']
+        [--per-call 16] [--seconds 8] [--repeat 1] [--profile DIR] [--server 'FLAGS']
+        [--baseline-tree DIR]
 
 Side by side in one run (issue 18, part 2):
 
@@ -17,6 +18,9 @@ the images it answered. The in-process case runs before and after the server win
 their mean is the baseline, and the ratio server / in-process is printed per window
 (the goal of issue 18: at most 1.5x for Match at 16 clients, 1.2x for MatchBatch(16)).
 CPU time, not wall time, so that the shared machine's load moves the ratio little.
+``--baseline-tree DIR`` runs a second server from another source tree (for a before /
+after: ``git archive COMMIT | tar -x -C DIR``), its windows interleaved with this tree's
+(``--repeat`` rounds, the median window kept), both against the same in-process work.
 
 Without DATA_DIR a ``--items`` gallery of random unit vectors (bench.scale's
 build_gallery) is built once under /tmp/tcm-bench-match-cpu. ``--profile DIR`` records
@@ -171,9 +175,19 @@ def in_process(folder: Path, model, pngs: list[bytes], batch: int, seconds: floa
     return {"cpu_per_image": cpu / done, "rate": done / wall}
 
 
+def start_server(root: Path, data_dir: Path, extra: list[str]):
+    """``python -m server`` of the source tree ``root`` on ``data_dir``, as bench.server."""
+    from embedding.defaults import DEFAULT_CALIBRATION, DEFAULT_MODEL
+    from testing.server_fixtures import ServerProcess
+
+    args = ["--no-auth", "--model", str(DEFAULT_MODEL), "--calibration", str(DEFAULT_CALIBRATION),
+            "--data-dir", str(data_dir), "--max-batch", "64", "--max-queue", "100000",
+            "--max-inflight", "100000", "--log-level", "WARNING", *extra]  # fmt: skip
+    return ServerProcess(args, root=root)
+
+
 def main(argv: list[str] | None = None) -> int:
     from bench.scale import TENANT, build_gallery, glyph_pngs
-    from bench.server import start
     from embedding.defaults import DEFAULT_CALIBRATION, DEFAULT_MODEL
     from server.matching.model import ServingModel
 
@@ -184,10 +198,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-clients", type=int, default=4, help="MatchBatch clients")
     p.add_argument("--per-call", type=int, default=16, help="images per MatchBatch call")
     p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--repeat", type=int, default=1, help="windows per cell, median kept")
     p.add_argument("--profile", type=Path, help="record each server window with py-spy here")
     p.add_argument("--server", default="", help="extra server flags, e.g. '--embed-threads 1'")
+    p.add_argument(
+        "--baseline-tree",
+        type=Path,
+        help="also run the server of this source tree (e.g. `git archive` of the commit "
+        "before a change), windows interleaved with this tree's, on a copy of the gallery",
+    )
     args = p.parse_args(argv)
-    args.server_args = shlex.split(args.server)
+    extra = shlex.split(args.server)
     pngs = glyph_pngs()
     model = ServingModel.load(DEFAULT_MODEL, DEFAULT_CALIBRATION, "cpu", 1e-3, 1)
     data_dir = args.data_dir
@@ -198,37 +219,47 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile is not None:
         shutil.rmtree(args.profile, ignore_errors=True)
         args.profile.mkdir(parents=True)
+    trees = [("this tree", ROOT, data_dir)]
+    if args.baseline_tree is not None:
+        copy = data_dir.with_name(data_dir.name + "-baseline")
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(data_dir, copy)
+        trees.insert(0, (f"baseline {args.baseline_tree}", args.baseline_tree.resolve(), copy))
     print(
         f"gallery {folder} ; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} "
-        f"at start; {args.seconds:g} s per window; server flags {args.server_args or 'default'}",
+        f"at start; {args.seconds:g} s per window, {args.repeat} per cell; server flags "
+        f"{extra or 'default'}",
         flush=True,
     )
+    cases = [
+        ("match", f"Match, {args.clients} clients", args.clients, 1),
+        ("batch", f"MatchBatch({args.per_call}), {args.batch_clients} clients",
+         args.batch_clients, args.per_call),
+    ]  # fmt: skip
     baseline = [in_process(folder, model, pngs, args.per_call, args.seconds)]
-    rows = []
-    server, client = start(DEFAULT_MODEL, DEFAULT_CALIBRATION, data_dir, 64, args.server_args)
+    servers = [start_server(root, d, extra) for _, root, d in trees]
+    windows: dict[tuple[int, str], list[dict]] = {}
     try:
-        for name, clients, per_call in (
-            (f"Match, {args.clients} clients", args.clients, 1),
-            (
-                f"MatchBatch({args.per_call}), {args.batch_clients} clients",
-                args.batch_clients,
-                args.per_call,
-            ),
-        ):
-            profile = None
-            if args.profile is not None:
-                profile = args.profile / ("match.txt" if per_call == 1 else "batch.txt")
-            first = batches(server.metrics_url)
-            w = window(
-                server.address, clients, per_call, args.seconds, pngs, server.proc.pid, profile
-            )
-            last = batches(server.metrics_url)
-            w["batch"] = (last[0] - first[0]) / max(1.0, last[1] - first[1])
-            images = w["rate"] * args.seconds  # the client's own window
-            rows.append((name, w, w["server_cpu"] / images))
+        for r in range(args.repeat):  # interleaved: the shared machine's load drifts
+            for key, _, clients, per_call in cases:
+                for n, server in enumerate(servers):
+                    profile = None
+                    if args.profile is not None and r == 0:
+                        profile = (
+                            args.profile / f"{'baseline-' if n < len(servers) - 1 else ''}{key}.txt"
+                        )
+                    first = batches(server.metrics_url)
+                    w = window(
+                        server.address, clients, per_call, args.seconds, pngs, server.proc.pid,
+                        profile,
+                    )  # fmt: skip
+                    last = batches(server.metrics_url)
+                    w["batch"] = (last[0] - first[0]) / max(1.0, last[1] - first[1])
+                    w["per_image"] = w["server_cpu"] / (w["rate"] * args.seconds)
+                    windows.setdefault((n, key), []).append(w)
     finally:
-        client.close()
-        server.stop()
+        for server in servers:
+            server.stop()
     baseline.append(in_process(folder, model, pngs, args.per_call, args.seconds))
     work = float(np.mean([b["cpu_per_image"] for b in baseline]))
     print(
@@ -237,33 +268,35 @@ def main(argv: list[str] | None = None) -> int:
         + f" ms CPU per image (before / after the server windows), mean {1000 * work:.2f}"
     )
     print(
-        "\n| case | img/s | mean micro-batch | server cores | server CPU/image "
+        "\n| server | case | img/s | mean micro-batch | server CPU/image "
         "| in-process CPU/image | ratio |"
     )
     print("|---|---|---|---|---|---|---|")
-    for name, w, per_image in rows:
-        print(
-            f"| {name} | {w['rate']:.0f} | {w['batch']:.1f} | {w['server_cpu'] / w['wall']:.2f} | "
-            f"{1000 * per_image:.2f} ms | {1000 * work:.2f} ms | {per_image / work:.2f}x |"
-        )
-    for name, w, _ in rows:
+    chosen = {}
+    for key, name, _, _ in cases:
+        for n, (label, _, _) in enumerate(trees):
+            runs = sorted(windows[(n, key)], key=lambda w: w["per_image"])
+            w = chosen[(n, key)] = runs[len(runs) // 2]
+            every = " / ".join(f"{1000 * x['per_image']:.2f}" for x in windows[(n, key)])
+            print(
+                f"| {label} | {name} | {w['rate']:.0f} | {w['batch']:.1f} | "
+                f"{1000 * w['per_image']:.2f} ms ({every}) | {1000 * work:.2f} ms | "
+                f"{w['per_image'] / work:.2f}x |"
+            )
+    for (n, key), w in chosen.items():
         images = w["rate"] * args.seconds
         print(
-            f"{name}: server CPU by thread, ms per image: "
-            + ", ".join(f"{t} {1000 * s / images:.2f}" for t, s in list(w["threads"].items())[:6])
+            f"{trees[n][0]}, {key}: server CPU by thread, ms per image: "
+            + ", ".join(f"{t} {1000 * s / images:.2f}" for t, s in list(w["threads"].items())[:5])
         )
-    print(
-        f"\nload average {os.getloadavg()[0]:.1f} at the end; errors "
-        + ", ".join(f"{name}: {w['errors']}" for name, w, _ in rows)
-    )
+    errors = sum(w["errors"] for ws in windows.values() for w in ws)
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end; failed calls: {errors}")
     if args.profile is not None:
         from bench.profile_shares import report
 
-        for name in ("match", "batch"):
-            path = args.profile / f"{name}.txt"
-            if path.exists():
-                print(f"\npy-spy, {name} ({path}):")
-                report(path)
+        for path in sorted(args.profile.glob("*.txt")):
+            print(f"\npy-spy, {path.stem} ({path}):")
+            report(path)
     return 0
 
 
