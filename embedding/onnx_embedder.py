@@ -56,7 +56,7 @@ class OnnxEmbedder:
         """``threads``: intra-op threads (0 = one per core). ``spin``: idle pool threads
         busy-wait for the next call (onnxruntime's default: lowest latency for back-to-back
         calls); off, they sleep, which a server between micro-batches wants (docs/SERVER.md,
-        "Per-call cost": the spinning thread cost 1.5-2.7 ms of CPU per image)."""
+        "Per-call cost": the spinning thread cost 1.5-3.2 ms of CPU per image)."""
         import onnxruntime as ort
 
         self.path = Path(model_path)
