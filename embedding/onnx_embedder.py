@@ -47,8 +47,16 @@ class OnnxEmbedder:
     """Embeds uint8 images with an exported model; preprocessing comes from its metadata."""
 
     def __init__(
-        self, model_path: str | os.PathLike[str], device: str = "auto", threads: int = 0
+        self,
+        model_path: str | os.PathLike[str],
+        device: str = "auto",
+        threads: int = 0,
+        spin: bool = True,
     ) -> None:
+        """``threads``: intra-op threads (0 = one per core). ``spin``: idle pool threads
+        busy-wait for the next call (onnxruntime's default: lowest latency for back-to-back
+        calls); off, they sleep, which a server between micro-batches wants (docs/SERVER.md,
+        "Per-call cost": the spinning thread cost 1.5-3.2 ms of CPU per image)."""
         import onnxruntime as ort
 
         self.path = Path(model_path)
@@ -56,6 +64,8 @@ class OnnxEmbedder:
             raise FileNotFoundError(f"model file not found: {self.path}")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(

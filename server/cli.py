@@ -66,7 +66,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument(
-        "--embed-threads", type=int, default=0, help="onnxruntime intra-op threads; 0 = per core"
+        "--embed-threads",
+        type=int,
+        default=1,
+        help="onnxruntime intra-op threads; 0 = per core (1: least CPU per image, "
+        "docs/SERVER.md 'Per-call cost')",
     )
     p.add_argument("--max-batch", type=int, default=64, help="images per onnxruntime call")
     p.add_argument("--max-delay-ms", type=float, default=2.0, help="wait for a batch to fill")

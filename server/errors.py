@@ -3,7 +3,8 @@
 Handlers, auth, admission control and rate limits raise a :class:`StatusError`; the
 server interceptor (server/api/interceptor.py) is the only place that turns one into a
 gRPC status, so a call can never end UNKNOWN because some layer forgot to translate.
-``retry_after`` (seconds) is the hint sent with RESOURCE_EXHAUSTED and UNAVAILABLE:
+``retry_after`` (seconds) is the hint sent with RESOURCE_EXHAUSTED, UNAVAILABLE and
+DEADLINE_EXCEEDED (a store timeout):
 when the caller should try again, in the two forms gRPC clients read (see
 :func:`retry_trailers`).
 """

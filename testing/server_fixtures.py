@@ -161,11 +161,12 @@ def make_assets(directory: Path, images: np.ndarray, labels: np.ndarray, seed: i
 class ServerProcess:
     """``python -m server`` in a subprocess; ``address`` once ready."""
 
-    def __init__(self, args: list[str]) -> None:
-        env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'protos'}", PYTHONUNBUFFERED="1")
+    def __init__(self, args: list[str], root: Path = ROOT) -> None:
+        """``root``: the source tree to run (another checkout, e.g. a benchmark's baseline)."""
+        env = dict(os.environ, PYTHONPATH=f"{root}:{root / 'protos'}", PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server", "--port", "0", "--metrics-port", "0", *args],
-            cwd=ROOT,
+            cwd=root,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -223,13 +223,10 @@ def build_server(
     ]
     if max_streams_per_connection:
         options.append(("grpc.max_concurrent_streams", max_streams_per_connection))
-    server = grpc.aio.server(
-        interceptors=[interceptor],
-        options=options,
-        maximum_concurrent_rpcs=max_concurrent_rpcs or None,
-    )
-    rpc.add_RetrievalServicer_to_server(RetrievalServicer(service), server)
-    rpc.add_AdminServicer_to_server(AdminServicer(service, device), server)
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_concurrent_rpcs or None)
+    # the interceptor wraps retrieval.v1's handlers once, here, not at every call
+    interceptor.register(rpc.add_RetrievalServicer_to_server, RetrievalServicer(service), server)
+    interceptor.register(rpc.add_AdminServicer_to_server, AdminServicer(service, device), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *SERVICES):

@@ -9,15 +9,19 @@ For each call (and each message of MatchStream) and in this order:
    progress are bounded, the rest is refused at once;
 4. the servicer runs;
 5. **error mapping**: a :class:`~server.errors.StatusError` becomes its status
-   (RESOURCE_EXHAUSTED and UNAVAILABLE with a retry hint in the trailers), anything
+   (RESOURCE_EXHAUSTED, UNAVAILABLE and DEADLINE_EXCEEDED with a retry hint in the
+   trailers), anything
    else INTERNAL with the traceback in the log, never UNKNOWN;
 6. **metrics**: ``tcm_requests_total{method,code}`` and
    ``tcm_request_duration_seconds{method}`` once per call, streams included;
 7. **audit**: Admin calls, refused ones too (server/api/audit.py).
 
 Servicers (server/api/app.py) therefore hold no cross-cutting code, and the stream RPC
-cannot drift from the unary ones. Health and reflection pass through untouched, so
-they answer even when the server is at capacity.
+cannot drift from the unary ones. build_server wraps the handlers once at registration
+(:meth:`RetrievalInterceptor.register`) rather than passing ``interceptors=[...]``, which
+has gRPC ask the interceptor at every call; the steps are the same either way. Health
+and reflection pass through untouched, so they answer even when the server is at
+capacity.
 """
 
 from __future__ import annotations
@@ -44,7 +48,9 @@ from server.monitoring.serving import ServerMetrics
 log = logging.getLogger(__name__)
 
 Code = grpc.StatusCode
-_RETRYABLE = (Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE)
+# The statuses sent with a retry hint. DEADLINE_EXCEEDED is the server's own (a store that
+# did not answer in time, docs/SCALE.md); a caller's expired deadline sends no status.
+_RETRYABLE = (Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED)
 DISK_FULL_RETRY_AFTER = 5.0  # seconds: space comes back by an operator, not by itself
 
 
@@ -127,6 +133,7 @@ class RetrievalInterceptor(grpc.aio.ServerInterceptor):
         self.audit = audit
         self._routes = routes()
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._children: dict[tuple[str, grpc.StatusCode], tuple[Any, Any]] = {}
 
     async def intercept_service(
         self,
@@ -138,26 +145,45 @@ class RetrievalInterceptor(grpc.aio.ServerInterceptor):
         if wrapped is not None:
             return wrapped
         handler = await continuation(handler_call_details)
+        wrapped = self.wrap(method, handler)
+        if wrapped is not handler:
+            self._wrapped[method] = wrapped
+        return wrapped
+
+    def register(self, add_to_server: Callable[[Any, Any], None], servicer, server) -> None:
+        """``add_to_server(servicer, server)`` (a generated ``add_XServicer_to_server``)
+        with every method wrapped here, once: the same steps as ``interceptors=[self]``
+        without gRPC asking the interceptor at every call (docs/SERVER.md, "Per-call
+        cost": bench/grpc_floor.py measured that lookup at about a fifth of a bare
+        grpc.aio call)."""
+        registering = _Registering(server, self)
+        add_to_server(servicer, registering)
+        if not registering.services:
+            raise RuntimeError(f"{add_to_server.__name__} registered no method handlers")
+
+    def wrap(
+        self, method: str, handler: grpc.RpcMethodHandler | None
+    ) -> grpc.RpcMethodHandler | None:
+        """``handler`` of ``method`` inside this interceptor; health, reflection and
+        unknown methods unchanged (gRPC answers them itself)."""
         route = self._routes.get(method)
         if handler is None or route is None:
-            return handler  # health, reflection, unknown methods: gRPC answers them itself
+            return handler
         # Requests arrive as raw bytes and are parsed here: gRPC would answer UNKNOWN for a
         # message that does not parse (e.g. bad UTF-8 in a string), this says INVALID_ARGUMENT.
         parse = functools.partial(_parse, handler.request_deserializer)
         if handler.unary_unary is not None:
-            wrapped = grpc.unary_unary_rpc_method_handler(
+            return grpc.unary_unary_rpc_method_handler(
                 functools.partial(self._unary, route, parse, handler.unary_unary),
                 response_serializer=handler.response_serializer,
             )
-        elif handler.stream_stream is not None:
-            wrapped = grpc.stream_stream_rpc_method_handler(
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
                 functools.partial(self._stream, route, parse, handler.stream_stream),
                 response_serializer=handler.response_serializer,
             )
-        else:  # retrieval.v1 has no client- or server-streaming-only RPC
-            raise TypeError(f"{method}: unsupported RPC shape for the interceptor")
-        self._wrapped[method] = wrapped
-        return wrapped
+        # retrieval.v1 has no client- or server-streaming-only RPC
+        raise TypeError(f"{method}: unsupported RPC shape for the interceptor")
 
     # ----------------------------------------------------------------- shapes
     async def _unary(self, route: Route, parse, behaviour, raw: bytes, context):
@@ -280,9 +306,16 @@ class RetrievalInterceptor(grpc.aio.ServerInterceptor):
         if call.finished:
             return
         call.finished = True
-        method = call.route.method
-        self.metrics.requests.labels(method, call.code.name).inc()
-        self.metrics.request_seconds.labels(method).observe(time.perf_counter() - call.started)
+        key = (call.route.method, call.code)
+        children = self._children.get(key)
+        if children is None:  # the labelled series, looked up once per method and code
+            method = call.route.method
+            children = self._children[key] = (
+                self.metrics.requests.labels(method, call.code.name),
+                self.metrics.request_seconds.labels(method),
+            )
+        children[0].inc()
+        children[1].observe(time.perf_counter() - call.started)
         if call.route.admin and self.audit is not None:
             await self._audit(call)
 
@@ -305,3 +338,25 @@ class RetrievalInterceptor(grpc.aio.ServerInterceptor):
             await asyncio.to_thread(self.audit.record, call.route.method, call.code.name, **fields)
         except Exception:  # the call's outcome stands; a broken audit disk must be seen
             log.exception("audit log write failed for %s", call.route.method)
+
+
+class _Registering:
+    """Stands in for the server while a generated ``add_XServicer_to_server`` runs: the
+    service's method handlers reach the server wrapped by the interceptor."""
+
+    def __init__(self, server, interceptor: RetrievalInterceptor) -> None:
+        self.server = server
+        self.interceptor = interceptor
+        self.services: list[str] = []
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        """Ignored: the same handlers arrive by name in add_registered_method_handlers."""
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        wrap = self.interceptor.wrap
+        wrapped = {name: wrap(f"/{service}/{name}", h) for name, h in handlers.items()}
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, wrapped),)
+        )
+        self.server.add_registered_method_handlers(service, wrapped)
+        self.services.append(service)

@@ -198,10 +198,12 @@ class MicroBatcher:
     def _observe(self, batch: list[_Pending], started: float, embed_seconds: float) -> None:
         if self.metrics is not None:
             self.metrics.batch_size.observe(sum(len(p.inputs) for p in batch))
+            queue = self.metrics.stage_seconds.labels("queue").observe
+            embed = self.metrics.stage_seconds.labels("embed").observe
             for p in batch:
                 for _ in range(len(p.inputs)):
-                    self.metrics.stage_seconds.labels("queue").observe(started - p.queued_at)
-                    self.metrics.stage_seconds.labels("embed").observe(embed_seconds)
+                    queue(started - p.queued_at)
+                    embed(embed_seconds)
 
     def _work(self, batch: list[_Pending], finish: bool) -> tuple[float, np.ndarray]:
         """Worker thread: one model call for the batch, then (``finish``) each ``after``."""

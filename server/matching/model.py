@@ -62,7 +62,8 @@ class ServingModel:
             _require_regular_file(Path(path))
         calibration = load_calibration(calibration_path)
         normalization = ServedNormalization.resolve(calibration, normalize)
-        embedder = OnnxEmbedder(model_path, device=device, threads=threads)
+        # no spinning: between micro-batches the pool threads would busy-wait a core away
+        embedder = OnnxEmbedder(model_path, device=device, threads=threads, spin=False)
         calibration.check_model(model_path, sha256=embedder.sha256)
         calibration.target(default_far)  # raises naming the calibrated targets
         log.info(

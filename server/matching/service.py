@@ -298,13 +298,14 @@ class RetrievalService:
 
         def chunk(datas: list[bytes]) -> list[np.ndarray | str]:
             out: list[np.ndarray | str] = []
+            observe = self.metrics.stage_seconds.labels("decode").observe
             for data in datas:
                 started = time.perf_counter()
                 try:
                     out.append(to_model_input(data, meta, limits))
                 except ImageError as err:
                     out.append(str(err))
-                self.metrics.stage_seconds.labels("decode").observe(time.perf_counter() - started)
+                observe(time.perf_counter() - started)
             return out
 
         # Small images (by their headers) decode in microseconds: do it here rather than
@@ -399,8 +400,9 @@ class RetrievalService:
         found = tenant.gallery.search(embeddings, k, model.sha256, read_after)
         evidence = statistics.observe(tenant.name, snapshot, embeddings, served.raw)
         per_image = (time.perf_counter() - started) / len(embeddings)
+        observe = self.metrics.stage_seconds.labels("search").observe
         for _ in range(len(embeddings)):
-            self.metrics.stage_seconds.labels("search").observe(per_image)
+            observe(per_image)
         return [(r, served, e) for r, e in zip(found, evidence, strict=True)]
 
     def _decide(

@@ -12,7 +12,8 @@ API_KEY = "x-api-key"  # call metadata: the caller's API key
 # replica. Tokens are opaque decimal integers (Milvus timestamps); absent = none needed.
 WRITE_TOKEN = "x-tcm-write-token"
 READ_AFTER = "x-tcm-read-after"
-# The retry hint of RESOURCE_EXHAUSTED and UNAVAILABLE, in two trailers: gRPC's own retry
+# The retry hint of RESOURCE_EXHAUSTED, UNAVAILABLE and DEADLINE_EXCEEDED (a store timeout),
+# in two trailers: gRPC's own retry
 # machinery (gRFC A6) reads the first when a retry policy is set; the rich error model
 # (google.rpc.Status with a RetryInfo detail) is read by grpcio-status clients.
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
