@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import io
+import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -390,9 +391,19 @@ class TrafficTail:
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> TrafficTail:
-        with np.load(io.BytesIO(blob), allow_pickle=False) as data:
-            arrays = {k: np.asarray(data[k], np.float64) for k in data.files}
+        """The inverse of :meth:`to_bytes`; anything else (truncated, another format) is a
+        ValueError, so a reader can skip one bad row and keep the others."""
+        try:
+            with np.load(io.BytesIO(blob), allow_pickle=False) as data:
+                arrays = {k: np.asarray(data[k], np.float64) for k in data.files}
+        except (OSError, EOFError, zipfile.BadZipFile, KeyError) as err:
+            raise ValueError(f"unreadable traffic evidence: {err}") from err
         kept, grouped, scale = arrays.pop("totals", np.zeros(3))
+        missing = {"rest", "locations"} - arrays.keys()
+        if missing:
+            raise ValueError(f"traffic evidence lacks {sorted(missing)}")
+        if float(scale) not in range(len(SCALES)):
+            raise ValueError(f"traffic evidence in unknown residual scale {scale!r}")
         for name, array in arrays.items():
             if array.shape != (NBINS,):
                 raise ValueError(f"traffic evidence array {name!r} has shape {array.shape}")

@@ -119,3 +119,32 @@ def test_a_deleted_tenant_leaves_no_evidence(world):
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="sync_seconds"):
         StatisticsSettings(sync_seconds=0)
+
+
+def test_an_unreadable_row_is_skipped_and_the_others_still_merge(world):
+    store, galleries, replica, rng = world
+    a, b = replica("a"), replica("b")
+    snap = store.get("small").gallery.tail_snapshot()
+    b.observe("small", snap, _traffic(rng, galleries["small"], 120), 0.5)
+    b.sync()
+    store.publish_traffic("other", "broken", b"PK\x03\x04 truncated")  # another format, cut
+    a.sync()
+    assert a.info("small", snap)["traffic_queries"] == 120
+    assert a.info("other", store.get("other").gallery.tail_snapshot())["traffic_queries"] == 0
+
+
+def test_evidence_counted_after_a_delete_is_dropped_not_published(world):
+    """A Match in flight when its tenant was deleted may still count its batch: the next
+    sync forgets it instead of publishing it (and a tenant created again under the name
+    would otherwise inherit it)."""
+    store, galleries, replica, rng = world
+    a = replica("a")
+    snap = store.get("small").gallery.tail_snapshot()
+    store.delete("small")
+    a.forget("small")
+    a.observe("small", snap, _traffic(rng, galleries["small"], 80), 0.5)  # in flight
+    a.sync()
+    assert "small" not in a._tenants
+    store.create("small", None)
+    a.sync()
+    assert a.info("small", store.get("small").gallery.tail_snapshot())["traffic_queries"] == 0

@@ -149,3 +149,60 @@ def test_every_served_target_is_monitored_under_its_own_label(
         assert any(line.startswith("tcm_far_label_free_ratio{") for line in at["0.01"])
     finally:
         server.stop()
+
+
+def test_a_match_in_flight_during_delete_brings_nothing_back(
+    server_assets: Assets, tmp_path: Path
+) -> None:
+    """DeleteTenant can finish while a Match of the tenant is between its search and its
+    decision: that Match must not put the deleted tenant's label, windows or traffic
+    evidence back (nor hand them to a tenant created again under the name)."""
+    from prometheus_client import CollectorRegistry
+
+    from server.auth import KeyRing
+    from server.matching.model import ServingModel
+    from server.matching.service import RetrievalService, ServiceConfig
+    from server.monitoring import LiveMonitor, TenantLabels
+    from server.monitoring.serving import ServerMetrics
+
+    model = ServingModel.load(server_assets.model, server_assets.calibration, "cpu", 0.01, 1)
+    registry, labels = CollectorRegistry(), TenantLabels()
+    monitor = LiveMonitor(0.01, registry=registry, labels=labels)
+    metrics = ServerMetrics(registry, labels)
+    service = RetrievalService(model, tmp_path, KeyRing(False), monitor, metrics, ServiceConfig())
+    images = [server_assets.png(i) for i in range(6)]
+
+    async def run() -> None:
+        await service.start()
+        try:
+            await service.create_tenant("shop")
+            await service.enroll(
+                "shop",
+                [(f"g{i}", str(server_assets.labels[i]), images[i]) for i in range(6)],
+                False,
+            )
+            await service.match("shop", images[:2], 1, 0.0)  # the tenant is known everywhere
+            assert labels.get("shop") == "shop"
+            statistics = service._current().statistics
+            assert "shop" in statistics._tenants
+            tenant = service.tenant("shop")
+            search = tenant.gallery.search
+
+            def search_then_deleted(*args, **kwargs):
+                found = search(*args, **kwargs)
+                service.tenants.delete("shop")  # DeleteTenant completes meanwhile
+                service._tenant_gone("shop")
+                return found
+
+            tenant.gallery.search = search_then_deleted
+            (outcome,) = await service.match("shop", images[2:3], 1, 0.0)
+            assert outcome.result.top1 is not None  # it was answered, from the old gallery
+            assert labels.get("shop") is None  # no label, no series, no window
+            assert monitor.tenant_stats("shop")["decisions"] == 0
+            assert "shop" not in statistics._tenants  # no traffic evidence counted
+            await service.create_tenant("shop")
+            assert monitor.tenant_stats("shop")["decisions"] == 0
+        finally:
+            await service.close()
+
+    asyncio.run(run())

@@ -42,7 +42,12 @@ from server.matching.decisions import DecisionStore
 from server.matching.imaging import ImageError, ImageLimits, header_pixels, to_model_input
 from server.matching.model import ServingModel
 from server.matching.observer import DecisionObserver
-from server.matching.statistics import LabelFree, StatisticsSettings, TenantStatistics
+from server.matching.statistics import (
+    NO_EVIDENCE,
+    LabelFree,
+    StatisticsSettings,
+    TenantStatistics,
+)
 from server.matching.threshold import TenantThreshold
 from server.monitoring.serving import ServerMetrics, TenantNormalization
 from server.storage import open_store
@@ -398,7 +403,10 @@ class RetrievalService:
         mapping = statistics.mapping(tenant.name, snapshot)
         served = TenantThreshold.of(mapping, target, model.normalization.method)
         found = tenant.gallery.search(embeddings, k, model.sha256, read_after)
-        evidence = statistics.observe(tenant.name, snapshot, embeddings, served.raw)
+        if self._alive(tenant):
+            evidence = statistics.observe(tenant.name, snapshot, embeddings, served.raw)
+        else:  # deleted while in flight: its evidence must not come back (nor reach a new one)
+            evidence = [NO_EVIDENCE] * len(embeddings)
         per_image = (time.perf_counter() - started) / len(embeddings)
         observe = self.metrics.stage_seconds.labels("search").observe
         for _ in range(len(embeddings)):
@@ -421,6 +429,7 @@ class RetrievalService:
         )
         if top is not None:
             self.metrics.decision(matched, top.similarity)
+        if top is not None and self._alive(tenant):  # a deleted tenant's label stays gone
             try:
                 self.observer.record_decision(
                     tenant.name,
@@ -534,6 +543,15 @@ class RetrievalService:
             for name in [n for n, i in before.items() if after.get(n) != i]:
                 self._tenant_gone(name)
             self.metrics.labels.sync(after)
+
+    def _alive(self, tenant: Tenant) -> bool:
+        """Whether ``tenant`` is still the store's tenant of its name: a Match that finishes
+        after a DeleteTenant must not bring back the deleted tenant's windows, label or
+        traffic evidence, nor hand them to a tenant created again under the name."""
+        try:
+            return self.tenants.get(tenant.name).incarnation == tenant.incarnation
+        except TenantError:
+            return False
 
     def _incarnations(self) -> dict[str, str]:
         return {t.name: t.incarnation for t in self.tenants.all()}

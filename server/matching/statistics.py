@@ -293,7 +293,11 @@ class TenantStatistics:
     def _publish(self) -> None:
         with self._lock:
             tenants = list(self._tenants.items())
+        known = set(self.store.names())
         for name, traffic in tenants:
+            if name not in known:  # deleted (a Match in flight may have counted it again)
+                self.forget(name)
+                continue
             with traffic.lock:
                 new, traffic.pending = traffic.pending, TrafficTail()
                 row = traffic.published.merged(new)
@@ -326,7 +330,7 @@ class TenantStatistics:
                 continue  # read before (rows are re-read for a minute: clocks differ)
             try:
                 tail = TrafficTail.from_bytes(row.blob)
-            except (ValueError, OSError) as err:
+            except Exception as err:  # one bad row must not stop every tenant's sync
                 log.warning("unreadable traffic row %s/%s: %s", row.tenant, row.replica, err)
                 continue
             with traffic.lock:
