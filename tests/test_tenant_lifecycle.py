@@ -206,3 +206,63 @@ def test_a_match_in_flight_during_delete_brings_nothing_back(
             await service.close()
 
     asyncio.run(run())
+
+
+def test_a_reload_that_fails_while_re_embedding_leaves_nothing_running(
+    server_assets: Assets, tmp_path: Path, monkeypatch
+) -> None:
+    """The new model's batcher starts before the galleries are re-embedded: when that
+    fails, the batcher (and the onnxruntime session it holds) must go, the error be
+    counted, and the old model go on serving."""
+    from prometheus_client import CollectorRegistry
+
+    from calibrate.cli.main import main as calibrate_main
+    from server.auth import KeyRing
+    from server.matching.batcher import MicroBatcher
+    from server.matching.model import ServingModel
+    from server.matching.service import RetrievalService, ServiceConfig
+    from server.monitoring import LiveMonitor, TenantLabels
+    from server.monitoring.serving import ServerMetrics
+    from testing.onnx_models import make_linear_embedder
+
+    other = make_linear_embedder(tmp_path / "other.onnx", seed=1)
+    calibration = tmp_path / "other-cal" / "calibration.json"
+    args = ["--model", str(other), "--dataset", "glyphs-tiny", "--out", str(calibration)]
+    assert calibrate_main([*args, "--target-far", "0.01,0.05", "--no-progress"]) == 0
+    model = ServingModel.load(server_assets.model, server_assets.calibration, "cpu", 0.01, 1)
+    registry, labels = CollectorRegistry(), TenantLabels()
+    monitor = LiveMonitor(0.01, registry=registry, labels=labels)
+    metrics = ServerMetrics(registry, labels)
+    service = RetrievalService(model, tmp_path, KeyRing(False), monitor, metrics, ServiceConfig())
+    image = server_assets.png(0)
+    closed: list[MicroBatcher] = []
+    close = MicroBatcher.close
+
+    async def recording_close(self: MicroBatcher) -> None:
+        closed.append(self)
+        await close(self)
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("the disk went away while re-embedding")
+
+    async def run() -> None:
+        await service.start()
+        try:
+            await service.create_tenant("shop")
+            await service.enroll("shop", [("a", "l", image)], False)
+            serving = service._current()
+            monkeypatch.setattr(MicroBatcher, "close", recording_close)
+            monkeypatch.setattr(ServingModel, "embed_images", broken)
+            with pytest.raises(RuntimeError, match="disk went away"):
+                await service.reload(str(other), str(calibration), "cpu")
+            assert service._current() is serving  # still the old model
+            assert len(closed) == 1 and closed[0] is not serving.batcher
+            errors = registry.get_sample_value("tcm_reloads_total", {"result": "error"})
+            assert errors == 1
+            monkeypatch.undo()
+            (outcome,) = await service.match("shop", [image], 1, 0.0)
+            assert outcome.result.top1 is not None
+        finally:
+            await service.close()
+
+    asyncio.run(run())

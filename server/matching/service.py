@@ -696,41 +696,51 @@ class RetrievalService:
             prepared = []
             await loop.run_in_executor(self._work_pool, old.statistics.sync)  # publish its last
             state = self._new_state(new)
-            if new.sha256 == old.model.sha256:  # the same scores: the evidence still holds
-                await loop.run_in_executor(
-                    self._work_pool, state.statistics.inherit, old.statistics
-                )
-            if new.sha256 != old.model.sha256:
-                for tenant in self.tenants.all():
-                    items = tenant.gallery.items()
-                    vectors = await loop.run_in_executor(  # not the embed thread: Match goes on
+            try:
+                if new.sha256 == old.model.sha256:  # the same scores: the evidence still holds
+                    await loop.run_in_executor(
+                        self._work_pool, state.statistics.inherit, old.statistics
+                    )
+                if new.sha256 != old.model.sha256:
+                    for tenant in self.tenants.all():
+                        items = tenant.gallery.items()
+                        vectors = await loop.run_in_executor(  # not the embed thread: Match goes on
+                            self._work_pool,
+                            new.embed_images,
+                            [i.image for i in items],
+                            self.config.limits,
+                        )
+                        await loop.run_in_executor(  # Milvus: written into the new collection
+                            self._work_pool,
+                            tenant.gallery.prepare_rebuild,
+                            new.sha256,
+                            items,
+                            vectors,
+                        )
+                        prepared.append((tenant, [i.item_id for i in items], vectors))
+                        reembedded += len(items)
+                    for tenant, ids, vectors in prepared:  # no await: switch all at once
+                        tenant.gallery.dim = new.embedder.dim
+                        tenant.gallery.rebuild(new.sha256, ids, vectors)
+                    self._state = state
+                    embed = functools.partial(new.embed_images, limits=self.config.limits)
+                    await loop.run_in_executor(
                         self._work_pool,
-                        new.embed_images,
-                        [i.image for i in items],
-                        self.config.limits,
+                        self.tenants.switch_model,
+                        new.sha256,
+                        new.embedder.dim,
+                        embed,
                     )
-                    await loop.run_in_executor(  # Milvus: written into the new collection
-                        self._work_pool, tenant.gallery.prepare_rebuild, new.sha256, items, vectors
-                    )
-                    prepared.append((tenant, [i.item_id for i in items], vectors))
-                    reembedded += len(items)
-                for tenant, ids, vectors in prepared:  # no await: switch all at once
-                    tenant.gallery.dim = new.embedder.dim
-                    tenant.gallery.rebuild(new.sha256, ids, vectors)
+                    # the new model's rows (none yet, unless a replica switched before us)
+                    await loop.run_in_executor(self._work_pool, state.statistics.load)
                 self._state = state
-                embed = functools.partial(new.embed_images, limits=self.config.limits)
-                await loop.run_in_executor(
-                    self._work_pool,
-                    self.tenants.switch_model,
-                    new.sha256,
-                    new.embedder.dim,
-                    embed,
-                )
-                # the new model's rows (none yet, unless a replica switched before us)
-                await loop.run_in_executor(self._work_pool, state.statistics.load)
-            self._state = state
-            for tenant, *_ in prepared:
-                await loop.run_in_executor(self._work_pool, tenant.gallery.snapshot)
+                for tenant, *_ in prepared:
+                    await loop.run_in_executor(self._work_pool, tenant.gallery.snapshot)
+            except Exception:
+                if self._state is not state:  # never switched to: its batcher and model go
+                    await state.batcher.close()
+                self.metrics.reloads.labels("error").inc()
+                raise
         closing = loop.create_task(old.batcher.close())  # drains what the old model queued
         self._background.add(closing)
         closing.add_done_callback(self._background.discard)
