@@ -193,7 +193,8 @@ def parser() -> argparse.ArgumentParser:
         "--traffic-share",
         type=float,
         default=defaults.traffic_share,
-        help="most of a tenant's own evidence its unlabelled traffic may make up "
+        help="most of what a tenant's estimate rests on (gallery pairs and the prior's "
+        "pseudo-pairs) its unlabelled traffic may make up "
         f"(default {defaults.traffic_share}; 0 = gallery pairs only)",
     )
     n.add_argument(

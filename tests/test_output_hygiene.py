@@ -54,7 +54,7 @@ def test_calibrate_and_imagesets_no_progress_reach_the_switch(monkeypatch) -> No
         (calibrate_main.main, ["--no-progress", "--target-far", "0"]),
         (imagesets_main.main, ["export", "--no-progress", "nowhere-x", "test", "/nonexistent/x"]),
     ):
-        monkeypatch.delenv(progress.ENV, raising=False)
+        monkeypatch.setenv(progress.ENV, "0")  # recorded: teardown restores the original
         run(argv)  # both fail early (bad FAR, unknown dataset): the switch is set first
         assert os.environ.get(progress.ENV) == "1", argv
 

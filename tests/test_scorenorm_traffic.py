@@ -10,12 +10,14 @@ from scorenorm.histogram import NBINS, WIDTH, bin_of
 from scorenorm.traffic import (
     EDGES,
     FISHER,
+    REST_SAMPLE,
     SHIFT,
     Null,
     ScoredQueries,
     TrafficTail,
     rank1_null,
     residual,
+    size_key,
 )
 
 N = 40
@@ -175,17 +177,45 @@ def test_locations_are_the_median_of_each_querys_rank_2_and_beyond(items: int):
             assert scored.location[q] == np.nanmedian(np.where(left, np.nan, s[q, cols]))
 
 
-def test_one_reduction_binned_in_two_scales_equals_two_separate_additions():
-    rng = np.random.default_rng(3)
-    s, _ = _scores(rng, 50, 0.4)
-    ids = np.arange(N) // 2
-    scored = ScoredQueries.of(s, ids)
+def _reference(scale: str, scores: np.ndarray, identities, weight: float) -> dict:
+    """What adding queries must give, written query by query from the stated rules with
+    np.nanmedian (as the code was before the one-pass reduction): the rank-1 identity
+    left out, the rest read at a fixed stride beyond REST_SAMPLE items, each read score
+    standing for its share, residuals about the median of the scores read."""
+    n = scores.shape[1]
+    ids = np.arange(n) if identities is None else np.asarray(identities)
+    cols = np.arange(0, n, -(-n // REST_SAMPLE)) if n - 1 > REST_SAMPLE else np.arange(n)
+    out = {"rest": np.zeros(NBINS), "top": np.zeros(NBINS), "locations": np.zeros(NBINS)}
+    out["kept"] = out["grouped"] = 0.0
+    for row in scores.astype(np.float64):
+        best = int(np.argmax(row))
+        mine = ids == ids[best]
+        left = mine[cols]
+        read = [c for c, gone in zip(cols, left, strict=True) if not gone]
+        mu = float(np.nanmedian(row[read])) if read else float(row[best])
+        out["top"][bin_of(residual(row[best], mu, scale))] += weight
+        for c in read:
+            out["rest"][bin_of(residual(row[c], mu, scale))] += (
+                weight * (n - mine.sum()) / len(read)
+            )
+        out["locations"][bin_of(mu)] += weight
+        out["kept"] += weight * float(n - mine.sum())
+        out["grouped"] += weight * float(mine.sum())
+    return out
+
+
+@pytest.mark.parametrize("items, grouped", [(40, False), (40, True), (1500, True)])
+def test_the_histograms_are_those_of_the_rules_query_by_query(items: int, grouped: bool):
+    """One reduction of the batch, binned in each scale, against a per-query reference."""
+    rng = np.random.default_rng(items)
+    s = np.clip(rng.normal(0.25, 0.15, (23, items)), -1, 1)
+    ids = rng.integers(0, items // 3, items) if grouped else None
+    scored = ScoredQueries.of(s, ids, 0.5)
     for scale in (SHIFT, FISHER):
-        shared, alone = TrafficTail(scale=scale), TrafficTail(scale=scale)
-        shared.add(scored)
-        alone.add_scores(s, ids)
-        assert np.array_equal(shared.rest, alone.rest)
-        assert np.array_equal(shared.locations, alone.locations)
-        assert shared.top.keys() == alone.top.keys()
-        assert all(np.array_equal(shared.top[k], alone.top[k]) for k in shared.top)
-        assert (shared.kept, shared.grouped) == (alone.kept, alone.grouped)
+        tail = TrafficTail(scale=scale)
+        tail.add(scored)
+        want = _reference(scale, s, ids, 0.5)
+        np.testing.assert_allclose(tail.rest, want["rest"], rtol=1e-12, atol=1e-12)
+        np.testing.assert_array_equal(tail.locations, want["locations"])
+        np.testing.assert_array_equal(tail.top[size_key(items)], want["top"])
+        assert tail.kept == pytest.approx(want["kept"]) and tail.grouped == want["grouped"]
