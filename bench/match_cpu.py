@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         "before a change), windows interleaved with this tree's, on a copy of the gallery",
     )
     args = p.parse_args(argv)
+    if args.data_dir is not None and str(args.data_dir).startswith("-"):
+        p.error(f"DATA_DIR {args.data_dir}: a flag? server flags go in --server='...'")
     extra = shlex.split(args.server)
     pngs = glyph_pngs()
     model = ServingModel.load(DEFAULT_MODEL, DEFAULT_CALIBRATION, "cpu", 1e-3, 1)
