@@ -78,7 +78,7 @@ def _serve(kind: str, ready) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.match_cpu import cpu_seconds
+    from bench.harness import cpu_seconds
     from bench.server import measure
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -7,11 +7,13 @@ named baseline rather than as absolute promises.
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 import tracemalloc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -84,3 +86,12 @@ def print_table(title: str, results: Sequence[Measurement], baseline: str) -> No
             else f"{'-':>9}"
         )
         print(f"{r.name:<32} {r.seconds:10.4f} {speedup:8.2f}x {mem} {ratio}")
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, all its threads (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK

@@ -43,18 +43,14 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.harness import TICK, cpu_seconds
+from bench.pipeline import in_process
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
 
-TICK = os.sysconf("SC_CLK_TCK")
 WORK = Path("/tmp/tcm-bench-match-cpu")
 PY_SPY = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, all its threads (/proc/PID/stat fields 14 and 15)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
@@ -148,31 +144,6 @@ def window(
     if spy is not None:
         spy.wait()
     return out | {"wall": wall, "server_cpu": server_cpu, "threads": threads}
-
-
-def in_process(folder: Path, model, pngs: list[bytes], batch: int, seconds: float) -> dict:
-    """decode + embed + search here, ``batch`` images a call: CPU seconds per image."""
-    import faiss
-
-    from server.matching.imaging import ImageLimits, to_model_input
-    from server.storage.faiss.gallery import Gallery
-
-    faiss.omp_set_num_threads(1)
-    gallery = Gallery.open(folder, model.embedder.dim, model.sha256)
-    limits = ImageLimits()
-    done, i = 0, 0
-    me = os.getpid()
-    before, t0 = cpu_seconds(me), time.perf_counter()
-    stop = t0 + seconds
-    while time.perf_counter() < stop:
-        chunk = [pngs[(i + j) % len(pngs)] for j in range(batch)]
-        i += batch
-        inputs = np.stack([to_model_input(c, model.embedder.meta, limits) for c in chunk])
-        gallery.search(model.embedder.run(inputs), 1, model.sha256)
-        done += batch
-    cpu, wall = cpu_seconds(me) - before, time.perf_counter() - t0
-    gallery.close()
-    return {"cpu_per_image": cpu / done, "rate": done / wall}
 
 
 def start_server(root: Path, data_dir: Path, extra: list[str]):

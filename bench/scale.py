@@ -189,26 +189,9 @@ def search_ceiling(folder: Path, model, threshold: float, batch: int, seconds: f
 
 def pipeline_ceiling(folder: Path, model, threshold, pngs, batch: int, seconds: float) -> float:
     """decode + embed + search in this process, ``batch`` images a call: images/s."""
-    import faiss
+    from bench.pipeline import in_process
 
-    from server.matching.imaging import ImageLimits, to_model_input
-    from server.storage.faiss.gallery import Gallery
-
-    faiss.omp_set_num_threads(1)
-    gallery = Gallery.open(folder, model.embedder.dim, model.sha256)
-    limits = ImageLimits()
-    done, i = 0, 0
-    stop = time.perf_counter() + seconds
-    t0 = time.perf_counter()
-    while time.perf_counter() < stop:
-        chunk = [pngs[(i + j) % len(pngs)] for j in range(batch)]
-        i += batch
-        inputs = np.stack([to_model_input(c, model.embedder.meta, limits) for c in chunk])
-        gallery.search(model.embedder.run(inputs), 1, model.sha256)
-        done += batch
-    rate = done / (time.perf_counter() - t0)
-    gallery.close()
-    return rate
+    return in_process(folder, model, pngs, batch, seconds)["rate"]
 
 
 def server_match(
