@@ -165,10 +165,16 @@ def tenant_map(
     global_: ScoreHistogram,
     tail: TailSettings,
     evidence: EvidenceSettings,
+    reference: Survival | None = None,
 ) -> TailMap:
     """The map the server serves a tenant: its own evidence shrunk toward the deployment
-    prior (scorenorm.evidence), mapped onto the calibration's global tail."""
-    reference = Survival.of_histogram(global_)
+    prior (scorenorm.evidence), mapped onto the calibration's global tail.
+
+    ``reference``: ``Survival.of_histogram(global_)``, when the caller keeps it (a server
+    rebuilds every tenant's map when the prior moves: building it once saves that work
+    per tenant)."""
+    if reference is None:
+        reference = Survival.of_histogram(global_)
     return map_of_survival(tenant_survival(own, prior, reference, evidence), global_, tail)
 
 
@@ -185,5 +191,6 @@ def deployment_maps(
     evidence = evidence or EvidenceSettings()
     flows = traffic or [None] * len(galleries)
     owns = [own_evidence(g, t, evidence) for g, t in zip(galleries, flows, strict=True)]
-    prior = prior_of(owns, Survival.of_histogram(global_), evidence)
-    return [tenant_map(own, prior, global_, tail, evidence) for own in owns]
+    reference = Survival.of_histogram(global_)
+    prior = prior_of(owns, reference, evidence)
+    return [tenant_map(own, prior, global_, tail, evidence, reference) for own in owns]

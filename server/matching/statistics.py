@@ -238,7 +238,9 @@ class TenantStatistics:
         with self._lock:
             prior = self._prior
         assert self.global_tail is not None and self.tail is not None
-        mapping = tenant_map(own, prior, self.global_tail, self.tail, self.settings.evidence)
+        mapping = tenant_map(
+            own, prior, self.global_tail, self.tail, self.settings.evidence, self._reference
+        )
         with self._lock:
             self._maps[tenant] = (key, mapping)
         return mapping
