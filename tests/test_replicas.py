@@ -444,7 +444,7 @@ def test_replicas_with_traffic_on_both_decide_alike_once_synced(
     published to the store: after both synced (--sync-seconds), the same query gets the
     same decision and the same raw threshold on either (issue 17: replicas agree)."""
     assets = normalised_assets  # a tenant-tail calibration: maps, not raw scores
-    sync = ("--sync-seconds", "0.5")
+    sync = ("--sync-seconds", "2")
     a = replica(assets, tmp_path / "a", milvus_server.spec, *sync)
     b = replica(assets, tmp_path / "b", milvus_server.spec, *sync)
     try:
@@ -466,13 +466,29 @@ def test_replicas_with_traffic_on_both_decide_alike_once_synced(
                     and on_b.get_tenant("agree")["traffic_queries"] == 300
                 )
             )
-            time.sleep(1.5)  # one more sync each: both have read the same rows
             probes = [assets.png(i) for i in range(330, 370)]
-            got_a = on_a.match_batch("agree", probes)
-            got_b = on_b.match_batch("agree", probes)
+
+            def synced() -> tuple[int, int]:
+                return (
+                    on_a.get_tenant("agree")["traffic_queries"],
+                    on_b.get_tenant("agree")["traffic_queries"],
+                )
+
+            # The probes are traffic too: a round counts only when neither replica read new
+            # rows while it ran (their synced counts equal, and unchanged, around it).
+            for _ in range(8):
+                wait_until(lambda: len(set(synced())) == 1)
+                before = synced()
+                got_a = on_a.match_batch("agree", probes)
+                got_b = on_b.match_batch("agree", probes)
+                if synced() == before:
+                    break
+            else:
+                pytest.fail("the replicas never held one synced state over a probe round")
             assert [r.matched for r in got_a] == [r.matched for r in got_b]
             assert [r.raw_threshold for r in got_a] == [r.raw_threshold for r in got_b]
             assert got_a[0].normalization_active  # the maps decide, not the raw threshold
+            wait_until(lambda: len(set(synced())) == 1)
             assert (
                 on_a.get_tenant("agree")["raw_threshold"]
                 == on_b.get_tenant("agree")["raw_threshold"]
