@@ -120,15 +120,7 @@ def build_map(tenant: ScoreHistogram, global_: ScoreHistogram, settings: TailSet
     if deepest > settings.top_level:  # the global sample is too small: nothing to map onto
         return identity_map(n)
     ps = levels(settings, deepest)
-    raw, norm = tenant.quantile(ps), global_.quantile(ps)  # deeper level, higher score
-    knots_r, knots_n = [-1.0], [-1.0]
-    for r, g in zip(raw, norm, strict=True):
-        if np.isfinite(r) and np.isfinite(g) and knots_r[-1] < r < 1.0 and knots_n[-1] < g < 1.0:
-            knots_r.append(float(r))
-            knots_n.append(float(g))
-    if len(knots_r) == 1:
-        return identity_map(n)
-    return TailMap(np.array([*knots_r, 1.0]), np.array([*knots_n, 1.0]), n, float(ps[-1]))
+    return _through_knots(tenant.quantile(ps), global_.quantile(ps), n, float(ps[-1]))
 
 
 def map_of_survival(
@@ -148,15 +140,21 @@ def map_of_survival(
     if deepest > settings.top_level:
         return identity_map(int(n))
     ps = levels(settings, deepest)
-    raw, norm = tenant.quantile(ps), global_.quantile(ps)
+    return _through_knots(tenant.quantile(ps), global_.quantile(ps), int(n), float(ps[-1]))
+
+
+def _through_knots(raw: np.ndarray, norm: np.ndarray, n: int, deepest: float) -> TailMap:
+    """The increasing map through the pairs of quantiles (tenant's raw, global's) at the
+    same levels, keeping those both finite and strictly rising below 1; the identity
+    when none is left."""
     knots_r, knots_n = [-1.0], [-1.0]
     for r, g in zip(raw, norm, strict=True):
         if np.isfinite(r) and np.isfinite(g) and knots_r[-1] < r < 1.0 and knots_n[-1] < g < 1.0:
             knots_r.append(float(r))
             knots_n.append(float(g))
     if len(knots_r) == 1:
-        return identity_map(int(n))
-    return TailMap(np.array([*knots_r, 1.0]), np.array([*knots_n, 1.0]), int(n), float(ps[-1]))
+        return identity_map(n)
+    return TailMap(np.array([*knots_r, 1.0]), np.array([*knots_n, 1.0]), n, deepest)
 
 
 def tenant_map(

@@ -156,7 +156,10 @@ def test_an_undeclared_background_is_one_warning(linear_model, caplog) -> None:
 
 @pytest.mark.torch
 def test_export_declares_the_training_background() -> None:
-    pytest.importorskip("torch")
+    pytest.importorskip(
+        "torch",
+        reason="the optional train extra; ./test.sh installs it and fails on any skip",
+    )
     from train.export import embedder_meta
     from train.models import build_model
 

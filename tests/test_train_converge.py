@@ -317,7 +317,10 @@ def test_short_tuning_runs_keep_their_whole_budget() -> None:
 @pytest.mark.torch
 def test_tune_end_to_end_on_glyphs_tiny(tmp_path: Path) -> None:
     """Two real candidate processes side by side; the test split is never loaded."""
-    pytest.importorskip("torch")
+    pytest.importorskip(
+        "torch",
+        reason="the optional train extra; ./test.sh installs it and fails on any skip",
+    )
     from train.tune import main as tune_main
 
     recipe = tmp_path / "recipe.toml"

@@ -8,8 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("pytorch_metric_learning")
+torch = pytest.importorskip(
+    "torch",
+    reason="the optional train extra; ./test.sh installs it and fails on any skip",
+)
+pytest.importorskip(
+    "pytorch_metric_learning",
+    reason="the optional train extra; ./test.sh installs it and fails on any skip",
+)
 
 from train.cli import TINY  # noqa: E402
 from train.config import TrainConfig  # noqa: E402

@@ -265,7 +265,7 @@ class TenantStatistics:
         """At start: read every row, and continue this replica's own where a previous run
         of it left off (a restart must not overwrite its evidence with an empty row)."""
         with self._sync_lock:
-            self._read()
+            self._read(set(self.store.names()))
             with self._lock:
                 tenants = list(self._tenants.values())
             for traffic in tenants:
@@ -288,14 +288,14 @@ class TenantStatistics:
         """Publish this replica's new traffic, read every replica's, merge, and recompute
         the prior. Runs in a background thread every ``sync_seconds``."""
         with self._sync_lock:
-            self._publish()
-            self._read()
+            known = set(self.store.names())  # one read of the tenant list per sync
+            self._publish(known)
+            self._read(known)
             self._recompute_prior()
 
-    def _publish(self) -> None:
+    def _publish(self, known: set[str]) -> None:
         with self._lock:
             tenants = list(self._tenants.items())
-        known = set(self.store.names())
         for name, traffic in tenants:
             if name not in known:  # deleted (a Match in flight may have counted it again)
                 self.forget(name)
@@ -317,10 +317,9 @@ class TenantStatistics:
             with traffic.lock:
                 traffic.published = row
 
-    def _read(self) -> None:
+    def _read(self, known: set[str]) -> None:
         rows: list[TrafficRow] = self.store.read_traffic(max(0, self._seen - 60_000_000_000))
         changed: set[str] = set()
-        known = set(self.store.names())
         for row in sorted(rows, key=lambda r: (r.tenant, r.replica, r.stamp)):
             if row.tenant not in known:
                 continue
