@@ -35,15 +35,21 @@ sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
 GALLERY = 500
 
 
-def _client_process(address: str, clients: int, per_call: int, seconds: float, images, queue):
-    """Runs in another process: ``clients`` concurrent callers for ``seconds``."""
+def _client_process(
+    address: str, clients: int, per_call: int, seconds: float, images, queue, connections: int = 1
+):
+    """Runs in another process: ``clients`` concurrent callers for ``seconds``, spread over
+    ``connections`` TCP connections (the kernel gives each to one ``--workers`` process)."""
     import grpc
     from retrieval.v1 import retrieval_pb2 as pb
     from retrieval.v1 import retrieval_pb2_grpc as rpc
 
     async def run() -> tuple[int, list[float], int]:
-        async with grpc.aio.insecure_channel(address) as channel:
-            stub = rpc.RetrievalStub(channel)
+        # a local subchannel pool each: channels to one address would share one connection
+        options = [("grpc.use_local_subchannel_pool", 1)] if connections > 1 else []
+        channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(connections)]
+        stubs = [rpc.RetrievalStub(c) for c in channels]
+        try:
             latencies: list[float] = []
             done = 0
             errors = 0
@@ -51,6 +57,7 @@ def _client_process(address: str, clients: int, per_call: int, seconds: float, i
 
             async def caller(n: int) -> None:
                 nonlocal done, errors
+                stub = stubs[n % connections]
                 i = n
                 while time.perf_counter() < stop_at:
                     batch = [images[(i + j) % len(images)] for j in range(per_call)]
@@ -69,19 +76,26 @@ def _client_process(address: str, clients: int, per_call: int, seconds: float, i
                     latencies.append(time.perf_counter() - started)
                     done += per_call
 
-            await stub.Match(pb.MatchRequest(tenant="bench", image=images[0]))  # warm up
+            for warm in stubs:  # every connection open before the clock starts
+                await warm.Match(pb.MatchRequest(tenant="bench", image=images[0]))
             t0 = time.perf_counter()
             await asyncio.gather(*(caller(n) for n in range(clients)))
             return done / (time.perf_counter() - t0), latencies, errors
+        finally:
+            for channel in channels:
+                await channel.close()
 
     queue.put(asyncio.run(run()))
 
 
-def measure(address: str, clients: int, per_call: int, seconds: float, images) -> dict:
+def measure(
+    address: str, clients: int, per_call: int, seconds: float, images, connections: int = 1
+) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(
-        target=_client_process, args=(address, clients, per_call, seconds, images, queue)
+        target=_client_process,
+        args=(address, clients, per_call, seconds, images, queue, connections),
     )
     proc.start()
     rate, latencies, errors = queue.get(timeout=seconds + 120)

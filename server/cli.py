@@ -26,8 +26,9 @@ import scorenorm
 from embedding.defaults import DEFAULT_CALIBRATION, DEFAULT_MODEL
 from scorenorm.evidence import EvidenceSettings
 from server.api.admission import Admission, AdmissionLimits, OverloadMetrics
-from server.api.app import MAX_PENDING_CALLS, build_server
+from server.api.app import MAX_MESSAGE, MAX_PENDING_CALLS, build_server
 from server.api.audit import AuditLog
+from server.api.forward import Forwarder
 from server.api.interceptor import RetrievalInterceptor
 from server.api.keys import KeyReloader
 from server.api.ratelimit import TenantRateLimiter
@@ -145,9 +146,14 @@ def parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=1,
-        help="server processes sharing --port via SO_REUSEPORT (needs --gallery milvus://)",
+        help="server processes sharing --port via SO_REUSEPORT; with the faiss store one "
+        "writes the data dir and the others follow it (docs/SCALE.md)",
     )
     g.add_argument("--reuse-port", action="store_true", help="SO_REUSEPORT (set by --workers)")
+    # set by --workers for its faiss processes (server/workers.py), not by hand
+    g.add_argument("--role", choices=("", "writer", "reader"), default="", help=argparse.SUPPRESS)
+    g.add_argument("--writer-socket", type=Path, default=None, help=argparse.SUPPRESS)
+    g.add_argument("--replica", default="", help=argparse.SUPPRESS)
     g.add_argument(
         "--milvus-timeout",
         type=float,
@@ -345,6 +351,7 @@ async def serve(args: argparse.Namespace) -> int:
         statistics=statistics_settings(args),
         gallery=args.gallery,
         store_options=store_options(args),
+        replica=args.replica,
     )
     service = RetrievalService(model, args.data_dir, keys, observer, metrics, config)
     await service.start()
@@ -357,7 +364,11 @@ async def serve(args: argparse.Namespace) -> int:
         admission,
         TenantRateLimiter(args.tenant_rate, args.tenant_burst) if args.tenant_rate > 0 else None,
         audit,
+        follow=service.follow_tenant if args.role == "reader" else None,
     )
+    forwarder = None
+    if args.role == "reader":  # its writes go to the writer worker (server/api/forward.py)
+        forwarder = Forwarder(f"unix:{args.writer_socket}", MAX_MESSAGE)
     server, health = build_server(
         service,
         args.device,
@@ -366,7 +377,12 @@ async def serve(args: argparse.Namespace) -> int:
         args.max_streams_per_connection,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         reuse_port=args.reuse_port,
+        forwarder=forwarder,
     )
+    if args.role == "writer":  # where the reader workers forward their writes
+        args.writer_socket.unlink(missing_ok=True)
+        if server.add_insecure_port(f"unix:{args.writer_socket}") == 0:
+            raise OSError(f"cannot bind the writer socket {args.writer_socket}")
     credentials = tls_credentials(args)
     address = f"{args.host}:{args.port}"
     if credentials is None:
@@ -408,6 +424,8 @@ async def serve(args: argparse.Namespace) -> int:
     await server.stop(args.grace)
     for task in background:
         task.cancel()
+    if forwarder is not None:
+        await forwarder.close()
     await service.close()
     audit.close()
     http.shutdown()
@@ -425,7 +443,7 @@ def statistics_settings(args: argparse.Namespace) -> StatisticsSettings:
 def store_options(args: argparse.Namespace) -> dict:
     """The backend's own settings (server/storage/__init__.py, open_store)."""
     if not str(args.gallery).startswith(("milvus://", "milvus-lite:")):
-        return {}
+        return {"role": args.role} if args.role else {}
     return {
         "timeout": args.milvus_timeout,
         "consistency": args.milvus_consistency,

@@ -321,7 +321,7 @@ def test_workers_share_one_port(server_assets: Assets, tmp_path: Path, milvus_se
         server.stop()
 
 
-def test_workers_need_a_shared_gallery(server_assets: Assets, tmp_path: Path) -> None:
+def test_workers_refuse_a_gallery_of_one_process(server_assets: Assets, tmp_path: Path) -> None:
     import subprocess
     import sys
 
@@ -333,6 +333,8 @@ def test_workers_need_a_shared_gallery(server_assets: Assets, tmp_path: Path) ->
             "--no-auth",
             "--workers",
             "2",
+            "--gallery",
+            f"milvus-lite:{tmp_path / 'lite.db'}",
             "--data-dir",
             str(tmp_path),
         ],

@@ -19,6 +19,7 @@ from retrieval.v1 import retrieval_pb2 as pb
 from retrieval.v1 import retrieval_pb2_grpc as rpc
 from retrieval.v1.metadata import READ_AFTER, WRITE_TOKEN, target_far_error
 
+from server.api.forward import Forwarder, forwarded_methods
 from server.api.interceptor import RetrievalInterceptor
 from server.matching.service import MatchOutcome, RetrievalService, ServiceError
 
@@ -191,6 +192,12 @@ class AdminServicer(rpc.AdminServicer):
         return pb.ListTenantsResponse(tenants=self.service.tenants.names())
 
     async def Reload(self, request, context):
+        if self.service.tenants.shared and not self.service.tenants.remote:
+            raise ServiceError(  # faiss --workers: the readers would keep the old model
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "with --workers on the faiss store, reload by sending SIGHUP to the parent "
+                "process: every worker then reloads its --model and --calibration",
+            )
         done = await self.service.reload(request.model_path, request.calibration_path, self.device)
         return pb.ReloadResponse(**done)
 
@@ -203,6 +210,7 @@ def build_server(
     max_streams_per_connection: int = 0,
     reuse_port: bool = False,
     max_concurrent_rpcs: int = 0,
+    forwarder: Forwarder | None = None,
 ) -> tuple[grpc.aio.Server, health.HealthServicer]:
     """A grpc.aio server with retrieval.v1, grpc.health.v1 and reflection (not yet bound).
 
@@ -212,6 +220,7 @@ def build_server(
     trades call-rate floods for client-visible UNAVAILABLE (docs/RELIABILITY.md).
     ``reuse_port``: SO_REUSEPORT, so ``--workers`` processes share one port (the kernel
     spreads connections over them).
+    ``forwarder``: a reader worker's; the calls it forwards are not served here.
     """
     interceptor = interceptor or RetrievalInterceptor(service.keys, service.metrics)
     options = [
@@ -225,8 +234,16 @@ def build_server(
         options.append(("grpc.max_concurrent_streams", max_streams_per_connection))
     server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_concurrent_rpcs or None)
     # the interceptor wraps retrieval.v1's handlers once, here, not at every call
-    interceptor.register(rpc.add_RetrievalServicer_to_server, RetrievalServicer(service), server)
-    interceptor.register(rpc.add_AdminServicer_to_server, AdminServicer(service, device), server)
+    skip = frozenset(forwarded_methods() if forwarder else ())
+    interceptor.register(
+        rpc.add_RetrievalServicer_to_server, RetrievalServicer(service), server, skip
+    )
+    if forwarder is None:
+        interceptor.register(
+            rpc.add_AdminServicer_to_server, AdminServicer(service, device), server
+        )
+    else:
+        server.add_generic_rpc_handlers(forwarder.handlers())
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *SERVICES):

@@ -125,8 +125,12 @@ class RetrievalInterceptor(grpc.aio.ServerInterceptor):
         admission: Admission | None = None,
         limiter: TenantRateLimiter | None = None,
         audit: AuditLog | None = None,
+        follow: Callable[[str], bool] | None = None,
     ) -> None:
+        """``follow(tenant)``: a reader worker's look at a tenant as stored now, asked once
+        when a key is not (yet) known to grant it (server/workers.py)."""
         self.keys = keys
+        self.follow = follow
         self.metrics = metrics
         self.admission = admission or Admission()
         self.limiter = limiter
@@ -150,13 +154,20 @@ class RetrievalInterceptor(grpc.aio.ServerInterceptor):
             self._wrapped[method] = wrapped
         return wrapped
 
-    def register(self, add_to_server: Callable[[Any, Any], None], servicer, server) -> None:
+    def register(
+        self,
+        add_to_server: Callable[[Any, Any], None],
+        servicer,
+        server,
+        skip: frozenset[str] = frozenset(),
+    ) -> None:
         """``add_to_server(servicer, server)`` (a generated ``add_XServicer_to_server``)
         with every method wrapped here, once: the same steps as ``interceptors=[self]``
         without gRPC asking the interceptor at every call (docs/SERVER.md, "Per-call
         cost": bench/grpc_floor.py measured that lookup at about a fifth of a bare
-        grpc.aio call)."""
-        registering = _Registering(server, self)
+        grpc.aio call). Methods in ``skip`` (``/service/Method``) are left out: another
+        handler serves them (a reader worker's forwarding, server/api/forward.py)."""
+        registering = _Registering(server, self, skip)
         add_to_server(servicer, registering)
         if not registering.services:
             raise RuntimeError(f"{add_to_server.__name__} registered no method handlers")
@@ -228,7 +239,13 @@ class RetrievalInterceptor(grpc.aio.ServerInterceptor):
         """Auth, then the tenant's rate limit, then admission; raises StatusError."""
         admin = call.route.admin
         tenant = None if admin else request.tenant
-        call.principal = self.keys.authorize(call.context.invocation_metadata(), tenant, admin)
+        metadata = call.context.invocation_metadata()
+        try:
+            call.principal = self.keys.authorize(metadata, tenant, admin)
+        except AuthError:
+            if self.follow is None or tenant is None or not self.follow(tenant):
+                raise
+            call.principal = self.keys.authorize(metadata, tenant, admin)
         if admin:
             return None  # rare, trusted and how an operator fixes an overloaded server
         units = cost(request)
@@ -344,9 +361,10 @@ class _Registering:
     """Stands in for the server while a generated ``add_XServicer_to_server`` runs: the
     service's method handlers reach the server wrapped by the interceptor."""
 
-    def __init__(self, server, interceptor: RetrievalInterceptor) -> None:
+    def __init__(self, server, interceptor: RetrievalInterceptor, skip: frozenset[str]) -> None:
         self.server = server
         self.interceptor = interceptor
+        self.skip = skip
         self.services: list[str] = []
 
     def add_generic_rpc_handlers(self, handlers) -> None:
@@ -354,7 +372,11 @@ class _Registering:
 
     def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
         wrap = self.interceptor.wrap
-        wrapped = {name: wrap(f"/{service}/{name}", h) for name, h in handlers.items()}
+        wrapped = {
+            name: wrap(f"/{service}/{name}", h)
+            for name, h in handlers.items()
+            if f"/{service}/{name}" not in self.skip
+        }
         self.server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(service, wrapped),)
         )

@@ -94,6 +94,7 @@ class ServiceConfig:
     statistics: StatisticsSettings = field(default_factory=StatisticsSettings)
     gallery: str = "faiss"  # or milvus://HOST:PORT, milvus-lite:PATH.db (server/storage/)
     store_options: dict = field(default_factory=dict)  # e.g. Milvus timeout, consistency
+    replica: str = ""  # this process's name among a shared store's (default: host-pid)
 
 
 @dataclass
@@ -184,7 +185,9 @@ class RetrievalService:
         self._syncing: asyncio.Task | None = None
         # a process of a shared store publishes its traffic under its own name; a lone
         # process keeps one name across restarts and continues its own evidence
-        self.replica = f"{socket.gethostname()}-{os.getpid()}" if self.tenants.shared else "local"
+        self.replica = config.replica or (
+            f"{socket.gethostname()}-{os.getpid()}" if self.tenants.shared else "local"
+        )
 
     # -------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -198,7 +201,7 @@ class RetrievalService:
         self.metrics.labels.sync(t.name for t in self.tenants.all())
         self._mutations = asyncio.Lock()
         self._tenant_changes = asyncio.Lock()
-        if self.tenants.shared:  # Milvus: a search waits on the network, not the CPU
+        if self.tenants.remote:  # Milvus: a search waits on the network, not the CPU
             self._search_pool = ThreadPoolExecutor(SEARCH_THREADS, "search")
         self._state = self._new_state(self._first_model)
         await loop.run_in_executor(self._work_pool, self._state.statistics.load)
@@ -522,7 +525,9 @@ class RetrievalService:
     def write_token(self, tenant_name: str) -> int:
         """The token a Match must carry to see this tenant's writes so far (0: none needed)."""
         try:
-            return int(getattr(self.tenants.get(tenant_name).gallery, "write_token", 0))
+            if not self.tenants.shared:  # one process: every search sees every write
+                return 0
+            return int(self.tenants.get(tenant_name).gallery.write_token)
         except TenantError:
             return 0
 
@@ -543,6 +548,17 @@ class RetrievalService:
             for name in [n for n, i in before.items() if after.get(n) != i]:
                 self._tenant_gone(name)
             self.metrics.labels.sync(after)
+
+    def follow_tenant(self, name: str) -> bool:
+        """A reader worker's miss path: a call named a tenant or a key this process has not
+        refreshed yet; look at the tenant as stored now. True when it exists there (its
+        keys are then the ones this process checks)."""
+        tenant = self.tenants.follow(name)
+        if tenant is None:
+            return False
+        entries = [(h, Principal(False, name)) for h in tenant.key_hashes]
+        self.keys.set_source(f"tenant:{name}", entries)
+        return True
 
     def _alive(self, tenant: Tenant) -> bool:
         """Whether ``tenant`` is still the store's tenant of its name: a Match that finishes
@@ -701,7 +717,13 @@ class RetrievalService:
                     await loop.run_in_executor(
                         self._work_pool, state.statistics.inherit, old.statistics
                     )
-                if new.sha256 != old.model.sha256:
+                if new.sha256 != old.model.sha256 and self.tenants.follower:
+                    embed = functools.partial(new.embed_images, limits=self.config.limits)
+                    reembedded = await loop.run_in_executor(
+                        self._work_pool, self.tenants.reopen, new.sha256, new.embedder.dim, embed
+                    )
+                    await loop.run_in_executor(self._work_pool, state.statistics.load)
+                elif new.sha256 != old.model.sha256:
                     for tenant in self.tenants.all():
                         items = tenant.gallery.items()
                         vectors = await loop.run_in_executor(  # not the embed thread: Match goes on

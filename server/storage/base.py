@@ -192,6 +192,10 @@ class GalleryStore(Protocol):
 
     kind: str
     shared: bool  # several server processes may use it at once
+    remote: bool  # searches wait on another service (Milvus), not on this CPU
+    # this process reads galleries another process writes (faiss --workers reader):
+    # a reload re-reads them (:meth:`reopen`) instead of re-embedding and writing
+    follower: bool
     dim: int
     model_sha256: str
     embed: Callable[[list[bytes]], np.ndarray] | None
@@ -218,8 +222,16 @@ class GalleryStore(Protocol):
     def refresh(self) -> dict[str, list[str]]:
         """Tenant -> key hashes as stored now (other processes' Admin calls included)."""
 
+    def follow(self, name: str) -> Tenant | None:
+        """A follower's look at one tenant as stored now (None: no such tenant, or this
+        store is not a follower and learns of new tenants at :meth:`refresh`)."""
+
     def switch_model(self, model_sha256: str, dim: int, embed) -> None:
         """After every tenant was re-embedded: the model new writes and tenants use."""
+
+    def reopen(self, model_sha256: str, dim: int, embed) -> int:
+        """A follower's reload: every gallery read again under the new model (items
+        embedded by another one re-embedded in memory); returns how many were."""
 
     def describe_index(self) -> str:
         """What the galleries search with (the ``index`` label of ``tcm_model_info``)."""

@@ -151,6 +151,8 @@ class MilvusStore:
 
     kind = "milvus"
     shared = True
+    remote = True
+    follower = False
 
     def __init__(
         self,
@@ -400,6 +402,12 @@ class MilvusStore:
         else:
             self.client("alter_alias", name, ALIAS)
         self.collection, self.model_sha256, self.dim, self.embed = name, model_sha256, dim, embed
+
+    def follow(self, name: str) -> None:
+        return None  # replicas learn of tenants at refresh (--store-refresh-seconds)
+
+    def reopen(self, model_sha256: str, dim: int, embed) -> int:
+        raise NotImplementedError("every Milvus replica re-embeds (it is not a follower)")
         self.traffic = self._ensure_traffic(model_sha256)
 
     def describe_index(self) -> str:

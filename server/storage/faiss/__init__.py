@@ -27,12 +27,14 @@ def open_faiss(
     snapshot_every: int = 1000,
     index: str = "flat",
     tail: TailOptions | None = None,
+    role: str = "",
     **_options,
 ) -> TenantRegistry:
-    """``--gallery faiss`` (the default): galleries in this process under ``data_dir``."""
+    """``--gallery faiss`` (the default): galleries in this process under ``data_dir``;
+    ``role`` ``writer`` or ``reader`` when ``--workers`` processes share it."""
     if spec not in ("", "faiss"):
         raise bad_spec(spec)
-    return TenantRegistry(data_dir, dim, model_sha256, embed, snapshot_every, index, tail)
+    return TenantRegistry(data_dir, dim, model_sha256, embed, snapshot_every, index, tail, role)
 
 
 register("faiss", open_faiss)

@@ -90,6 +90,10 @@ class _Generation:
 class Gallery:
     """Thread-safe; open with :meth:`Gallery.open`. Mutations are durable on return.
 
+    ``writes``: this process owns the directory (writes the log, segments, index files).
+    A :class:`~server.storage.faiss.follower.FollowingGallery` reads another process's
+    instead and never touches the disk.
+
     Locks: ``_write`` serialises mutations and checkpoints (held across fsyncs);
     ``_lock`` guards the in-memory state while a mutation applies and while the tail
     statistics change (held briefly). A search takes neither across the faiss call.
@@ -121,7 +125,14 @@ class Gallery:
         self._since_snapshot = 0
         self._rewrite = False  # the next checkpoint writes a whole new generation
         self.reembedded = 0  # items re-embedded by open() because the model changed
-        self.write_token = 0  # one process: every search sees every acknowledged write
+
+    writes = True
+
+    @property
+    def write_token(self) -> int:
+        """The log sequence number of the last acknowledged write: a follower that has
+        applied the log up to it has seen that write (server/storage/faiss/follower.py)."""
+        return self._lsn
 
     def _new_generation(self, model: str, dim: int) -> _Generation:
         return _Generation(
@@ -162,12 +173,13 @@ class Gallery:
         ``index``: a name of server/storage/faiss/ann.py (``flat``, ``hnsw``).
         ``tail``: the sample behind the tenant's normalisation statistics."""
         gallery = cls(directory, dim, model_sha256, snapshot_every, index, tail)
-        directory.mkdir(parents=True, exist_ok=True)
+        if gallery.writes:
+            directory.mkdir(parents=True, exist_ok=True)
         try:
             rows, images, stored_model = gallery._load_rows()
         except SegmentError as err:
             raise GalleryError(str(err)) from err
-        records = read_records(directory / WAL)
+        records = gallery._log_records()
         stale = stored_model != model_sha256 and len(rows) > 0
         stale_records = any(
             r["op"] == "add" and r["model"] != model_sha256
@@ -203,6 +215,10 @@ class Gallery:
         replayed = gallery._replay(records, embed)
         gallery._rewrite |= gallery.reembedded > 0
         gallery._build_tail()
+        if not gallery.writes:
+            gen.index = make_index(index, dim)
+            gen.index.load(directory, gen.table.view)
+            return gallery
         (directory / ONLINE_TAIL).unlink(missing_ok=True)  # soft state of older versions
         if gallery.reembedded:
             log.info(
@@ -220,11 +236,15 @@ class Gallery:
         log.info("%s: %d items (%d log records replayed)", directory, gallery.size, replayed)
         return gallery
 
+    def _log_records(self) -> list[bytes]:
+        """The log's intact records (a torn tail is cut off: this process owns the log)."""
+        return read_records(self.directory / WAL)
+
     def _load_rows(self) -> tuple[Rows, list[bytes] | None, str]:
         """Live rows on disk, their images when they are not in segments, their model."""
         store = self._store
         if store.exists():
-            rows, tombstones = store.load()
+            rows, tombstones = store.load(collect=self.writes)
             live = np.flatnonzero(~np.isin(rows.fids, tombstones))
             m = store.manifest
             self._lsn, self._next_id = m.lsn, m.next_id
@@ -259,12 +279,15 @@ class Gallery:
         self._lsn, self._next_id = meta["lsn"], meta["next_id"]
         return rows, images, meta["model"]
 
-    def _replay(self, records: list[bytes], embed) -> int:
+    def _replay(self, records: list[bytes], embed, tail: bool = False) -> int:
+        """Apply the log records newer than the segments; ``tail``: keep the tail sample
+        up to date as they apply (it is built once afterwards when opening)."""
         replayed = 0
         for payload in records:
             record, vector, image = _decode_record(payload, self.dim)
             if record["lsn"] <= self._lsn:
                 continue  # already in a segment (crash between manifest and log reset)
+            self._check_sequence(record["lsn"])
             self._lsn = record["lsn"]
             replayed += 1
             if record["op"] == "add":
@@ -276,13 +299,16 @@ class Gallery:
                 item = Item(record["item_id"], record["label"], image)
                 old = self._gen.table.find(item.item_id)
                 if old is not None:
-                    self._apply_remove(np.array([old]), tail=False)
-                self._apply_add([fid], [item], vector[None, :], tail=False)
+                    self._apply_remove(np.array([old]), tail=tail)
+                self._apply_add([fid], [item], vector[None, :], tail=tail)
             else:
                 rows = [self._gen.table.find(i) for i in record["item_ids"]]
                 found = np.array([r for r in rows if r is not None], np.int64)
-                self._apply_remove(found, tail=False)
+                self._apply_remove(found, tail=tail)
         return replayed
+
+    def _check_sequence(self, lsn: int) -> None:
+        """The owner of the log trusts it as written (a checkpoint holds what precedes it)."""
 
     def _build_tail(self) -> None:
         """The sample is a function of the live items: their bottom-k id hashes."""
@@ -620,8 +646,9 @@ class Gallery:
             [i.label for i in items],
             vectors,
         )
-        for fid, item in zip(fids, items, strict=True):
-            gen.pending[fid] = item.image
+        if self.writes:  # images wait here for the next checkpoint; a follower needs none
+            for fid, item in zip(fids, items, strict=True):
+                gen.pending[fid] = item.image
         gen.index.added(table.view, rows)
         if tail:
             gen.tail.add([self._entry(int(r)) for r in rows])
@@ -632,10 +659,11 @@ class Gallery:
         gen = self._gen
         table = gen.table
         fids = table.fids[rows].copy()
-        for fid in fids.tolist():
-            if gen.pending.pop(fid, None) is None:
-                gen.tombstones.append(fid)
-        self._store.removed(fids)
+        if self.writes:  # what the next checkpoint writes
+            for fid in fids.tolist():
+                if gen.pending.pop(fid, None) is None:
+                    gen.tombstones.append(fid)
+            self._store.removed(fids)
         gen.index.removed(table.view, rows)
         table.kill(rows)
         if tail:

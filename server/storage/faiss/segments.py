@@ -183,8 +183,8 @@ class SegmentStore:
     def exists(self) -> bool:
         return (self.directory / MANIFEST).exists()
 
-    def load(self) -> tuple[Rows, np.ndarray]:
-        """(rows of every segment in order, all tombstones); removes stray files."""
+    def load_manifest(self) -> Manifest:
+        """Read the manifest (SegmentError when it cannot be)."""
         path = self.directory / MANIFEST
         try:
             self.manifest = Manifest.from_json(path.read_text(encoding="utf-8"))
@@ -193,12 +193,20 @@ class SegmentStore:
                 f"{path}: unreadable gallery manifest ({type(err).__name__}: {err}); restore "
                 "the tenant's folder from a backup or move it away to start it empty"
             ) from err
+        return self.manifest
+
+    def load(self, collect: bool = True) -> tuple[Rows, np.ndarray]:
+        """(rows of every segment in order, all tombstones); ``collect``: remove stray
+        files (only the process that writes the directory may: to a reader, a segment
+        being written looks stray)."""
+        self.load_manifest()
         parts, tombs = [], []
         for info in self.manifest.segments:
             rows, dead = self._read(info)
             parts.append(rows)
             tombs.append(dead)
-        self._collect_garbage()
+        if collect:
+            self._collect_garbage()
         dim = self.manifest.dim
         return Rows.concat(parts, dim), np.concatenate([np.zeros(0, np.int64), *tombs])
 

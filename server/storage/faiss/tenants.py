@@ -6,12 +6,19 @@ incarnation) next to the gallery's ``snapshot.npz`` and ``wal.log``, and
 (server/matching/statistics.py), rewritten atomically, so processes sharing the data dir
 read each other's. A tenant exists once its ``tenant.json`` is written (atomically);
 deletion renames the directory away first, so a crash never leaves half a tenant visible.
+
+``role`` (set by ``--workers N``, server/workers.py): several processes share one data
+dir. The ``writer`` owns it as a lone process does; every ``reader`` follows its
+galleries (server/storage/faiss/follower.py) and its tenants and keys (:meth:`refresh`),
+and writes nothing but its own traffic evidence. ``decision.secret`` lets every one of
+them verify the decision ids the others made.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import secrets
 import shutil
 import threading
 import time
@@ -23,12 +30,15 @@ import numpy as np
 
 from contracts.files import atomic_write_bytes, atomic_write_text, fsync_dir
 from server.storage.base import NAME, Tenant, TenantError, TrafficRow, check_name, new_incarnation
+from server.storage.faiss.follower import FollowingGallery, ReadOnlyGalleryError
 from server.storage.faiss.gallery import Gallery, TailOptions, describe_index
 
 log = logging.getLogger(__name__)
 
 TENANT_FILE = "tenant.json"
 TRAFFIC_DIR = "traffic"
+SECRET_FILE = "decision.secret"
+ROLES = ("", "writer", "reader")  # "": the data dir's only process
 
 
 def read_tenant_keys(directory: Path) -> list[str]:
@@ -55,8 +65,7 @@ class TenantRegistry:
     """
 
     kind = "faiss"
-    shared = False  # one process owns a data dir
-    decision_secret = None  # decision ids live in this process only
+    remote = False  # searches run on this CPU
 
     def __init__(
         self,
@@ -67,7 +76,15 @@ class TenantRegistry:
         snapshot_every: int = 1000,
         index: str = "flat",
         tail: TailOptions | None = None,
+        role: str = "",
     ) -> None:
+        if role not in ROLES:
+            raise ValueError(f"faiss store role must be one of {ROLES}, got {role!r}")
+        self.role = role
+        self.shared = role != ""  # processes of one --workers set share the data dir
+        self.follower = role == "reader"
+        # without workers, decision ids live in this process only
+        self.decision_secret = _decision_secret(root / SECRET_FILE, role) if role else None
         self.root = root / "tenants"
         self.index = index
         self.tail = tail
@@ -80,18 +97,35 @@ class TenantRegistry:
 
     def load_all(self) -> None:
         """Open every tenant found on disk (replaying logs, re-embedding if needed)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        for directory in sorted(self.root.iterdir()):
-            meta = directory / TENANT_FILE
-            if not meta.is_file() or not NAME.fullmatch(directory.name):
+        if not self.follower:
+            self.root.mkdir(parents=True, exist_ok=True)
+        for name, raw in self._stored():
+            self._tenants[name] = self._tenant(name, raw)
+
+    def _stored(self) -> list[tuple[str, dict]]:
+        """(name, tenant.json) of every tenant on disk now."""
+        out = []
+        try:
+            directories = sorted(self.root.iterdir())
+        except FileNotFoundError:
+            return out
+        for directory in directories:
+            if not NAME.fullmatch(directory.name):
                 continue
-            raw = json.loads(meta.read_text(encoding="utf-8"))
-            gallery = self._open(directory)
-            keys, incarnation = raw.get("keys", []), raw.get("incarnation", "")
-            self._tenants[directory.name] = Tenant(directory.name, gallery, keys, incarnation)
+            try:
+                raw = json.loads((directory / TENANT_FILE).read_text(encoding="utf-8"))
+            except FileNotFoundError:  # being created, or deleted meanwhile
+                continue
+            out.append((directory.name, raw))
+        return out
+
+    def _tenant(self, name: str, raw: dict) -> Tenant:
+        gallery = self._open(self.root / name)
+        return Tenant(name, gallery, raw.get("keys", []), raw.get("incarnation", ""))
 
     def create(self, name: str, key_hash: str | None) -> Tenant:
         check_name(name)
+        self._writer_only("create a tenant")
         with self._lock:
             if name in self._tenants:
                 raise TenantError(f"tenant {name!r} already exists")
@@ -113,7 +147,15 @@ class TenantRegistry:
             self._tenants[name] = tenant
             return tenant
 
+    def _writer_only(self, what: str) -> None:
+        if self.follower:  # server/api/forward.py sends these calls to the writer
+            raise ReadOnlyGalleryError(f"a reader worker cannot {what}")
+
     def _open(self, directory: Path) -> Gallery:
+        if self.follower:
+            return FollowingGallery.follow(
+                directory, self.dim, self.model_sha256, self.embed, self.index, self.tail
+            )
         return Gallery.open(
             directory,
             self.dim,
@@ -126,6 +168,7 @@ class TenantRegistry:
 
     def delete(self, name: str) -> int:
         """Remove the tenant and its data; returns how many items it had."""
+        self._writer_only("delete a tenant")
         with self._lock:
             tenant = self._tenants.pop(name, None)
             if tenant is None:
@@ -142,6 +185,8 @@ class TenantRegistry:
     def get(self, name: str) -> Tenant:
         with self._lock:
             tenant = self._tenants.get(name)
+        if tenant is None and self.follower:  # created by the writer since the last refresh
+            tenant = self.follow(name)
         if tenant is None:
             raise TenantError(f"unknown tenant {name!r}; create it with the Admin service")
         return tenant
@@ -162,12 +207,75 @@ class TenantRegistry:
             tenant.gallery.close()
 
     def refresh(self) -> dict[str, list[str]]:
-        """Tenants and key hashes as stored (no other process changes them here)."""
+        """Tenants and key hashes as stored. A reader reads them from disk (the writer's
+        creations, deletions and keys) and catches every gallery up with its log."""
+        if self.follower:
+            self._follow_tenants()
         return {t.name: list(t.key_hashes) for t in self.all()}
+
+    def follow(self, name: str) -> Tenant | None:
+        """A reader's look at one tenant on disk now: opened when new (or created again),
+        its keys re-read; None when the writer has no such tenant. The miss path of a
+        call naming a tenant or key this reader has not refreshed yet."""
+        if not self.follower or not NAME.fullmatch(name):
+            return None
+        try:
+            raw = json.loads((self.root / name / TENANT_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        with self._lock:
+            tenant = self._tenants.get(name)
+        if tenant is not None and raw.get("incarnation", "") == tenant.incarnation:
+            tenant.key_hashes = list(raw.get("keys", []))
+            return tenant
+        try:
+            fresh = self._tenant(name, raw)
+        except (OSError, ValueError) as err:
+            log.info("%s: not followed now: %s", name, err)
+            return None
+        with self._lock:
+            old = self._tenants.get(name)
+            self._tenants[name] = fresh
+        if old is not None:
+            old.gallery.close()
+        return fresh
+
+    def _follow_tenants(self) -> None:
+        stored = dict(self._stored())
+        with self._lock:
+            known = dict(self._tenants)
+        for name, tenant in known.items():
+            raw = stored.get(name)
+            if raw is None or raw.get("incarnation", "") != tenant.incarnation:
+                with self._lock:
+                    self._tenants.pop(name, None)
+                tenant.gallery.close()
+        for name, raw in stored.items():
+            tenant = known.get(name)
+            try:
+                if tenant is None or raw.get("incarnation", "") != tenant.incarnation:
+                    tenant = self._tenant(name, raw)
+                    with self._lock:
+                        self._tenants[name] = tenant
+                else:
+                    tenant.key_hashes = list(raw.get("keys", []))
+                    tenant.gallery.catch_up()
+            except (OSError, ValueError) as err:  # deleted while read: the next refresh
+                log.info("%s: not followed this time: %s", name, err)
 
     def switch_model(self, model_sha256: str, dim: int, embed) -> None:
         """After a reload re-embedded every gallery: new tenants use the new model."""
         self.model_sha256, self.dim, self.embed = model_sha256, dim, embed
+
+    def reopen(self, model_sha256: str, dim: int, embed) -> int:
+        """A reader's reload: every gallery read again from the writer's files, items of
+        another model re-embedded here; returns how many were."""
+        reembedded = 0
+        for tenant in self.all():
+            tenant.gallery.reopen(model_sha256, dim, embed)
+            reembedded += tenant.gallery.reembedded
+        self.switch_model(model_sha256, dim, embed)
+        return reembedded
 
     def describe_index(self) -> str:
         return describe_index(self.index)
@@ -206,3 +314,13 @@ class TenantRegistry:
 
     def _traffic_name(self, replica: str) -> str:
         return f"{self.model_sha256[:16]}-{replica}.bin"
+
+
+def _decision_secret(path: Path, role: str) -> bytes:
+    """The HMAC key of decision ids shared by the workers of one data dir: made by the
+    writer (which starts first) when there is none, read by the readers."""
+    if role == "writer" and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, secrets.token_bytes(32))
+        path.chmod(0o600)
+    return path.read_bytes()

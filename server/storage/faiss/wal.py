@@ -6,6 +6,13 @@ acknowledge the request only after it returns. A crash can leave at most the las
 group half-written; :func:`read_records` detects that torn tail (short header, short
 payload or bad checksum), drops it and truncates the file so new records follow the
 last good one. Nothing in the torn tail was ever acknowledged.
+
+Other processes may follow the log (``--workers``: one writer, readers that apply what
+it writes, server/storage/faiss/follower.py): :class:`LogFollower` reads the records
+appended since its last read. For it, an emptied log is a *new file* renamed over the
+old one, never the old file truncated in place: a reader still holding the old file
+finishes reading it, then moves to the new one, and never reads new bytes at an offset
+that belonged to old records.
 """
 
 from __future__ import annotations
@@ -31,21 +38,25 @@ def _encode(payload: bytes) -> bytes:
     return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
 
-def read_records(path: Path, repair: bool = True) -> list[bytes]:
-    """Every intact record of ``path`` in order; a torn tail is dropped (and cut off)."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
+def _intact(data: bytes) -> tuple[list[bytes], int]:
+    """The whole records at the start of ``data`` and the offset where they end."""
     records, offset = [], 0
-    while offset < len(data):
-        if offset + _HEADER.size > len(data):
-            break
+    while offset + _HEADER.size <= len(data):
         length, crc = _HEADER.unpack_from(data, offset)
         start, end = offset + _HEADER.size, offset + _HEADER.size + length
         if length > MAX_RECORD or end > len(data) or zlib.crc32(data[start:end]) != crc:
             break
         records.append(data[start:end])
         offset = end
+    return records, offset
+
+
+def read_records(path: Path, repair: bool = True) -> list[bytes]:
+    """Every intact record of ``path`` in order; a torn tail is dropped (and cut off)."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    records, offset = _intact(data)
     if offset < len(data):
         log.warning(
             "%s: dropped a torn tail of %d bytes after %d intact records (never acknowledged)",
@@ -97,12 +108,80 @@ class WriteAheadLog:
             raise
 
     def reset(self) -> None:
-        """Empty the log once a snapshot holds everything it said."""
-        os.ftruncate(self._fd, 0)
-        os.fsync(self._fd)
+        """Empty the log once a snapshot holds everything it said: an empty file renamed
+        over this one (a :class:`LogFollower` tells the two apart by inode)."""
+        fresh = self.path.with_name(self.path.name + ".new")
+        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
+        try:
+            os.fsync(fd)
+            fresh.replace(self.path)
+            fsync_dir(self.path.parent)
+        except OSError:
+            os.close(fd)
+            raise
+        os.close(self._fd)
+        self._fd = fd
 
     def size(self) -> int:
         return os.fstat(self._fd).st_size
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class LogFollower:
+    """The records another process appends to a log, read as they come (read-only).
+
+    Holds the log file open and its read position. :meth:`read` returns the whole
+    records appended since the last call; a record still being written is left for the
+    next call. When the writer empties the log (a new file renamed over it), the old
+    file is read to its end first, then the new one from its start, so no record is
+    missed unless the log was emptied twice between two reads; the caller finds that
+    out from the records' sequence numbers and starts over from the segments.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = -1
+        self._ino = -1
+        self._pos = 0
+        self.switched = False  # the last read moved to a new file
+        self._open()
+
+    def _open(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            self._fd, self._ino, self._pos = -1, -1, 0
+            return
+        self._fd, self._ino, self._pos = fd, os.fstat(fd).st_ino, 0
+
+    def read(self) -> list[bytes]:
+        """Whole records appended since the last read, in order."""
+        try:
+            current = self.path.stat().st_ino
+        except FileNotFoundError:
+            current = -1
+        records = self._read_open()  # after the stat: a renamed-away file is complete
+        self.switched = current != self._ino
+        if self.switched:
+            self.close()
+            self._open()
+            records += self._read_open()
+        return records
+
+    def _read_open(self) -> list[bytes]:
+        if self._fd < 0:
+            return []
+        size = os.fstat(self._fd).st_size
+        if size <= self._pos:
+            return []
+        data = os.pread(self._fd, size - self._pos, self._pos)
+        records, used = _intact(data)
+        self._pos += used
+        return records
 
     def close(self) -> None:
         if self._fd >= 0:
