@@ -435,7 +435,10 @@ def _load_process(address: str, images: list[bytes], plan: dict, queue) -> None:
             return err.code().name, time.perf_counter() - started
 
     async def run() -> dict:
-        channels = [grpc.aio.insecure_channel(address) for _ in range(4)]
+        # four connections (a local subchannel pool each: channels to one address would
+        # share one), so a --workers server gets calls on more than one process
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(4)]
         stubs = [rpc.RetrievalStub(c) for c in channels]
         done = 0
         stop_at = time.perf_counter() + plan["capacity_seconds"]

@@ -152,3 +152,85 @@ def test_the_log_follower_leaves_a_record_being_written_for_the_next_read(
     log.append([b"three"])
     assert follower.read() == [b"three"] and follower.switched
     assert follower.read() == [] and not follower.switched
+
+
+# ------------------------------------------------- found in review (each failed before)
+def test_a_checkpoint_with_nothing_to_write_leaves_no_hole(tmp_path: Path, x) -> None:
+    writer = Gallery.open(tmp_path, DIM, SHA, snapshot_every=1000)
+    enrol(writer, x, 0, 2)
+    reader = FollowingGallery.follow(tmp_path, DIM, SHA)
+    writer.snapshot()
+    enrol(writer, x, 2, 3)
+    writer.remove(["i2"])  # an add removed again: the checkpoint writes no segment
+    writer.snapshot()
+    enrol(writer, x, 3, 4)
+    same_state(FollowingGallery.follow(tmp_path, DIM, SHA), writer)  # a reader opens
+    reader.reopen(SHA, DIM, None)  # and one reads the files again
+    same_state(reader, writer)
+
+
+def test_a_failed_append_is_neither_a_hole_nor_a_ghost(tmp_path: Path, x, monkeypatch) -> None:
+    from server.storage.faiss import wal
+
+    writer = Gallery.open(tmp_path, DIM, SHA, snapshot_every=1000)
+    enrol(writer, x, 0, 1)
+    reader = FollowingGallery.follow(tmp_path, DIM, SHA)
+    fsync = wal.os.fsync
+    calls = []
+
+    def fsync_fails_once(fd: int) -> None:  # written, then EIO: never acknowledged
+        calls.append(fd)
+        if len(calls) == 1:
+            reader.catch_up()  # a reader reads the group in that moment
+            raise OSError(5, "Input/output error")
+        fsync(fd)
+
+    monkeypatch.setattr(wal.os, "fsync", fsync_fails_once)
+    with pytest.raises(OSError):
+        writer.add([Item("ghost", "", b"g")], x[5:6], SHA)
+    monkeypatch.setattr(wal.os, "fsync", fsync)
+    enrol(writer, x, 1, 2)  # takes the number the failed group had
+    (hit,) = reader.search(x[1:2], 1, SHA, writer.write_token)
+    assert hit.top1.item_id == "i1"
+    assert reader._gen.table.find("ghost") is None
+    same_state(reader, writer)
+
+
+def test_a_tenant_created_again_is_not_followed_by_the_old_reader(tmp_path: Path, x) -> None:
+    import shutil
+
+    from server.storage import open_store
+
+    writer = open_store("faiss", tmp_path, DIM, SHA, role="writer")
+    reader = open_store("faiss", tmp_path, DIM, SHA, role="reader")
+    writer.load_all()
+    reader.load_all()
+    writer.create("t", None).gallery.add([Item("old", "", b"o")], x[:1], SHA)
+    old = reader.get("t")
+    assert old.gallery.size == 0 or old.gallery.catch_up() >= 0
+    writer.delete("t")
+    fresh = writer.create("t", None).gallery
+    fresh.add([Item(f"new{i}", "", b"n") for i in range(3)], x[10:13], SHA)
+    old.gallery.catch_up()  # must not read the new tenant's log into the old instance
+    assert old.gallery._gen.table.find("new1") is None
+    assert old.gallery.foreign(fresh.write_token)  # the token names the other instance
+    again = reader.follow("t")
+    assert again is not None and again.incarnation != old.incarnation
+    (hit,) = again.gallery.search(x[11:12], 1, SHA, fresh.write_token)
+    assert hit.top1.item_id == "new1"
+    shutil.rmtree(tmp_path / "trash", ignore_errors=True)
+
+
+def test_a_reader_builds_its_hnsw_graph_from_the_rows_it_read(tmp_path: Path, x) -> None:
+    writer = Gallery.open(tmp_path, DIM, SHA, snapshot_every=1000, index="hnsw")
+    enrol(writer, x, 0, 30)
+    writer.close()  # saves the graph with all 30
+    writer = Gallery.open(tmp_path, DIM, SHA, snapshot_every=1000, index="hnsw")
+    writer.remove(["i10"])
+    writer.snapshot()
+    reader = FollowingGallery.follow(tmp_path, DIM, SHA, index="hnsw")
+    (res,) = reader.search(x[10:11], 5, SHA)
+    assert "i10" not in [h.item_id for h in res.neighbors]
+    for i in (3, 17, 29):
+        (hit,) = reader.search(x[i : i + 1], 1, SHA)
+        assert hit.top1.item_id == f"i{i}"

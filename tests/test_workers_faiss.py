@@ -100,13 +100,21 @@ def test_a_new_tenant_its_key_and_feedback_work_on_every_worker(assets_tmp) -> N
 
 
 def test_reload_by_rpc_is_refused_and_says_how(assets_tmp) -> None:
+    import json
+
     _, server = assets_tmp
-    for _ in range(4):
+    for _ in range(FRESH):
         with RetrievalClient(server.address, api_key=ADMIN_KEY) as fresh:
             with pytest.raises(grpc.RpcError) as err:
                 fresh.reload()
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert "SIGHUP" in err.value.details()
+    # audited once each, by the writer, under the client's address even when relayed
+    lines = (server.data_dir / "audit.log").read_text().splitlines()
+    reloads = [json.loads(line) for line in lines if '"Reload"' in line]
+    assert len(reloads) == FRESH
+    assert all(r["peer"].startswith("ipv4:127.0.0.1:") for r in reloads)
+    assert any(r["peer"].endswith("(via a reader worker)") for r in reloads)
 
 
 def test_a_deleted_tenant_leaves_every_worker(assets_tmp) -> None:
@@ -130,7 +138,9 @@ def test_a_deleted_tenant_leaves_every_worker(assets_tmp) -> None:
 
 @pytest.fixture(scope="module")
 def assets_tmp(server_assets: Assets, tmp_path_factory):
-    server = workers(server_assets, tmp_path_factory.mktemp("workers"))
+    directory = tmp_path_factory.mktemp("workers")
+    server = workers(server_assets, directory)
+    server.data_dir = directory
     try:
         assert server.ready_line.endswith("(2 workers)")
         yield server_assets, server

@@ -28,6 +28,7 @@ FORWARDED: tuple[tuple[str, str], ...] = (
     *(("retrieval.v1.Admin", m.name) for m in pb.DESCRIPTOR.services_by_name["Admin"].methods),
 )
 _HOP_BY_HOP = ("user-agent", "grpc-", ":")  # set again by the channel to the writer
+FORWARDED_FOR = "tcm-forwarded-for"  # the caller's address, for the writer's audit log
 
 
 def forwarded_methods() -> set[str]:
@@ -62,9 +63,12 @@ class Forwarder:
         return self._channel.unary_unary(method)
 
     async def _relay(self, method: str, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        metadata = tuple(
-            (k, v) for k, v in context.invocation_metadata() or () if not k.startswith(_HOP_BY_HOP)
-        )
+        passed = [
+            (k, v)
+            for k, v in context.invocation_metadata() or ()
+            if not k.startswith(_HOP_BY_HOP) and k != FORWARDED_FOR
+        ]
+        metadata = (*passed, (FORWARDED_FOR, context.peer()))
         call = self._stub(method)(raw, metadata=metadata, timeout=context.time_remaining())
         try:
             response = await call

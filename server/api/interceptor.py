@@ -40,6 +40,7 @@ from retrieval.v1 import retrieval_pb2 as pb
 
 from server.api.admission import Admission, OverloadedError, Ticket
 from server.api.audit import AuditLog, request_summary
+from server.api.forward import FORWARDED_FOR
 from server.api.ratelimit import RateLimitedError, TenantRateLimiter
 from server.auth import AuthError, KeyRing, Principal
 from server.errors import StatusError, retry_trailers
@@ -64,6 +65,18 @@ class DiskFullError(StatusError):
             "Retry once the operator has freed space",
             DISK_FULL_RETRY_AFTER,
         )
+
+
+def peer_of(context: grpc.aio.ServicerContext) -> str:
+    """The caller's address; for a call a reader worker relayed over the writer's Unix
+    socket, the address the reader saw (server/api/forward.py). The relayed value is
+    believed only from the socket: a client over TCP cannot set its own."""
+    peer = context.peer()
+    if peer.startswith("unix:"):
+        for key, value in context.invocation_metadata() or ():
+            if key == FORWARDED_FOR:
+                return f"{value} (via a reader worker)"
+    return peer
 
 
 @dataclass(frozen=True)
@@ -345,7 +358,7 @@ class RetrievalInterceptor(grpc.aio.ServerInterceptor):
         )
         fields = {
             "caller": caller,
-            "peer": call.context.peer(),
+            "peer": peer_of(call.context),
             "request": request_summary(call.request) if call.request is not None else {},
             "seconds": round(time.perf_counter() - call.started, 6),
         }

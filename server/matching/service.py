@@ -352,6 +352,10 @@ class RetrievalService:
         ``read_after``: a write token of an earlier Enroll/Remove (any replica) that the
         search must see (server/storage/base.py)."""
         tenant = self.tenant(tenant_name)
+        if read_after and self.tenants.follower and tenant.gallery.foreign(read_after):
+            # the token's writes were made to a tenant created again since this reader
+            # looked: look again, or the old instance's items would answer
+            tenant = self._follow(tenant_name) or tenant
         if not images:
             raise ServiceError(Code.INVALID_ARGUMENT, "no image in the request")
         if len(images) > self.config.max_images_per_call:
@@ -553,12 +557,19 @@ class RetrievalService:
         """A reader worker's miss path: a call named a tenant or a key this process has not
         refreshed yet; look at the tenant as stored now. True when it exists there (its
         keys are then the ones this process checks)."""
+        return self._follow(name) is not None
+
+    def _follow(self, name: str) -> Tenant | None:
+        """The tenant as stored now (a follower store); an instance it replaces leaves
+        monitoring and the statistics, as at a refresh."""
+        before = self.tenants.peek(name)
         tenant = self.tenants.follow(name)
-        if tenant is None:
-            return False
-        entries = [(h, Principal(False, name)) for h in tenant.key_hashes]
-        self.keys.set_source(f"tenant:{name}", entries)
-        return True
+        if before is not None and (tenant is None or tenant.incarnation != before.incarnation):
+            self._tenant_gone(name)
+        if tenant is not None:
+            entries = [(h, Principal(False, name)) for h in tenant.key_hashes]
+            self.keys.set_source(f"tenant:{name}", entries)
+        return tenant
 
     def _alive(self, tenant: Tenant) -> bool:
         """Whether ``tenant`` is still the store's tenant of its name: a Match that finishes
@@ -719,10 +730,11 @@ class RetrievalService:
                     )
                 if new.sha256 != old.model.sha256 and self.tenants.follower:
                     embed = functools.partial(new.embed_images, limits=self.config.limits)
-                    reembedded = await loop.run_in_executor(
+                    switch = await loop.run_in_executor(  # read again, re-embedded here
                         self._work_pool, self.tenants.reopen, new.sha256, new.embedder.dim, embed
                     )
                     await loop.run_in_executor(self._work_pool, state.statistics.load)
+                    reembedded = switch()  # no await until the model switches below
                 elif new.sha256 != old.model.sha256:
                     for tenant in self.tenants.all():
                         items = tenant.gallery.items()

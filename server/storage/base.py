@@ -226,12 +226,16 @@ class GalleryStore(Protocol):
         """A follower's look at one tenant as stored now (None: no such tenant, or this
         store is not a follower and learns of new tenants at :meth:`refresh`)."""
 
+    def peek(self, name: str) -> Tenant | None:
+        """The tenant this process holds under ``name``, without asking the store."""
+
     def switch_model(self, model_sha256: str, dim: int, embed) -> None:
         """After every tenant was re-embedded: the model new writes and tenants use."""
 
-    def reopen(self, model_sha256: str, dim: int, embed) -> int:
+    def reopen(self, model_sha256: str, dim: int, embed) -> Callable[[], int]:
         """A follower's reload: every gallery read again under the new model (items
-        embedded by another one re-embedded in memory); returns how many were."""
+        embedded by another one re-embedded in memory); the function returned switches
+        them all at once and returns how many items were re-embedded."""
 
     def describe_index(self) -> str:
         """What the galleries search with (the ``index`` label of ``tcm_model_info``)."""

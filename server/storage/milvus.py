@@ -402,13 +402,17 @@ class MilvusStore:
         else:
             self.client("alter_alias", name, ALIAS)
         self.collection, self.model_sha256, self.dim, self.embed = name, model_sha256, dim, embed
+        self.traffic = self._ensure_traffic(model_sha256)
 
     def follow(self, name: str) -> None:
         return None  # replicas learn of tenants at refresh (--store-refresh-seconds)
 
-    def reopen(self, model_sha256: str, dim: int, embed) -> int:
+    def peek(self, name: str) -> Tenant | None:
+        with self._lock:
+            return self._tenants.get(name)
+
+    def reopen(self, model_sha256: str, dim: int, embed):
         raise NotImplementedError("every Milvus replica re-embeds (it is not a follower)")
-        self.traffic = self._ensure_traffic(model_sha256)
 
     def describe_index(self) -> str:
         return f"milvus HNSW COSINE ({self.server_version})"

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from server.storage.base import GalleryError, Item, SearchResult, TailOptions
-from server.storage.faiss.gallery import WAL, Gallery
+from server.storage.faiss.ann import make_index
+from server.storage.faiss.gallery import TOKEN_SHIFT, WAL, Gallery
 from server.storage.faiss.segments import SegmentError
 from server.storage.faiss.wal import LogFollower
 
@@ -49,9 +50,13 @@ class FollowingGallery(Gallery):
 
     def __init__(self, directory: Path, dim: int, model_sha256: str, *args, **kwargs) -> None:
         super().__init__(directory, dim, model_sha256, *args, **kwargs)
+        # the tenant's folder as it is now: a tenant deleted and created again under the
+        # same name has another folder, which this object must never follow
+        self._folder = _identity(directory)
         # opened before the segments are read: every record newer than them is in it
         self._log = LogFollower(directory / WAL)
         self._embed = None
+        self._closed = False
 
     @classmethod
     def follow(
@@ -68,6 +73,8 @@ class FollowingGallery(Gallery):
         for attempt in range(OPEN_ATTEMPTS):
             try:
                 gallery = cls.open(directory, dim, model_sha256, embed, 1 << 62, index, tail)
+                if _identity(directory) != gallery._folder:
+                    raise LogGapError(f"{directory}: the tenant was created again meanwhile")
             except (GalleryError, FileNotFoundError) as err:
                 if attempt + 1 == OPEN_ATTEMPTS or not directory.exists():
                     raise
@@ -85,14 +92,31 @@ class FollowingGallery(Gallery):
         if lsn != self._lsn + 1:
             raise LogGapError(f"{self.directory}: log record {lsn} follows {self._lsn}")
 
+    def _index_from_files(self, index: str, dim: int) -> None:
+        """Built from the rows read: a graph file of the writer's may be from a moment
+        other than the segments and log this reader read (or of another model)."""
+        gen = self._gen
+        gen.index = make_index(index, dim)
+        gen.index.added(gen.table.view, gen.table.live_rows())
+
+    def foreign(self, token: int) -> bool:
+        """Whether ``token`` is a write token of another instance of this tenant (deleted
+        and created again since this reader opened it)."""
+        tag = token >> TOKEN_SHIFT
+        return tag not in (0, self.token_tag)
+
     # ----------------------------------------------------------------- following
     def catch_up(self) -> int:
         """Apply what the writer logged since the last call; returns the records applied."""
         with self._write:
+            if self._closed or _identity(self.directory) != self._folder:
+                return 0  # deleted (and maybe created again): the registry drops this one
             try:
                 records = self._log.read()
                 with self._lock:
                     applied = self._replay(records, self._embed, tail=True)
+                if self._log.rewritten:
+                    raise LogGapError(f"{self.directory}: the log changed behind the position")
                 if self._log.switched and self._store_lsn() > self._lsn:
                     raise LogGapError(f"{self.directory}: the log was emptied twice")
             except LogGapError as err:
@@ -116,11 +140,19 @@ class FollowingGallery(Gallery):
             fresh = FollowingGallery.follow(
                 self.directory, dim, model_sha256, embed, self.index, self._tail_options
             )
+            if fresh._folder != self._folder:  # another instance of the tenant now
+                fresh.close()
+                return
+            self.adopt(fresh)
+
+    def adopt(self, fresh: FollowingGallery) -> None:
+        """Take ``fresh``'s state (the same tenant, read again): searches switch at once."""
+        with self._write:
             with self._lock:
                 old_log = self._log
                 self._gen, self._store, self._log = fresh._gen, fresh._store, fresh._log
                 self._lsn, self._next_id, self.dim = fresh._lsn, fresh._next_id, fresh.dim
-                self.reembedded, self._embed = fresh.reembedded, embed
+                self.reembedded, self._embed = fresh.reembedded, fresh._embed
             old_log.close()
 
     def search(
@@ -128,7 +160,9 @@ class FollowingGallery(Gallery):
     ) -> list[SearchResult]:
         """As :meth:`Gallery.search`, after reading the log when ``read_after`` is newer
         than what this reader applied (the writer logged it before answering)."""
-        if read_after > self._lsn:
+        # ">=": the record this reader holds under that number may be one the writer cut
+        # off (its fsync failed) and replaced; catching up checks that (a few syscalls)
+        if read_after % (1 << TOKEN_SHIFT) >= self._lsn and not self.foreign(read_after):
             self.catch_up()
         return super().search(queries, k, model_sha256, read_after)
 
@@ -150,4 +184,14 @@ class FollowingGallery(Gallery):
 
     def close(self) -> None:
         with self._write:
+            self._closed = True
             self._log.close()
+
+
+def _identity(directory: Path) -> tuple[int, int] | None:
+    """(device, inode) of a folder; None when it is gone."""
+    try:
+        st = directory.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino

@@ -67,6 +67,7 @@ LEGACY_SNAPSHOT = "snapshot.npz"  # the whole-gallery format before segments
 WAL = "wal.log"
 ONLINE_TAIL = "online_tail.npz"  # older versions' online tail window; removed on open
 COMPACT_DEAD_SHARE = 0.25  # the RAM table drops removed rows beyond this share
+TOKEN_SHIFT = 40  # a write token: incarnation tag << 40 | log sequence number
 
 
 def describe_index(kind: str) -> str:
@@ -127,12 +128,15 @@ class Gallery:
         self.reembedded = 0  # items re-embedded by open() because the model changed
 
     writes = True
+    token_tag = 0  # 24 bits of the tenant's incarnation, set by the registry
 
     @property
     def write_token(self) -> int:
-        """The log sequence number of the last acknowledged write: a follower that has
-        applied the log up to it has seen that write (server/storage/faiss/follower.py)."""
-        return self._lsn
+        """The log sequence number of the last acknowledged write, tagged with the tenant
+        instance: a follower that has applied the log up to it has seen that write, and
+        one that follows another instance of the tenant knows (server/storage/faiss/
+        follower.py)."""
+        return (self.token_tag << TOKEN_SHIFT) | self._lsn
 
     def _new_generation(self, model: str, dim: int) -> _Generation:
         return _Generation(
@@ -215,26 +219,30 @@ class Gallery:
         replayed = gallery._replay(records, embed)
         gallery._rewrite |= gallery.reembedded > 0
         gallery._build_tail()
+        gallery._index_from_files(index, dim)  # replay went without one: built once here
         if not gallery.writes:
-            gen.index = make_index(index, dim)
-            gen.index.load(directory, gen.table.view)
             return gallery
         (directory / ONLINE_TAIL).unlink(missing_ok=True)  # soft state of older versions
         if gallery.reembedded:
             log.info(
                 "%s: re-embedded %d items for model %s", directory, gallery.reembedded, model_sha256
             )
-        gen.index = make_index(index, dim)  # replay went without one: built once here
-        if gallery._rewrite:
-            gen.index.added(gen.table.view, gen.table.live_rows())
-        else:
-            gen.index.load(directory, gen.table.view)
         gallery._wal = WriteAheadLog(directory / WAL)
         gallery._since_snapshot = replayed
         if gallery._rewrite or replayed >= snapshot_every:
             gallery.snapshot()
         log.info("%s: %d items (%d log records replayed)", directory, gallery.size, replayed)
         return gallery
+
+    def _index_from_files(self, index: str, dim: int) -> None:
+        """The index over the loaded rows: the saved graph (HNSW) brought up to date, or
+        built afresh when the rows were rewritten."""
+        gen = self._gen
+        gen.index = make_index(index, dim)
+        if self._rewrite:
+            gen.index.added(gen.table.view, gen.table.live_rows())
+        else:
+            gen.index.load(self.directory, gen.table.view)
 
     def _log_records(self) -> list[bytes]:
         """The log's intact records (a torn tail is cut off: this process owns the log)."""
@@ -361,6 +369,7 @@ class Gallery:
             if not accepted:
                 return outcome
             fids = list(range(self._next_id, self._next_id + len(accepted)))
+            first_lsn = self._lsn + 1
             records = []
             for fid, n in zip(fids, accepted, strict=True):
                 self._lsn += 1
@@ -368,7 +377,7 @@ class Gallery:
                 head = {"op": "add", "lsn": self._lsn, "id": fid, "item_id": item.item_id}
                 head |= {"label": item.label, "model": model_sha256, "dim": self.dim}
                 records.append(_encode_record(head, embeddings[n], item.image))
-            self._wal_append(records)
+            self._wal_append(records, first_lsn)
             self._next_id += len(accepted)
             with self._lock:
                 self._apply_remove(np.array(replaced, np.int64))
@@ -386,7 +395,7 @@ class Gallery:
             if found:
                 self._lsn += 1
                 head = {"op": "remove", "lsn": self._lsn, "item_ids": found}
-                self._wal_append([_encode_record(head, None, b"")])
+                self._wal_append([_encode_record(head, None, b"")], self._lsn)
                 with self._lock:
                     self._apply_remove(np.array([rows[i] for i in found], np.int64))
                 self._after_write(1)
@@ -539,12 +548,14 @@ class Gallery:
             images = [gen.pending[int(f)] for f in pending.tolist()]
             data = self._rows_from_table(rows)
             tombstones = np.array(gen.tombstones, np.int64)
-        if not len(rows) and not len(tombstones):
+        m = self._store.manifest
+        if not len(rows) and not len(tombstones):  # e.g. an add removed again since the last
+            if m.lsn != self._lsn:  # the log is emptied next: its numbers must be in the manifest
+                self._store.commit(m.segments, self._lsn, self._next_id, gen.model, self.dim)
             return
         info = self._store.write_segment(data, images, tombstones)
         with self._lock:  # readers find the images in the new file from here on
             t.place_images(t.view.rows_of(pending), info.number, data.img_off, data.img_len)
-        m = self._store.manifest
         self._store.commit([*m.segments, info], self._lsn, self._next_id, gen.model, self.dim)
         with self._lock:
             for f in pending.tolist():
@@ -617,10 +628,17 @@ class Gallery:
         if model_sha256 != self._gen.model:
             raise StaleModelError(f"gallery is on model {self._gen.model}, not {model_sha256}")
 
-    def _wal_append(self, records: list[bytes]) -> None:
+    def _wal_append(self, records: list[bytes], first_lsn: int) -> None:
+        """Append durably; when it fails, the sequence numbers the records took are given
+        back (the next write reuses them: a follower's sequence must have no hole)."""
         if self._wal is None:
+            self._lsn = first_lsn - 1
             raise RuntimeError(f"gallery {self.directory} is closed")
-        self._wal.append(records)
+        try:
+            self._wal.append(records)
+        except BaseException:
+            self._lsn = first_lsn - 1
+            raise
 
     def _after_write(self, records: int) -> None:
         self._since_snapshot += records

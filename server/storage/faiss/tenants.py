@@ -94,6 +94,7 @@ class TenantRegistry:
         self.snapshot_every = snapshot_every
         self._tenants: dict[str, Tenant] = {}
         self._lock = threading.Lock()
+        self._following = threading.Lock()  # a reader's tenant changes, one at a time
 
     def load_all(self) -> None:
         """Open every tenant found on disk (replaying logs, re-embedding if needed)."""
@@ -121,7 +122,14 @@ class TenantRegistry:
 
     def _tenant(self, name: str, raw: dict) -> Tenant:
         gallery = self._open(self.root / name)
-        return Tenant(name, gallery, raw.get("keys", []), raw.get("incarnation", ""))
+        incarnation = raw.get("incarnation", "")
+        gallery.token_tag = token_tag(incarnation)
+        return Tenant(name, gallery, raw.get("keys", []), incarnation)
+
+    def peek(self, name: str) -> Tenant | None:
+        """The tenant this process has under ``name`` now, without looking at the disk."""
+        with self._lock:
+            return self._tenants.get(name)
 
     def create(self, name: str, key_hash: str | None) -> Tenant:
         check_name(name)
@@ -143,6 +151,7 @@ class TenantRegistry:
                 "incarnation": incarnation,
             }
             atomic_write_text(directory / TENANT_FILE, json.dumps(record) + "\n")
+            gallery.token_tag = token_tag(incarnation)
             tenant = Tenant(name, gallery, keys, incarnation)
             self._tenants[name] = tenant
             return tenant
@@ -223,6 +232,12 @@ class TenantRegistry:
             raw = json.loads((self.root / name / TENANT_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
+        with self._following:
+            return self._follow_one(name, raw)
+
+    def _follow_one(self, name: str, raw: dict) -> Tenant | None:
+        """Under ``_following``: the tenant ``raw`` describes, opened if this process has
+        another instance or none; the instance it replaces is closed."""
         with self._lock:
             tenant = self._tenants.get(name)
         if tenant is not None and raw.get("incarnation", "") == tenant.incarnation:
@@ -230,52 +245,54 @@ class TenantRegistry:
             return tenant
         try:
             fresh = self._tenant(name, raw)
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError) as err:  # deleted while read: the next look
             log.info("%s: not followed now: %s", name, err)
             return None
         with self._lock:
-            old = self._tenants.get(name)
             self._tenants[name] = fresh
-        if old is not None:
-            old.gallery.close()
+        if tenant is not None:
+            tenant.gallery.close()
         return fresh
 
     def _follow_tenants(self) -> None:
-        stored = dict(self._stored())
-        with self._lock:
-            known = dict(self._tenants)
-        for name, tenant in known.items():
-            raw = stored.get(name)
-            if raw is None or raw.get("incarnation", "") != tenant.incarnation:
-                with self._lock:
-                    self._tenants.pop(name, None)
+        """A reader's refresh: the writer's tenants and keys as stored, galleries caught up."""
+        with self._following:
+            stored = dict(self._stored())
+            with self._lock:
+                gone = [t for n, t in self._tenants.items() if n not in stored]
+                for tenant in gone:
+                    del self._tenants[tenant.name]
+            for tenant in gone:
                 tenant.gallery.close()
-        for name, raw in stored.items():
-            tenant = known.get(name)
-            try:
-                if tenant is None or raw.get("incarnation", "") != tenant.incarnation:
-                    tenant = self._tenant(name, raw)
-                    with self._lock:
-                        self._tenants[name] = tenant
-                else:
-                    tenant.key_hashes = list(raw.get("keys", []))
+            for name, raw in stored.items():
+                tenant = self._follow_one(name, raw)
+                if tenant is not None:
                     tenant.gallery.catch_up()
-            except (OSError, ValueError) as err:  # deleted while read: the next refresh
-                log.info("%s: not followed this time: %s", name, err)
+
+    def reopen(self, model_sha256: str, dim: int, embed) -> Callable[[], int]:
+        """A reader's reload, in two steps. This one (slow: items of another model are
+        re-embedded here) reads every gallery again from the writer's files; the function
+        it returns switches them all at once (quick: the caller runs it in the same step
+        as its own switch to the new model) and returns how many items were re-embedded."""
+        with self._following:
+            fresh = [
+                (t, FollowingGallery.follow(t.gallery.directory, dim, model_sha256, embed,
+                                            self.index, self.tail))
+                for t in self.all()
+            ]  # fmt: skip
+
+        def switch() -> int:
+            for tenant, gallery in fresh:
+                gallery.token_tag = tenant.gallery.token_tag
+                tenant.gallery.adopt(gallery)
+            self.switch_model(model_sha256, dim, embed)
+            return sum(g.reembedded for _, g in fresh)
+
+        return switch
 
     def switch_model(self, model_sha256: str, dim: int, embed) -> None:
         """After a reload re-embedded every gallery: new tenants use the new model."""
         self.model_sha256, self.dim, self.embed = model_sha256, dim, embed
-
-    def reopen(self, model_sha256: str, dim: int, embed) -> int:
-        """A reader's reload: every gallery read again from the writer's files, items of
-        another model re-embedded here; returns how many were."""
-        reembedded = 0
-        for tenant in self.all():
-            tenant.gallery.reopen(model_sha256, dim, embed)
-            reembedded += tenant.gallery.reembedded
-        self.switch_model(model_sha256, dim, embed)
-        return reembedded
 
     def describe_index(self) -> str:
         return describe_index(self.index)
@@ -314,6 +331,14 @@ class TenantRegistry:
 
     def _traffic_name(self, replica: str) -> str:
         return f"{self.model_sha256[:16]}-{replica}.bin"
+
+
+def token_tag(incarnation: str) -> int:
+    """The 24 bits of an incarnation that write tokens carry (0: none, older tenants)."""
+    try:
+        return int(incarnation[:6], 16) if incarnation else 0
+    except ValueError:
+        return 0
 
 
 def _decision_secret(path: Path, role: str) -> bytes:

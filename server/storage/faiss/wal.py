@@ -38,17 +38,22 @@ def _encode(payload: bytes) -> bytes:
     return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
 
-def _intact(data: bytes) -> tuple[list[bytes], int]:
-    """The whole records at the start of ``data`` and the offset where they end."""
+def _intact(data: bytes) -> tuple[list[bytes], int, bool]:
+    """The whole records at the start of ``data``, the offset where they end, and whether
+    what follows is damaged (a bad length or checksum) rather than merely cut short."""
     records, offset = [], 0
     while offset + _HEADER.size <= len(data):
         length, crc = _HEADER.unpack_from(data, offset)
         start, end = offset + _HEADER.size, offset + _HEADER.size + length
-        if length > MAX_RECORD or end > len(data) or zlib.crc32(data[start:end]) != crc:
+        if length > MAX_RECORD:
+            return records, offset, True
+        if end > len(data):
             break
+        if zlib.crc32(data[start:end]) != crc:
+            return records, offset, True
         records.append(data[start:end])
         offset = end
-    return records, offset
+    return records, offset, False
 
 
 def read_records(path: Path, repair: bool = True) -> list[bytes]:
@@ -56,7 +61,7 @@ def read_records(path: Path, repair: bool = True) -> list[bytes]:
     if not path.exists():
         return []
     data = path.read_bytes()
-    records, offset = _intact(data)
+    records, offset, _ = _intact(data)
     if offset < len(data):
         log.warning(
             "%s: dropped a torn tail of %d bytes after %d intact records (never acknowledged)",
@@ -140,6 +145,12 @@ class LogFollower:
     file is read to its end first, then the new one from its start, so no record is
     missed unless the log was emptied twice between two reads; the caller finds that
     out from the records' sequence numbers and starts over from the segments.
+
+    ``rewritten`` is set when the open file no longer holds what was read from it:
+    shorter than the read position, another header where the last record read began,
+    or damage at the position. That happens when the writer cut off a group whose fsync
+    failed after this reader had read it (never acknowledged) and wrote other records in
+    its place; the caller must then start over too.
     """
 
     def __init__(self, path: Path) -> None:
@@ -148,15 +159,18 @@ class LogFollower:
         self._ino = -1
         self._pos = 0
         self.switched = False  # the last read moved to a new file
+        self.rewritten = False  # the open file changed behind the read position
+        self._last: tuple[int, bytes] | None = None  # (offset, header) of the last record
         self._open()
 
     def _open(self) -> None:
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
-            self._fd, self._ino, self._pos = -1, -1, 0
+            self._fd, self._ino, self._pos, self._last = -1, -1, 0, None
             return
         self._fd, self._ino, self._pos = fd, os.fstat(fd).st_ino, 0
+        self._last = None
 
     def read(self) -> list[bytes]:
         """Whole records appended since the last read, in order."""
@@ -176,11 +190,20 @@ class LogFollower:
         if self._fd < 0:
             return []
         size = os.fstat(self._fd).st_size
+        if size < self._pos or (
+            self._last is not None
+            and os.pread(self._fd, _HEADER.size, self._last[0]) != self._last[1]
+        ):
+            self.rewritten = True
         if size <= self._pos:
             return []
         data = os.pread(self._fd, size - self._pos, self._pos)
-        records, used = _intact(data)
+        records, used, damaged = _intact(data)
+        if records:
+            start = used - _HEADER.size - len(records[-1])
+            self._last = (self._pos + start, data[start : start + _HEADER.size])
         self._pos += used
+        self.rewritten |= damaged
         return records
 
     def close(self) -> None:
