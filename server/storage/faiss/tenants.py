@@ -95,6 +95,7 @@ class TenantRegistry:
         self._tenants: dict[str, Tenant] = {}
         self._lock = threading.Lock()
         self._following = threading.Lock()  # a reader's tenant changes, one at a time
+        self._tenant_files: dict[Path, tuple[tuple[int, int, int], dict]] = {}
 
     def load_all(self) -> None:
         """Open every tenant found on disk (replaying logs, re-embedding if needed)."""
@@ -114,17 +115,31 @@ class TenantRegistry:
             if not NAME.fullmatch(directory.name):
                 continue
             try:
-                raw = json.loads((directory / TENANT_FILE).read_text(encoding="utf-8"))
+                raw = self._read_tenant_file(directory / TENANT_FILE)
             except FileNotFoundError:  # being created, or deleted meanwhile
                 continue
             out.append((directory.name, raw))
+        named = {self.root / name / TENANT_FILE for name, _ in out}
+        self._tenant_files = {p: v for p, v in self._tenant_files.items() if p in named}
         return out
+
+    def _read_tenant_file(self, path: Path) -> dict:
+        """A tenant.json, parsed again only when it changed (a reader looks every second;
+        it is replaced atomically, so a new version is a new inode)."""
+        st = path.stat()
+        signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+        cached = self._tenant_files.get(path)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        self._tenant_files[path] = (signature, raw)
+        return raw
 
     def _tenant(self, name: str, raw: dict) -> Tenant:
         gallery = self._open(self.root / name)
         incarnation = raw.get("incarnation", "")
         gallery.token_tag = token_tag(incarnation)
-        return Tenant(name, gallery, raw.get("keys", []), incarnation)
+        return Tenant(name, gallery, list(raw.get("keys", [])), incarnation)
 
     def peek(self, name: str) -> Tenant | None:
         """The tenant this process has under ``name`` now, without looking at the disk."""
