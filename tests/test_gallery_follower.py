@@ -206,14 +206,15 @@ def test_a_tenant_created_again_is_not_followed_by_the_old_reader(tmp_path: Path
     writer.load_all()
     reader.load_all()
     writer.create("t", None).gallery.add([Item("old", "", b"o")], x[:1], SHA)
-    old = reader.get("t")
+    old = reader.follow("t")
     assert old.gallery.size == 0 or old.gallery.catch_up() >= 0
     writer.delete("t")
     fresh = writer.create("t", None).gallery
     fresh.add([Item(f"new{i}", "", b"n") for i in range(3)], x[10:13], SHA)
     old.gallery.catch_up()  # must not read the new tenant's log into the old instance
     assert old.gallery._gen.table.find("new1") is None
-    assert old.gallery.foreign(fresh.write_token)  # the token names the other instance
+    assert old.gallery.newer_instance(fresh.write_token)  # the token names a newer one
+    assert fresh.write_token > old.gallery.write_token  # so a client's maximum is the newer
     again = reader.follow("t")
     assert again is not None and again.incarnation != old.incarnation
     (hit,) = again.gallery.search(x[11:12], 1, SHA, fresh.write_token)
@@ -234,3 +235,203 @@ def test_a_reader_builds_its_hnsw_graph_from_the_rows_it_read(tmp_path: Path, x)
     for i in (3, 17, 29):
         (hit,) = reader.search(x[i : i + 1], 1, SHA)
         assert hit.top1.item_id == f"i{i}"
+
+
+# ------------------------------------------- found in the second review (each failed before)
+def _pair(tmp_path: Path):
+    """A writer's and a reader's tenant registries on one data dir."""
+    from server.storage import open_store
+
+    writer = open_store("faiss", tmp_path, DIM, SHA, role="writer")
+    reader = open_store("faiss", tmp_path, DIM, SHA, role="reader")
+    writer.load_all()
+    reader.load_all()
+    return writer, reader
+
+
+def test_a_failed_group_of_several_records_then_a_shorter_write(
+    tmp_path: Path, x, monkeypatch
+) -> None:
+    from server.storage.faiss import wal
+
+    writer = Gallery.open(tmp_path, DIM, SHA, snapshot_every=1000)
+    enrol(writer, x, 0, 1)
+    reader = FollowingGallery.follow(tmp_path, DIM, SHA)
+    fsync = wal.os.fsync
+    calls = []
+
+    def fsync_fails_once(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            reader.catch_up()  # the reader applies the three records, numbers 2-4
+            raise OSError(28, "No space left on device")
+        fsync(fd)
+
+    monkeypatch.setattr(wal.os, "fsync", fsync_fails_once)
+    with pytest.raises(OSError):
+        writer.add([Item(f"ghost{i}", "", b"g" * 100) for i in range(3)], x[5:8], SHA)
+    monkeypatch.setattr(wal.os, "fsync", fsync)
+    enrol(writer, x, 1, 2)  # acknowledged under number 2, below what the reader applied
+    (hit,) = reader.search(x[1:2], 1, SHA, writer.write_token)
+    assert hit.top1.item_id == "i1"
+    assert all(reader._gen.table.find(f"ghost{i}") is None for i in range(3))
+    same_state(reader, writer)
+
+
+def test_tokens_of_a_tenant_created_again_are_greater_whatever_its_incarnation(
+    tmp_path: Path, x, monkeypatch
+) -> None:
+    from server.storage.faiss import tenants
+
+    incarnations = iter(["ffffff0000000000", "0000010000000000", "8000000000000000"])
+    monkeypatch.setattr(tenants, "new_incarnation", lambda: next(incarnations))
+    writer, reader = _pair(tmp_path)
+    g = writer.create("t", None).gallery
+    for i in range(50):  # the old instance's log numbers run far ahead of the new one's
+        g.add([Item(f"old{i}", "", b"o")], x[i : i + 1], SHA)
+    client = g.write_token
+    reader.refresh()
+    writer.delete("t")
+    g = writer.create("t", None).gallery
+    reader.refresh()
+    g.add([Item("new", "", b"n")], x[60:61], SHA)
+    client = max(client, g.write_token)  # what client/retrieval.py keeps per tenant
+    assert client == g.write_token
+    (hit,) = reader.get("t").gallery.search(x[60:61], 1, SHA, client)
+    assert hit.top1 is not None and hit.top1.item_id == "new"
+    # the tag lives in the data dir: a writer started again goes on counting
+    writer.close()
+    from server.storage import open_store
+
+    again = open_store("faiss", tmp_path, DIM, SHA, role="writer")
+    again.load_all()
+    assert again.create("u", None).gallery.write_token > client
+
+
+def test_a_tenant_opened_while_a_reader_reloads_gets_the_new_model(tmp_path: Path, x) -> None:
+    from server.storage.base import StaleModelError
+
+    writer, reader = _pair(tmp_path)
+    writer.create("a", None).gallery.add([Item("a0", "", b"a")], x[:1], SHA)
+    reader.refresh()
+
+    def embed(images: list[bytes]) -> np.ndarray:
+        return np.tile(x[0], (len(images), 1))
+
+    switch = reader.reopen(OTHER, DIM, embed)  # the slow part of a reload is done
+    writer.create("b", None).gallery.add([Item("b0", "", b"b")], x[1:2], SHA)
+    reader.refresh()  # the refresh, before the reload switches: b on the old model
+    switch()
+    reader.get("a").gallery.search(x[:1], 1, OTHER)
+    with pytest.raises(StaleModelError):
+        reader.get("b").gallery.search(x[:1], 1, OTHER)
+    reader.refresh()  # the next refresh reads b again on the new model
+    (hit,) = reader.get("b").gallery.search(x[:1], 1, OTHER)
+    assert hit.top1.item_id == "b0"
+
+
+def test_a_load_that_fails_and_is_retried_leaves_no_file_open(
+    tmp_path: Path, x, monkeypatch
+) -> None:
+    from server.storage.faiss import segments
+    from server.storage.faiss.segments import SegmentError
+
+    writer = Gallery.open(tmp_path, DIM, SHA, snapshot_every=1000)
+    enrol(writer, x, 0, 3)
+    writer.snapshot()
+    load = segments.SegmentStore.load
+    failures = []
+
+    def compacted_meanwhile(self, *args, **kwargs):
+        if len(failures) < 3:
+            failures.append(1)
+            raise SegmentError("segment gone")
+        return load(self, *args, **kwargs)
+
+    monkeypatch.setattr(segments.SegmentStore, "load", compacted_meanwhile)
+    before = len(list(Path("/proc/self/fd").iterdir()))
+    FollowingGallery.follow(tmp_path, DIM, SHA).close()
+    assert len(failures) == 3
+    assert len(list(Path("/proc/self/fd").iterdir())) == before
+
+
+def test_an_old_instance_ignores_the_new_log_even_in_a_folder_with_its_inode(
+    tmp_path: Path, x, monkeypatch
+) -> None:
+    from server.storage.faiss import follower
+
+    # a file system that gives the deleted folder's inode to the new one (ext4 often does)
+    monkeypatch.setattr(follower, "_identity", lambda d: (1, 1) if d.exists() else None)
+    writer, reader = _pair(tmp_path)
+    writer.create("t", None).gallery.add([Item("old", "", b"o")], x[:1], SHA)
+    old = reader.follow("t")
+    old.gallery.catch_up()
+    writer.delete("t")
+    fresh = writer.create("t", None).gallery
+    fresh.add([Item(f"new{i}", "", b"n") for i in range(3)], x[10:13], SHA)
+    old.gallery.catch_up()
+    assert old.gallery._gen.table.find("new1") is None
+    reader.refresh()
+    (hit,) = reader.get("t").gallery.search(x[11:12], 1, SHA, fresh.write_token)
+    assert hit.top1.item_id == "new1"
+
+
+def test_a_record_that_fails_to_apply_is_read_again(tmp_path: Path, x) -> None:
+    writer = Gallery.open(tmp_path, DIM, SHA, snapshot_every=1000)
+    enrol(writer, x, 0, 2)
+    refuse = [False]
+
+    def embed(images: list[bytes]) -> np.ndarray:
+        if refuse[0]:
+            raise RuntimeError("the embedder failed")
+        return np.tile(x[40], (len(images), 1))
+
+    reader = FollowingGallery.follow(tmp_path, DIM, OTHER, embed)  # re-embeds: another model
+    writer.add([Item("late", "", b"l")], x[3:4], SHA)
+    refuse[0] = True
+    with pytest.raises(RuntimeError):
+        reader.catch_up()
+    refuse[0] = False
+    reader.catch_up()
+    assert reader._gen.table.find("late") is not None
+    assert reader.write_token == writer.write_token
+
+
+def test_the_refresh_goes_on_past_a_tenant_it_cannot_read(tmp_path: Path, x, monkeypatch) -> None:
+    writer, reader = _pair(tmp_path)
+    writer.create("a", None)
+    writer.create("b", None)
+    reader.refresh()
+    writer.get("b").gallery.add([Item("b0", "", b"b")], x[:1], SHA)
+
+    def broken() -> int:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(reader.get("a").gallery, "catch_up", broken)
+    writer.create("c", None)
+    reader.refresh()
+    assert reader.get("b").gallery.size == 1 and "c" in reader.names()
+
+
+def test_a_reader_knows_only_what_it_has_followed(tmp_path: Path) -> None:
+    """get() never reads the disk (it runs on the event loop); follow() does."""
+    import threading
+
+    from server.storage.base import TenantError
+
+    writer, reader = _pair(tmp_path)
+    writer.create("new", None)
+    answers: list[object] = []
+
+    def get() -> None:
+        try:
+            answers.append(reader.get("new"))
+        except TenantError as err:
+            answers.append(err)
+
+    with reader._following:  # a refresh (or a reload) holds it: get() must not wait
+        asking = threading.Thread(target=get, daemon=True)
+        asking.start()
+        asking.join(timeout=5)
+    assert len(answers) == 1 and isinstance(answers[0], TenantError)
+    assert reader.follow("new") is not None and reader.get("new").name == "new"

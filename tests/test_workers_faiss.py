@@ -198,3 +198,55 @@ def test_sighup_reloads_a_new_model_on_every_worker(server_assets: Assets, tmp_p
                 assert hit.item_id == f"o{n % 6}" and hit.similarity > 0.999
     finally:
         assert server.stop() == 0
+
+
+def test_a_reader_looks_for_a_new_tenant_off_the_event_loop(server_assets: Assets, tmp_path):
+    """The first call naming a tenant a reader has not followed reads the disk in the work
+    pool: while a refresh or a reload holds the reader's tenant lock, other calls go on."""
+    import asyncio
+    import threading
+
+    from prometheus_client import CollectorRegistry
+
+    from server.auth import KeyRing
+    from server.matching.model import ServingModel
+    from server.matching.service import RetrievalService, ServiceConfig
+    from server.monitoring import LiveMonitor, TenantLabels
+    from server.monitoring.serving import ServerMetrics
+
+    model = ServingModel.load(server_assets.model, server_assets.calibration, "cpu", 0.01, 1)
+
+    def service(role: str) -> RetrievalService:
+        registry, labels = CollectorRegistry(), TenantLabels()
+        monitor = LiveMonitor(0.01, registry=registry, labels=labels)
+        config = ServiceConfig(store_options={"role": role})
+        metrics = ServerMetrics(registry, labels)
+        return RetrievalService(model, tmp_path, KeyRing(False), monitor, metrics, config)
+
+    writer, reader = service("writer"), service("reader")
+    held, release = threading.Event(), threading.Event()
+
+    def refresh_holding_the_lock() -> None:
+        with reader.tenants._following:
+            held.set()
+            release.wait(30)
+
+    async def run() -> None:
+        await writer.start()
+        await reader.start()
+        try:
+            await writer.create_tenant("shop")
+            holder = threading.Thread(target=refresh_holding_the_lock, daemon=True)
+            holder.start()
+            held.wait(10)
+            looking = asyncio.ensure_future(reader.tenant_now("shop"))
+            await asyncio.sleep(0.3)  # the loop runs: the look waits in the pool
+            assert not looking.done()
+            release.set()
+            assert (await looking).name == "shop"
+        finally:
+            release.set()
+            await reader.close()
+            await writer.close()
+
+    asyncio.run(run())

@@ -75,7 +75,8 @@ class Forwarder:
         except grpc.aio.AioRpcError as err:
             context.set_trailing_metadata(tuple(err.trailing_metadata() or ()))
             details = err.details() or ""
-            if err.code() == grpc.StatusCode.UNAVAILABLE and "connect" in details.lower():
+            if err.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in details:
+                # never reached the writer: retrying cannot apply a write twice
                 details = f"the writer worker is not reachable ({details}); retry"
             await context.abort(err.code(), details)
         context.set_trailing_metadata(tuple(await call.trailing_metadata() or ()))

@@ -31,7 +31,7 @@ import errno
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,10 +138,10 @@ class RetrievalInterceptor(grpc.aio.ServerInterceptor):
         admission: Admission | None = None,
         limiter: TenantRateLimiter | None = None,
         audit: AuditLog | None = None,
-        follow: Callable[[str], bool] | None = None,
+        follow: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
-        """``follow(tenant)``: a reader worker's look at a tenant as stored now, asked once
-        when a key is not (yet) known to grant it (server/workers.py)."""
+        """``follow(tenant)``: a reader worker's look at a tenant as stored now, awaited
+        once when a key is not (yet) known to grant it (server/workers.py)."""
         self.keys = keys
         self.follow = follow
         self.metrics = metrics
@@ -214,7 +214,7 @@ class RetrievalInterceptor(grpc.aio.ServerInterceptor):
         call = _Call(route, context)
         try:
             request = call.request = parse(raw)
-            ticket = self._admit(call, request, len(raw))
+            ticket = await self._admit(call, request, len(raw))
             try:
                 return await behaviour(request, context)
             finally:
@@ -234,7 +234,7 @@ class RetrievalInterceptor(grpc.aio.ServerInterceptor):
             async for raw in raw_iterator:
                 self._release_all(held)
                 request = parse(raw)
-                held.append(self._admit(call, request, len(raw)))
+                held.append(await self._admit(call, request, len(raw)))
                 yield request
 
         try:
@@ -248,7 +248,7 @@ class RetrievalInterceptor(grpc.aio.ServerInterceptor):
             await self._finish(call)
 
     # ------------------------------------------------------------------ steps
-    def _admit(self, call: _Call, request, size: int) -> Ticket | None:
+    async def _admit(self, call: _Call, request, size: int) -> Ticket | None:
         """Auth, then the tenant's rate limit, then admission; raises StatusError."""
         admin = call.route.admin
         tenant = None if admin else request.tenant
@@ -256,7 +256,7 @@ class RetrievalInterceptor(grpc.aio.ServerInterceptor):
         try:
             call.principal = self.keys.authorize(metadata, tenant, admin)
         except AuthError:
-            if self.follow is None or tenant is None or not self.follow(tenant):
+            if self.follow is None or tenant is None or not await self.follow(tenant):
                 raise
             call.principal = self.keys.authorize(metadata, tenant, admin)
         if admin:

@@ -299,6 +299,13 @@ class RetrievalService:
             self.metrics.labels.sync(self.tenants.names())
         return found
 
+    async def tenant_now(self, name: str):
+        """:meth:`tenant`; a reader worker that does not know ``name`` yet (created by the
+        writer since its last refresh) first looks at the disk, off the event loop."""
+        if self.tenants.follower and self.tenants.peek(name) is None:
+            await self._follow(name)
+        return self.tenant(name)
+
     async def _decode(self, images: list[bytes], model: ServingModel) -> list[np.ndarray | str]:
         """Model inputs per image, or the refusal message of a bad one."""
         loop = asyncio.get_running_loop()
@@ -351,11 +358,11 @@ class RetrievalService:
 
         ``read_after``: a write token of an earlier Enroll/Remove (any replica) that the
         search must see (server/storage/base.py)."""
-        tenant = self.tenant(tenant_name)
-        if read_after and self.tenants.follower and tenant.gallery.foreign(read_after):
+        tenant = await self.tenant_now(tenant_name)
+        if read_after and self.tenants.follower and tenant.gallery.newer_instance(read_after):
             # the token's writes were made to a tenant created again since this reader
             # looked: look again, or the old instance's items would answer
-            tenant = self._follow(tenant_name) or tenant
+            tenant = await self._follow(tenant_name) or tenant
         if not images:
             raise ServiceError(Code.INVALID_ARGUMENT, "no image in the request")
         if len(images) > self.config.max_images_per_call:
@@ -553,17 +560,19 @@ class RetrievalService:
                 self._tenant_gone(name)
             self.metrics.labels.sync(after)
 
-    def follow_tenant(self, name: str) -> bool:
+    async def follow_tenant(self, name: str) -> bool:
         """A reader worker's miss path: a call named a tenant or a key this process has not
         refreshed yet; look at the tenant as stored now. True when it exists there (its
         keys are then the ones this process checks)."""
-        return self._follow(name) is not None
+        return await self._follow(name) is not None
 
-    def _follow(self, name: str) -> Tenant | None:
-        """The tenant as stored now (a follower store); an instance it replaces leaves
-        monitoring and the statistics, as at a refresh."""
+    async def _follow(self, name: str) -> Tenant | None:
+        """The tenant as stored now (a follower store), read in the work pool: it may wait
+        for a refresh, or open a gallery. An instance it replaces leaves monitoring and
+        the statistics, as at a refresh."""
         before = self.tenants.peek(name)
-        tenant = self.tenants.follow(name)
+        loop = asyncio.get_running_loop()
+        tenant = await loop.run_in_executor(self._work_pool, self.tenants.follow, name)
         if before is not None and (tenant is None or tenant.incarnation != before.incarnation):
             self._tenant_gone(name)
         if tenant is not None:
@@ -594,7 +603,7 @@ class RetrievalService:
         self.metrics.labels.remove(name)
 
     async def feedback(self, tenant_name: str, decision_id: str, is_same: bool) -> bool:
-        tenant = self.tenant(tenant_name)
+        tenant = await self.tenant_now(tenant_name)
         decision = self.decisions.get(decision_id, tenant.name, tenant.incarnation)
         if decision is None:
             raise ServiceError(

@@ -124,7 +124,9 @@ class TenantGallery(Protocol):
     model_sha256: str
     reembedded: int  # items re-embedded on open because the model changed
     tail: TenantTail
-    write_token: int  # a search with read_after >= this sees this gallery's writes so far
+    # a search with read_after >= this sees this gallery's writes so far; a tenant's
+    # tokens only grow, across a delete and create too (clients keep the largest)
+    write_token: int
 
     @property
     def size(self) -> int: ...

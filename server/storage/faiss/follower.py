@@ -8,9 +8,9 @@ directory: it loads the segments, then applies the log as the writer appends to 
 a file.
 
 Reads after writes keep the store's write-token semantics (server/storage/base.py): a
-write token is the log sequence number of the write, so a search carrying a token
-newer than what this reader applied first reads the log; the write is there, because
-the writer fsyncs it before it answers. Records are applied strictly in sequence; a
+write token is the log sequence number of the write under the tenant instance's tag,
+so a search carrying a token of this instance first reads the log; the write is there,
+because the writer fsyncs it before it answers. Records are applied strictly in sequence; a
 reader that finds a hole (the log emptied twice between two of its reads, a segment
 compacted away while it loaded) builds its generation again from the segments and the
 log, and swaps it in at once, the way a reload does.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,10 @@ class FollowingGallery(Gallery):
         self._log = LogFollower(directory / WAL)
         self._embed = None
         self._closed = False
+        self._broken = False  # a record failed to apply: read everything again
+        # the tenant instance (its incarnation) and how to read the one on disk now: a
+        # folder's inode can come back after a delete and create, an incarnation cannot
+        self.pinned: tuple[str, Callable[[], str | None] | None] = ("", None)
 
     @classmethod
     def follow(
@@ -74,6 +79,7 @@ class FollowingGallery(Gallery):
             try:
                 gallery = cls.open(directory, dim, model_sha256, embed, 1 << 62, index, tail)
                 if _identity(directory) != gallery._folder:
+                    gallery.close()
                     raise LogGapError(f"{directory}: the tenant was created again meanwhile")
             except (GalleryError, FileNotFoundError) as err:
                 if attempt + 1 == OPEN_ATTEMPTS or not directory.exists():
@@ -99,11 +105,26 @@ class FollowingGallery(Gallery):
         gen.index = make_index(index, dim)
         gen.index.added(gen.table.view, gen.table.live_rows())
 
-    def foreign(self, token: int) -> bool:
-        """Whether ``token`` is a write token of another instance of this tenant (deleted
-        and created again since this reader opened it)."""
-        tag = token >> TOKEN_SHIFT
-        return tag not in (0, self.token_tag)
+    def _abandon(self) -> None:
+        self._log.close()
+
+    def pin(self, incarnation: str, on_disk: Callable[[], str | None] | None) -> None:
+        """Follow only the tenant instance ``incarnation``; ``on_disk()`` names the one
+        stored now (checked when the log file changes and before reading files again)."""
+        self.pinned = (incarnation, on_disk)
+
+    def same_instance(self) -> bool:
+        """Whether the tenant on disk is still the one this gallery follows."""
+        incarnation, on_disk = self.pinned
+        if _identity(self.directory) != self._folder:
+            return False
+        return on_disk is None or on_disk() == incarnation
+
+    def newer_instance(self, token: int) -> bool:
+        """Whether ``token`` is a write token of a newer instance of this tenant (deleted
+        and created again since this reader opened it). A token of an older instance
+        asks for writes that were deleted with it: nothing to wait for."""
+        return (token >> TOKEN_SHIFT) > self.token_tag > 0
 
     # ----------------------------------------------------------------- following
     def catch_up(self) -> int:
@@ -112,9 +133,14 @@ class FollowingGallery(Gallery):
             if self._closed or _identity(self.directory) != self._folder:
                 return 0  # deleted (and maybe created again): the registry drops this one
             try:
+                if self._broken:
+                    raise LogGapError(f"{self.directory}: a record could not be applied")
                 records = self._log.read()
+                if self._log.switched and not self.same_instance():
+                    self._closed = True  # a new log of a tenant created again: not ours
+                    return 0
                 with self._lock:
-                    applied = self._replay(records, self._embed, tail=True)
+                    applied = self._apply(records)
                 if self._log.rewritten:
                     raise LogGapError(f"{self.directory}: the log changed behind the position")
                 if self._log.switched and self._store_lsn() > self._lsn:
@@ -124,6 +150,17 @@ class FollowingGallery(Gallery):
                 self.reopen(self.model_sha256, self.dim, self._embed)
                 return 0
             return applied
+
+    def _apply(self, records: list[bytes]) -> int:
+        """Replay ``records``; the log has moved past them, so one that fails (an image
+        the embedder refuses) has the next catch-up read everything again."""
+        try:
+            return self._replay(records, self._embed, tail=True)
+        except LogGapError:
+            raise
+        except Exception:
+            self._broken = True
+            raise
 
     def _store_lsn(self) -> int:
         """The sequence number the writer's last checkpoint holds."""
@@ -140,29 +177,36 @@ class FollowingGallery(Gallery):
             fresh = FollowingGallery.follow(
                 self.directory, dim, model_sha256, embed, self.index, self._tail_options
             )
-            if fresh._folder != self._folder:  # another instance of the tenant now
-                fresh.close()
+            fresh.pin(*self.pinned)
+            if fresh._folder != self._folder or not fresh.same_instance():
+                fresh.close()  # another instance of the tenant now: the registry's to open
+                self._closed = True
                 return
             self.adopt(fresh)
 
     def adopt(self, fresh: FollowingGallery) -> None:
         """Take ``fresh``'s state (the same tenant, read again): searches switch at once."""
         with self._write:
+            if self._closed:  # deleted meanwhile: nobody searches this one any more
+                fresh.close()
+                return
             with self._lock:
                 old_log = self._log
                 self._gen, self._store, self._log = fresh._gen, fresh._store, fresh._log
                 self._lsn, self._next_id, self.dim = fresh._lsn, fresh._next_id, fresh.dim
                 self.reembedded, self._embed = fresh.reembedded, fresh._embed
+                self._broken = False
             old_log.close()
 
     def search(
         self, queries: np.ndarray, k: int, model_sha256: str, read_after: int = 0
     ) -> list[SearchResult]:
-        """As :meth:`Gallery.search`, after reading the log when ``read_after`` is newer
-        than what this reader applied (the writer logged it before answering)."""
-        # ">=": the record this reader holds under that number may be one the writer cut
-        # off (its fsync failed) and replaced; catching up checks that (a few syscalls)
-        if read_after % (1 << TOKEN_SHIFT) >= self._lsn and not self.foreign(read_after):
+        """As :meth:`Gallery.search`, after reading the log when ``read_after`` is a token
+        of this tenant instance (the writer logged the write before answering)."""
+        # also when this reader has applied the token's number already: what it applied
+        # under that number may be a group the writer cut off (its fsync failed) and gave
+        # the numbers back; catching up finds that out (a few system calls)
+        if read_after and (read_after >> TOKEN_SHIFT) in (0, self.token_tag):
             self.catch_up()
         return super().search(queries, k, model_sha256, read_after)
 

@@ -67,7 +67,8 @@ LEGACY_SNAPSHOT = "snapshot.npz"  # the whole-gallery format before segments
 WAL = "wal.log"
 ONLINE_TAIL = "online_tail.npz"  # older versions' online tail window; removed on open
 COMPACT_DEAD_SHARE = 0.25  # the RAM table drops removed rows beyond this share
-TOKEN_SHIFT = 40  # a write token: incarnation tag << 40 | log sequence number
+TOKEN_SHIFT = 40  # a write token: token tag << 40 | log sequence number
+TOKEN_TAGS = 1 << 24  # token tags in use: 1 .. 2**24 - 1 (0: a tenant from before tags)
 
 
 def describe_index(kind: str) -> str:
@@ -128,7 +129,7 @@ class Gallery:
         self.reembedded = 0  # items re-embedded by open() because the model changed
 
     writes = True
-    token_tag = 0  # 24 bits of the tenant's incarnation, set by the registry
+    token_tag = 0  # the tenant instance's tag, greater for a newer one; set by the registry
 
     @property
     def write_token(self) -> int:
@@ -177,13 +178,22 @@ class Gallery:
         ``index``: a name of server/storage/faiss/ann.py (``flat``, ``hnsw``).
         ``tail``: the sample behind the tenant's normalisation statistics."""
         gallery = cls(directory, dim, model_sha256, snapshot_every, index, tail)
-        if gallery.writes:
+        try:
+            return gallery._load(embed, index)
+        except BaseException:
+            gallery._abandon()
+            raise
+
+    def _load(self, embed, index: str) -> Gallery:
+        """The body of :meth:`open`: segments, then the log, then the index."""
+        directory, dim, model_sha256 = self.directory, self.dim, self.model_sha256
+        if self.writes:
             directory.mkdir(parents=True, exist_ok=True)
         try:
-            rows, images, stored_model = gallery._load_rows()
+            rows, images, stored_model = self._load_rows()
         except SegmentError as err:
             raise GalleryError(str(err)) from err
-        records = gallery._log_records()
+        records = self._log_records()
         stale = stored_model != model_sha256 and len(rows) > 0
         stale_records = any(
             r["op"] == "add" and r["model"] != model_sha256
@@ -196,10 +206,10 @@ class Gallery:
             )
         if stale:
             if images is None:
-                images = gallery._store.read_images(rows.img_seg, rows.img_off, rows.img_len)
+                images = self._store.read_images(rows.img_seg, rows.img_off, rows.img_len)
             rows.vectors = np.asarray(embed(images), np.float32).reshape(len(rows), dim)
-            gallery.reembedded += len(rows)
-        gen = gallery._gen
+            self.reembedded += len(rows)
+        gen = self._gen
         gen.index = FlatIndex(dim)  # a no-op index while the log replays
         gen.table.bulk_load(
             rows.fids,
@@ -215,24 +225,24 @@ class Gallery:
         )
         if images is not None:  # not in a segment of this format yet
             gen.pending.update(zip(rows.fids.tolist(), images, strict=True))
-            gallery._rewrite = True
-        replayed = gallery._replay(records, embed)
-        gallery._rewrite |= gallery.reembedded > 0
-        gallery._build_tail()
-        gallery._index_from_files(index, dim)  # replay went without one: built once here
-        if not gallery.writes:
-            return gallery
+            self._rewrite = True
+        replayed = self._replay(records, embed)
+        self._rewrite |= self.reembedded > 0
+        self._build_tail()
+        self._index_from_files(index, dim)  # replay went without one: built once here
+        if not self.writes:
+            return self
         (directory / ONLINE_TAIL).unlink(missing_ok=True)  # soft state of older versions
-        if gallery.reembedded:
+        if self.reembedded:
             log.info(
-                "%s: re-embedded %d items for model %s", directory, gallery.reembedded, model_sha256
+                "%s: re-embedded %d items for model %s", directory, self.reembedded, model_sha256
             )
-        gallery._wal = WriteAheadLog(directory / WAL)
-        gallery._since_snapshot = replayed
-        if gallery._rewrite or replayed >= snapshot_every:
-            gallery.snapshot()
-        log.info("%s: %d items (%d log records replayed)", directory, gallery.size, replayed)
-        return gallery
+        self._wal = WriteAheadLog(directory / WAL)
+        self._since_snapshot = replayed
+        if self._rewrite or replayed >= self.snapshot_every:
+            self.snapshot()
+        log.info("%s: %d items (%d log records replayed)", directory, self.size, replayed)
+        return self
 
     def _index_from_files(self, index: str, dim: int) -> None:
         """The index over the loaded rows: the saved graph (HNSW) brought up to date, or
@@ -296,7 +306,6 @@ class Gallery:
             if record["lsn"] <= self._lsn:
                 continue  # already in a segment (crash between manifest and log reset)
             self._check_sequence(record["lsn"])
-            self._lsn = record["lsn"]
             replayed += 1
             if record["op"] == "add":
                 fid = record["id"]
@@ -313,6 +322,7 @@ class Gallery:
                 rows = [self._gen.table.find(i) for i in record["item_ids"]]
                 found = np.array([r for r in rows if r is not None], np.int64)
                 self._apply_remove(found, tail=tail)
+            self._lsn = record["lsn"]  # once applied: a record that failed is not counted
         return replayed
 
     def _check_sequence(self, lsn: int) -> None:
@@ -609,6 +619,12 @@ class Gallery:
         ok = rows < view.n
         ok[ok] = (view.fids[rows[ok]] == fids[ok]) & view.alive[rows[ok]]
         return ok
+
+    def _abandon(self) -> None:
+        """An :meth:`open` that failed lets go of what it had opened."""
+        if self._wal is not None:
+            self._wal.close()
+            self._wal = None
 
     def close(self) -> None:
         """Checkpoint if the log holds anything (faster next start), then close the log."""

@@ -1,7 +1,7 @@
 """The tenants of a data dir: one directory, one gallery and hashed keys per tenant.
 
 Layout: ``<data-dir>/tenants/<name>/tenant.json`` (name, creation time, key hashes,
-incarnation) next to the gallery's ``snapshot.npz`` and ``wal.log``, and
+incarnation, token tag) next to the gallery's ``snapshot.npz`` and ``wal.log``, and
 ``traffic/<model>-<replica>.bin``: each serving process's published traffic evidence
 (server/matching/statistics.py), rewritten atomically, so processes sharing the data dir
 read each other's. A tenant exists once its ``tenant.json`` is written (atomically);
@@ -31,13 +31,14 @@ import numpy as np
 from contracts.files import atomic_write_bytes, atomic_write_text, fsync_dir
 from server.storage.base import NAME, Tenant, TenantError, TrafficRow, check_name, new_incarnation
 from server.storage.faiss.follower import FollowingGallery, ReadOnlyGalleryError
-from server.storage.faiss.gallery import Gallery, TailOptions, describe_index
+from server.storage.faiss.gallery import TOKEN_TAGS, Gallery, TailOptions, describe_index
 
 log = logging.getLogger(__name__)
 
 TENANT_FILE = "tenant.json"
 TRAFFIC_DIR = "traffic"
 SECRET_FILE = "decision.secret"
+TAGS_FILE = "token_tags"  # the last token tag given to a tenant of this data dir
 ROLES = ("", "writer", "reader")  # "": the data dir's only process
 
 
@@ -95,14 +96,17 @@ class TenantRegistry:
         self._tenants: dict[str, Tenant] = {}
         self._lock = threading.Lock()
         self._following = threading.Lock()  # a reader's tenant changes, one at a time
-        self._tenant_files: dict[Path, tuple[tuple[int, int, int], dict]] = {}
+        self._tenant_files: dict[Path, tuple[bytes, dict]] = {}
 
     def load_all(self) -> None:
         """Open every tenant found on disk (replaying logs, re-embedding if needed)."""
         if not self.follower:
             self.root.mkdir(parents=True, exist_ok=True)
         for name, raw in self._stored():
-            self._tenants[name] = self._tenant(name, raw)
+            if self.follower:  # the writer may delete or create one meanwhile
+                self._follow_one(name, raw)
+            else:
+                self._tenants[name] = self._tenant(name, raw)
 
     def _stored(self) -> list[tuple[str, dict]]:
         """(name, tenant.json) of every tenant on disk now."""
@@ -124,22 +128,37 @@ class TenantRegistry:
         return out
 
     def _read_tenant_file(self, path: Path) -> dict:
-        """A tenant.json, parsed again only when it changed (a reader looks every second;
-        it is replaced atomically, so a new version is a new inode)."""
-        st = path.stat()
-        signature = (st.st_ino, st.st_mtime_ns, st.st_size)
+        """A tenant.json, parsed again only when its bytes changed (a reader looks every
+        second, and at a call naming a key it does not know). Compared by content: a
+        file's inode and times can come back after a delete and create."""
+        data = path.read_bytes()
         cached = self._tenant_files.get(path)
-        if cached is not None and cached[0] == signature:
+        if cached is not None and cached[0] == data:
             return cached[1]
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        self._tenant_files[path] = (signature, raw)
+        raw = json.loads(data)
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: not a JSON object")
+        self._tenant_files[path] = (data, raw)
         return raw
 
     def _tenant(self, name: str, raw: dict) -> Tenant:
-        gallery = self._open(self.root / name)
+        directory = self.root / name
         incarnation = raw.get("incarnation", "")
-        gallery.token_tag = token_tag(incarnation)
+        gallery = self._open(directory)
+        if self.follower:
+            gallery.pin(incarnation, lambda: self._incarnation_on_disk(directory))
+            if not gallery.same_instance():  # deleted and created again while it loaded
+                gallery.close()
+                raise ValueError(f"{directory}: created again while it was read")
+        gallery.token_tag = int(raw.get("token_tag", 0))
         return Tenant(name, gallery, list(raw.get("keys", [])), incarnation)
+
+    def _incarnation_on_disk(self, directory: Path) -> str | None:
+        """The incarnation ``directory``/tenant.json names now (None: no tenant there)."""
+        try:
+            return str(self._read_tenant_file(directory / TENANT_FILE).get("incarnation", ""))
+        except (OSError, ValueError):
+            return None
 
     def peek(self, name: str) -> Tenant | None:
         """The tenant this process has under ``name`` now, without looking at the disk."""
@@ -159,17 +178,36 @@ class TenantRegistry:
             gallery = self._open(directory)
             keys = [key_hash] if key_hash else []
             incarnation = new_incarnation()
+            tag = self._next_token_tag()
             record = {
                 "name": name,
                 "created_at": time.time(),
                 "keys": keys,
                 "incarnation": incarnation,
+                "token_tag": tag,
             }
             atomic_write_text(directory / TENANT_FILE, json.dumps(record) + "\n")
-            gallery.token_tag = token_tag(incarnation)
+            gallery.token_tag = tag
             tenant = Tenant(name, gallery, keys, incarnation)
             self._tenants[name] = tenant
             return tenant
+
+    def _next_token_tag(self) -> int:
+        """A tag greater than every earlier tenant's of this data dir (under ``_lock``).
+
+        Write tokens are ``tag << TOKEN_SHIFT | lsn``, so a tenant created again has
+        greater tokens than its earlier instance, and the largest token a client holds is
+        always of the newest instance it wrote to (client/retrieval.py keeps the maximum).
+        Kept in a file, so a tenant deleted and created again never gets its old tag
+        back. It wraps after 2**24 creations in one data dir."""
+        path = self.root.parent / TAGS_FILE
+        try:
+            last = int(path.read_text(encoding="ascii"))
+        except FileNotFoundError:
+            last = 0
+        tag = last % TOKEN_TAGS + 1
+        atomic_write_text(path, f"{tag}\n")
+        return tag
 
     def _writer_only(self, what: str) -> None:
         if self.follower:  # server/api/forward.py sends these calls to the writer
@@ -207,10 +245,9 @@ class TenantRegistry:
         return items
 
     def get(self, name: str) -> Tenant:
+        """The tenant this process has (a reader learns new ones with :meth:`follow`)."""
         with self._lock:
             tenant = self._tenants.get(name)
-        if tenant is None and self.follower:  # created by the writer since the last refresh
-            tenant = self.follow(name)
         if tenant is None:
             raise TenantError(f"unknown tenant {name!r}; create it with the Admin service")
         return tenant
@@ -243,11 +280,11 @@ class TenantRegistry:
         call naming a tenant or key this reader has not refreshed yet."""
         if not self.follower or not NAME.fullmatch(name):
             return None
-        try:
-            raw = json.loads((self.root / name / TENANT_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
         with self._following:
+            try:
+                raw = self._read_tenant_file(self.root / name / TENANT_FILE)
+            except (OSError, ValueError):
+                return None
             return self._follow_one(name, raw)
 
     def _follow_one(self, name: str, raw: dict) -> Tenant | None:
@@ -270,7 +307,9 @@ class TenantRegistry:
         return fresh
 
     def _follow_tenants(self) -> None:
-        """A reader's refresh: the writer's tenants and keys as stored, galleries caught up."""
+        """A reader's refresh: the writer's tenants and keys as stored, galleries caught up.
+        One tenant that cannot be read now (deleted while read, a writer mid-compaction)
+        is logged and looked at again next time; the others are followed all the same."""
         with self._following:
             stored = dict(self._stored())
             with self._lock:
@@ -280,26 +319,48 @@ class TenantRegistry:
             for tenant in gone:
                 tenant.gallery.close()
             for name, raw in stored.items():
-                tenant = self._follow_one(name, raw)
-                if tenant is not None:
-                    tenant.gallery.catch_up()
+                try:
+                    self._follow_gallery(self._follow_one(name, raw))
+                except Exception:
+                    log.exception("%s: not followed this time", name)
+
+    def _follow_gallery(self, tenant: Tenant | None) -> None:
+        """Catch a gallery up; one still on the model before a reload (opened while the
+        reload read the others) is read again on this process's model."""
+        if tenant is None:
+            return
+        gallery = tenant.gallery
+        if gallery.model_sha256 != self.model_sha256:
+            gallery.reopen(self.model_sha256, self.dim, self.embed)
+        else:
+            gallery.catch_up()
 
     def reopen(self, model_sha256: str, dim: int, embed) -> Callable[[], int]:
         """A reader's reload, in two steps. This one (slow: items of another model are
-        re-embedded here) reads every gallery again from the writer's files; the function
-        it returns switches them all at once (quick: the caller runs it in the same step
-        as its own switch to the new model) and returns how many items were re-embedded."""
-        with self._following:
-            fresh = [
-                (t, FollowingGallery.follow(t.gallery.directory, dim, model_sha256, embed,
-                                            self.index, self.tail))
-                for t in self.all()
-            ]  # fmt: skip
+        re-embedded here) reads every gallery again from the writer's files, while the
+        old ones keep serving and following; the function it returns switches them all
+        at once (quick: the caller runs it in the same step as its own switch to the new
+        model) and returns how many items were re-embedded. A tenant opened or created
+        again in between is read again on the new model by the next refresh."""
+        fresh: list[tuple[Tenant, FollowingGallery]] = []
+        try:
+            for tenant in self.all():
+                gallery = FollowingGallery.follow(
+                    tenant.gallery.directory, dim, model_sha256, embed, self.index, self.tail
+                )
+                fresh.append((tenant, gallery))
+                gallery.pin(*tenant.gallery.pinned)
+        except BaseException:
+            for _, gallery in fresh:
+                gallery.close()
+            raise
 
         def switch() -> int:
             for tenant, gallery in fresh:
-                gallery.token_tag = tenant.gallery.token_tag
-                tenant.gallery.adopt(gallery)
+                if self.peek(tenant.name) is tenant:
+                    tenant.gallery.adopt(gallery)
+                else:  # deleted or created again meanwhile
+                    gallery.close()
             self.switch_model(model_sha256, dim, embed)
             return sum(g.reembedded for _, g in fresh)
 
@@ -346,14 +407,6 @@ class TenantRegistry:
 
     def _traffic_name(self, replica: str) -> str:
         return f"{self.model_sha256[:16]}-{replica}.bin"
-
-
-def token_tag(incarnation: str) -> int:
-    """The 24 bits of an incarnation that write tokens carry (0: none, older tenants)."""
-    try:
-        return int(incarnation[:6], 16) if incarnation else 0
-    except ValueError:
-        return 0
 
 
 def _decision_secret(path: Path, role: str) -> bytes:
