@@ -435,3 +435,88 @@ def test_a_reader_knows_only_what_it_has_followed(tmp_path: Path) -> None:
         asking.join(timeout=5)
     assert len(answers) == 1 and isinstance(answers[0], TenantError)
     assert reader.follow("new") is not None and reader.get("new").name == "new"
+
+
+# -------------------------------------------- found in the third review (each failed before)
+def test_a_tenant_from_before_token_tags_created_again_is_looked_up(tmp_path: Path, x) -> None:
+    import json
+
+    writer, reader = _pair(tmp_path)
+    writer.create("t", None).gallery.add([Item("old", "", b"o")], x[:1], SHA)
+    record = tmp_path / "tenants" / "t" / "tenant.json"
+    raw = json.loads(record.read_text())
+    del raw["token_tag"]  # as written before tags: tag 0
+    record.write_text(json.dumps(raw))
+    old = reader.follow("t")
+    assert old.gallery.token_tag == 0
+    writer.delete("t")
+    fresh = writer.create("t", None).gallery
+    fresh.add([Item("new", "", b"n")], x[10:11], SHA)
+    assert old.gallery.newer_instance(fresh.write_token)  # so the service looks again
+    assert not old.gallery.newer_instance(old.gallery.write_token)
+
+
+def test_a_refresh_while_the_reload_switches_keeps_the_new_model(
+    tmp_path: Path, x, monkeypatch
+) -> None:
+    writer, reader = _pair(tmp_path)
+    writer.create("a", None).gallery.add([Item("a0", "", b"a")], x[:1], SHA)
+    writer.create("b", None).gallery.add([Item("b0", "", b"b")], x[1:2], SHA)
+    reader.refresh()
+
+    def embed(images: list[bytes]) -> np.ndarray:
+        return np.tile(x[0], (len(images), 1))
+
+    switch = reader.reopen(OTHER, DIM, embed)
+    switch_model = type(reader).switch_model
+
+    def refresh_first(self, *args) -> None:  # every gallery adopted, the model not yet
+        self.refresh()
+        switch_model(self, *args)
+
+    monkeypatch.setattr(type(reader), "switch_model", refresh_first)
+    switch()
+    monkeypatch.undo()
+    assert {reader.get(n).gallery.model_sha256 for n in ("a", "b")} == {OTHER}
+    reader.refresh()
+    assert {reader.get(n).gallery.model_sha256 for n in ("a", "b")} == {OTHER}
+
+
+def test_token_tags_survive_a_lost_or_damaged_counter_and_wrap_below_2_24(tmp_path: Path) -> None:
+    from server.storage import open_store
+    from server.storage.faiss.gallery import TOKEN_SHIFT, TOKEN_TAGS
+    from server.storage.faiss.tenants import TAGS_FILE
+
+    writer, _ = _pair(tmp_path)
+    tags = [writer.create(n, None).gallery.token_tag for n in ("a", "b", "c")]
+    assert tags == sorted(tags) and len(set(tags)) == 3
+    writer.close()
+    for damage in ("", "not a number\n"):
+        counter = tmp_path / TAGS_FILE
+        if damage:
+            counter.write_text(damage)
+        else:
+            counter.unlink()
+        again = open_store("faiss", tmp_path, DIM, SHA, role="writer")
+        again.load_all()
+        tag = again.create(f"d{len(damage)}", None).gallery.token_tag
+        assert tag > max(tags)
+        tags.append(tag)
+        again.close()
+    again._last_tag = TOKEN_TAGS - 1
+    assert again._next_token_tag() == 1  # wraps to 1, never 2**24 (a token fits 64 bits)
+    assert (TOKEN_TAGS - 1) << TOKEN_SHIFT | ((1 << TOKEN_SHIFT) - 1) < 1 << 64
+
+
+def test_each_replaced_tenant_is_told_once(tmp_path: Path) -> None:
+    writer, reader = _pair(tmp_path)
+    writer.create("t", None)
+    writer.create("u", None)
+    reader.refresh()
+    assert reader.gone() == []
+    writer.delete("t")
+    writer.create("t", None)
+    writer.delete("u")
+    reader.follow("t")  # the miss path replaces t ...
+    reader.refresh()  # ... and the refresh drops u
+    assert sorted(reader.gone()) == ["t", "u"] and reader.gone() == []

@@ -556,7 +556,11 @@ class RetrievalService:
             for name in self.keys.tenants() - set(stored):
                 self.keys.forget_tenant(name)
             after = self._incarnations()
-            for name in [n for n, i in before.items() if after.get(n) != i]:
+            if self.tenants.follower:  # told by the store: a miss path may swap one too
+                changed = self.tenants.gone()
+            else:
+                changed = [n for n, i in before.items() if after.get(n) != i]
+            for name in changed:
                 self._tenant_gone(name)
             self.metrics.labels.sync(after)
 
@@ -569,12 +573,12 @@ class RetrievalService:
     async def _follow(self, name: str) -> Tenant | None:
         """The tenant as stored now (a follower store), read in the work pool: it may wait
         for a refresh, or open a gallery. An instance it replaces leaves monitoring and
-        the statistics, as at a refresh."""
-        before = self.tenants.peek(name)
+        the statistics, as at a refresh (each replacement told once: one the refresh
+        made meanwhile is not forgotten twice, after the new instance began serving)."""
         loop = asyncio.get_running_loop()
         tenant = await loop.run_in_executor(self._work_pool, self.tenants.follow, name)
-        if before is not None and (tenant is None or tenant.incarnation != before.incarnation):
-            self._tenant_gone(name)
+        for gone in self.tenants.gone():
+            self._tenant_gone(gone)
         if tenant is not None:
             entries = [(h, Principal(False, name)) for h in tenant.key_hashes]
             self.keys.set_source(f"tenant:{name}", entries)

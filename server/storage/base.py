@@ -231,6 +231,10 @@ class GalleryStore(Protocol):
     def peek(self, name: str) -> Tenant | None:
         """The tenant this process holds under ``name``, without asking the store."""
 
+    def gone(self) -> list[str]:
+        """A follower's tenants whose instance it replaced or dropped since the last call,
+        each named once ([] where :meth:`refresh` callers compare incarnations instead)."""
+
     def switch_model(self, model_sha256: str, dim: int, embed) -> None:
         """After every tenant was re-embedded: the model new writes and tenants use."""
 

@@ -411,6 +411,9 @@ class MilvusStore:
         with self._lock:
             return self._tenants.get(name)
 
+    def gone(self) -> list[str]:
+        return []  # the service compares incarnations around each refresh
+
     def reopen(self, model_sha256: str, dim: int, embed):
         raise NotImplementedError("every Milvus replica re-embeds (it is not a follower)")
 

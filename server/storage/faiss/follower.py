@@ -48,6 +48,7 @@ class FollowingGallery(Gallery):
     """A read-only :class:`Gallery` that follows the writer's log; open with :meth:`follow`."""
 
     writes = False
+    stale_model = False  # opened on the model a reload left: the refresh reads it again
 
     def __init__(self, directory: Path, dim: int, model_sha256: str, *args, **kwargs) -> None:
         super().__init__(directory, dim, model_sha256, *args, **kwargs)
@@ -124,31 +125,34 @@ class FollowingGallery(Gallery):
         """Whether ``token`` is a write token of a newer instance of this tenant (deleted
         and created again since this reader opened it). A token of an older instance
         asks for writes that were deleted with it: nothing to wait for."""
-        return (token >> TOKEN_SHIFT) > self.token_tag > 0
+        return (token >> TOKEN_SHIFT) > self.token_tag
 
     # ----------------------------------------------------------------- following
     def catch_up(self) -> int:
         """Apply what the writer logged since the last call; returns the records applied."""
+        try:
+            return self._read_log()
+        except LogGapError as err:  # read again outside the lock: searches go on meanwhile
+            log.info("%s: %s; reading the segments again", self.directory, err)
+            self.reopen(self.model_sha256, self.dim, self._embed)
+            return 0
+
+    def _read_log(self) -> int:
         with self._write:
             if self._closed or _identity(self.directory) != self._folder:
                 return 0  # deleted (and maybe created again): the registry drops this one
-            try:
-                if self._broken:
-                    raise LogGapError(f"{self.directory}: a record could not be applied")
-                records = self._log.read()
-                if self._log.switched and not self.same_instance():
-                    self._closed = True  # a new log of a tenant created again: not ours
-                    return 0
-                with self._lock:
-                    applied = self._apply(records)
-                if self._log.rewritten:
-                    raise LogGapError(f"{self.directory}: the log changed behind the position")
-                if self._log.switched and self._store_lsn() > self._lsn:
-                    raise LogGapError(f"{self.directory}: the log was emptied twice")
-            except LogGapError as err:
-                log.info("%s: %s; reading the segments again", self.directory, err)
-                self.reopen(self.model_sha256, self.dim, self._embed)
+            if self._broken:
+                raise LogGapError(f"{self.directory}: a record could not be applied")
+            records = self._log.read()
+            if self._log.switched and not self.same_instance():
+                self._closed = True  # a new log of a tenant created again: not ours
                 return 0
+            with self._lock:
+                applied = self._apply(records)
+            if self._log.rewritten:
+                raise LogGapError(f"{self.directory}: the log changed behind the position")
+            if self._log.switched and self._store_lsn() > self._lsn:
+                raise LogGapError(f"{self.directory}: the log was emptied twice")
             return applied
 
     def _apply(self, records: list[bytes]) -> int:
@@ -172,17 +176,18 @@ class FollowingGallery(Gallery):
 
     def reopen(self, model_sha256: str, dim: int, embed) -> None:
         """Build this gallery again from the writer's files (with another model: its
-        items re-embedded here) and switch searches to it at once."""
-        with self._write:
-            fresh = FollowingGallery.follow(
-                self.directory, dim, model_sha256, embed, self.index, self._tail_options
-            )
-            fresh.pin(*self.pinned)
-            if fresh._folder != self._folder or not fresh.same_instance():
-                fresh.close()  # another instance of the tenant now: the registry's to open
-                self._closed = True
-                return
-            self.adopt(fresh)
+        items re-embedded here) and switch searches to it at once. The old state serves
+        and follows while the new one is read: the new one reads the log on from where
+        its files end, so nothing applied in between is lost."""
+        fresh = FollowingGallery.follow(
+            self.directory, dim, model_sha256, embed, self.index, self._tail_options
+        )
+        fresh.pin(*self.pinned)
+        if fresh._folder != self._folder or not fresh.same_instance():
+            fresh.close()  # another instance of the tenant now: the registry's to open
+            self._closed = True
+            return
+        self.adopt(fresh)
 
     def adopt(self, fresh: FollowingGallery) -> None:
         """Take ``fresh``'s state (the same tenant, read again): searches switch at once."""

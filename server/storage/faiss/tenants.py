@@ -97,16 +97,21 @@ class TenantRegistry:
         self._lock = threading.Lock()
         self._following = threading.Lock()  # a reader's tenant changes, one at a time
         self._tenant_files: dict[Path, tuple[bytes, dict]] = {}
+        self._last_tag = 0  # the writer's last token tag (see _next_token_tag)
+        self._gone: list[str] = []  # a reader's tenants replaced or dropped, not yet told
 
     def load_all(self) -> None:
         """Open every tenant found on disk (replaying logs, re-embedding if needed)."""
         if not self.follower:
             self.root.mkdir(parents=True, exist_ok=True)
-        for name, raw in self._stored():
+        stored = self._stored()
+        for name, raw in stored:
             if self.follower:  # the writer may delete or create one meanwhile
                 self._follow_one(name, raw)
             else:
                 self._tenants[name] = self._tenant(name, raw)
+        if self.role != "reader":
+            self._last_tag = max([self._stored_tag(), *(_tag(raw) for _, raw in stored)])
 
     def _stored(self) -> list[tuple[str, dict]]:
         """(name, tenant.json) of every tenant on disk now."""
@@ -150,7 +155,7 @@ class TenantRegistry:
             if not gallery.same_instance():  # deleted and created again while it loaded
                 gallery.close()
                 raise ValueError(f"{directory}: created again while it was read")
-        gallery.token_tag = int(raw.get("token_tag", 0))
+        gallery.token_tag = _tag(raw)
         return Tenant(name, gallery, list(raw.get("keys", [])), incarnation)
 
     def _incarnation_on_disk(self, directory: Path) -> str | None:
@@ -172,13 +177,13 @@ class TenantRegistry:
             if name in self._tenants:
                 raise TenantError(f"tenant {name!r} already exists")
             directory = self.root / name
+            tag = self._next_token_tag()
             if directory.exists():  # leftovers of a crash before tenant.json was written
                 shutil.rmtree(directory)
             directory.mkdir(parents=True)
             gallery = self._open(directory)
             keys = [key_hash] if key_hash else []
             incarnation = new_incarnation()
-            tag = self._next_token_tag()
             record = {
                 "name": name,
                 "created_at": time.time(),
@@ -198,16 +203,23 @@ class TenantRegistry:
         Write tokens are ``tag << TOKEN_SHIFT | lsn``, so a tenant created again has
         greater tokens than its earlier instance, and the largest token a client holds is
         always of the newest instance it wrote to (client/retrieval.py keeps the maximum).
-        Kept in a file, so a tenant deleted and created again never gets its old tag
-        back. It wraps after 2**24 creations in one data dir."""
+        Kept in a file (written before the tenant's), so a tenant deleted and created
+        again never gets its old tag back; a lost file is made good from the tenants
+        there are. It wraps after 2**24 - 1 creations in one data dir."""
+        tag = self._last_tag % (TOKEN_TAGS - 1) + 1
+        atomic_write_text(self.root.parent / TAGS_FILE, f"{tag}\n")
+        self._last_tag = tag
+        return tag
+
+    def _stored_tag(self) -> int:
         path = self.root.parent / TAGS_FILE
         try:
-            last = int(path.read_text(encoding="ascii"))
+            return int(path.read_text(encoding="ascii"))
         except FileNotFoundError:
-            last = 0
-        tag = last % TOKEN_TAGS + 1
-        atomic_write_text(path, f"{tag}\n")
-        return tag
+            return 0
+        except ValueError:
+            log.warning("%s is not a number: token tags go on from the tenants' own", path)
+            return 0
 
     def _writer_only(self, what: str) -> None:
         if self.follower:  # server/api/forward.py sends these calls to the writer
@@ -302,9 +314,20 @@ class TenantRegistry:
             return None
         with self._lock:
             self._tenants[name] = fresh
+            if tenant is not None:
+                self._gone.append(name)
+            if fresh.gallery.model_sha256 != self.model_sha256:  # opened during a switch
+                fresh.gallery.stale_model = True
         if tenant is not None:
             tenant.gallery.close()
         return fresh
+
+    def gone(self) -> list[str]:
+        """The tenants whose instance this reader replaced or dropped since the last call
+        (each told once: the caller makes monitoring forget them)."""
+        with self._lock:
+            names, self._gone = self._gone, []
+        return names
 
     def _follow_tenants(self) -> None:
         """A reader's refresh: the writer's tenants and keys as stored, galleries caught up.
@@ -316,24 +339,32 @@ class TenantRegistry:
                 gone = [t for n, t in self._tenants.items() if n not in stored]
                 for tenant in gone:
                     del self._tenants[tenant.name]
+                    self._gone.append(tenant.name)
             for tenant in gone:
                 tenant.gallery.close()
+            stale = []
             for name, raw in stored.items():
                 try:
-                    self._follow_gallery(self._follow_one(name, raw))
+                    tenant = self._follow_one(name, raw)
+                    if tenant is None:
+                        continue
+                    if tenant.gallery.stale_model:
+                        stale.append(tenant)
+                    else:
+                        tenant.gallery.catch_up()
                 except Exception:
                     log.exception("%s: not followed this time", name)
+        for tenant in stale:  # re-embedded: not under the lock the miss path waits for
+            self._renew(tenant)
 
-    def _follow_gallery(self, tenant: Tenant | None) -> None:
-        """Catch a gallery up; one still on the model before a reload (opened while the
-        reload read the others) is read again on this process's model."""
-        if tenant is None:
-            return
-        gallery = tenant.gallery
-        if gallery.model_sha256 != self.model_sha256:
-            gallery.reopen(self.model_sha256, self.dim, self.embed)
-        else:
-            gallery.catch_up()
+    def _renew(self, tenant: Tenant) -> None:
+        """Read a gallery opened on the model before a reload again on this process's."""
+        tenant.gallery.stale_model = False  # set again if another switch comes meanwhile
+        try:
+            tenant.gallery.reopen(self.model_sha256, self.dim, self.embed)
+        except Exception:
+            tenant.gallery.stale_model = True
+            log.exception("%s: not read again on the new model this time", tenant.name)
 
     def reopen(self, model_sha256: str, dim: int, embed) -> Callable[[], int]:
         """A reader's reload, in two steps. This one (slow: items of another model are
@@ -350,6 +381,9 @@ class TenantRegistry:
                 )
                 fresh.append((tenant, gallery))
                 gallery.pin(*tenant.gallery.pinned)
+                if not gallery.same_instance():  # created again: the refresh opens it
+                    fresh.pop()
+                    gallery.close()
         except BaseException:
             for _, gallery in fresh:
                 gallery.close()
@@ -362,6 +396,10 @@ class TenantRegistry:
                 else:  # deleted or created again meanwhile
                     gallery.close()
             self.switch_model(model_sha256, dim, embed)
+            with self._lock:  # opened meanwhile on the old model: the refresh renews them
+                for tenant in self._tenants.values():
+                    if tenant.gallery.model_sha256 != model_sha256:
+                        tenant.gallery.stale_model = True
             return sum(g.reembedded for _, g in fresh)
 
         return switch
@@ -407,6 +445,14 @@ class TenantRegistry:
 
     def _traffic_name(self, replica: str) -> str:
         return f"{self.model_sha256[:16]}-{replica}.bin"
+
+
+def _tag(raw: dict) -> int:
+    """A tenant.json's token tag (0: written before tags)."""
+    try:
+        return int(raw.get("token_tag", 0))
+    except (TypeError, ValueError):
+        return 0
 
 
 def _decision_secret(path: Path, role: str) -> bytes:
