@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,6 +208,19 @@ class ServerProcess:
 
     def log(self) -> str:
         return "".join(self.stderr)
+
+    def per_worker(self, name: str, method: str) -> list[float]:
+        """The samples ``name`` with ``method=method``, summed per worker's endpoint."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        out = []
+        for url in self.metrics_urls:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                text = response.read().decode()
+            families = text_string_to_metric_families(text)
+            samples = [s for f in families for s in f.samples if s.name == name]
+            out.append(sum(s.value for s in samples if s.labels.get("method") == method))
+        return out
 
 
 def _openssl(*args: str, cwd: Path) -> None:

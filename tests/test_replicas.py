@@ -304,18 +304,7 @@ def test_workers_share_one_port(server_assets: Assets, tmp_path: Path, milvus_se
                 with RetrievalClient(server.address, api_key=ADMIN_KEY) as fresh:
                     fresh.write_tokens.update(client.write_tokens)
                     assert fresh.match("w", server_assets.png(3)).item_id == "x"
-        served = []
-        for url in metrics:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                text = response.read().decode()
-            served.append(
-                sum(
-                    s.value
-                    for f in text_string_to_metric_families(text)
-                    for s in f.samples
-                    if s.name == "tcm_requests_total" and s.labels.get("method") == "Match"
-                )
-            )
+        served = server.per_worker("tcm_requests_total", "Match")
         assert sum(served) == 20
     finally:
         server.stop()

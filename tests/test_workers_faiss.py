@@ -37,24 +37,6 @@ def workers(assets: Assets, tmp: Path):
     )
 
 
-def per_worker(server, name: str, method: str) -> list[float]:
-    """``name`` samples with ``method=method``, summed per worker."""
-    urls = server.ready_line.split("metrics on ")[1].split(" (")[0].split()
-    out = []
-    for url in urls:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            text = response.read().decode()
-        out.append(
-            sum(
-                s.value
-                for f in text_string_to_metric_families(text)
-                for s in f.samples
-                if s.name == name and s.labels.get("method") == method
-            )
-        )
-    return out
-
-
 def test_every_worker_sees_each_write_its_token_names(assets_tmp) -> None:
     assets, server = assets_tmp
     with RetrievalClient(server.address, api_key=ADMIN_KEY) as admin:
@@ -76,11 +58,11 @@ def test_every_worker_sees_each_write_its_token_names(assets_tmp) -> None:
             fresh.write_tokens.update(tokens)
             assert fresh.match("w", assets.png(3)).item_id != "x3"
             assert fresh.get_tenant("w")["gallery_size"] == 7
-    matches = per_worker(server, "tcm_requests_total", "Match")
+    matches = server.per_worker("tcm_requests_total", "Match")
     assert all(m > 0 for m in matches), matches  # both workers served Match
     # each write handled (and counted) once, by the writer, wherever it arrived
-    assert per_worker(server, "tcm_requests_total", "Enroll") == [8.0, 0.0]
-    assert per_worker(server, "tcm_requests_total", "CreateTenant") == [1.0, 0.0]
+    assert server.per_worker("tcm_requests_total", "Enroll") == [8.0, 0.0]
+    assert server.per_worker("tcm_requests_total", "CreateTenant") == [1.0, 0.0]
 
 
 def test_a_new_tenant_its_key_and_feedback_work_on_every_worker(assets_tmp) -> None:
