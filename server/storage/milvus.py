@@ -70,6 +70,7 @@ SECRET_ROW = "__secret__"
 TRAFFIC_B64 = 65_535  # characters of one published traffic row (Milvus' VARCHAR limit)
 MAX_IMAGE_B64 = 65_535  # Milvus VARCHAR limit: images up to ~48 KiB
 MAX_QUERY = 16_384  # rows per query (Milvus' limit on offset + limit)
+DELETE_ROUNDS = 3  # deletes of one Remove before it reports the store as failing
 _HASH_SPACE = 1 << 63
 
 
@@ -586,11 +587,30 @@ class MilvusGallery:
             found = [i for i in unique if i in existing]
             missing = [i for i in item_ids if i not in existing]
             if found:
-                self._delete(found)
-                self.write_token = max(self.write_token, now_token())
+                self._delete_until_gone(found)
                 self._size -= len(found)
                 self.sync()  # refill the sample from the store (and see the removal)
             return found, missing
+
+    def _delete_until_gone(self, item_ids: list[str]) -> None:
+        """Delete, then look: Milvus 2.3 can leave a row of a primary key that was written
+        more than once (delete-then-insert; milvus-io/milvus#15744, #17066), and a Remove
+        is acknowledged only when the store shows none. The look waits for the time tick
+        the sync after it would wait for anyway."""
+        left = item_ids
+        for _ in range(DELETE_ROUNDS):
+            self._delete(left)
+            self.write_token = max(self.write_token, now_token())
+            left = sorted(self._existing(left))
+            if not left:
+                return
+            log.warning(
+                "%s: %d item(s) still stored after a delete; deleting again", self.tenant, len(left)
+            )
+        raise StoreUnavailableError(
+            f"Milvus kept {len(left)} deleted item(s) of {self.tenant!r} after "
+            f"{DELETE_ROUNDS} deletes (e.g. {left[0]!r}); retry the Remove"
+        )
 
     def _after_add(self, items: list[Item], vectors: np.ndarray, overwritten: list[str]):
         """The new items join the sample where their hash belongs (bottom-k)."""
