@@ -548,7 +548,8 @@ class RetrievalService:
         loop = asyncio.get_running_loop()
         assert self._tenant_changes is not None
         async with self._tenant_changes:
-            before = self._incarnations()
+            # a follower store names what it replaced (a miss path may swap one too)
+            before = None if self.tenants.follower else self._incarnations()
             stored = await loop.run_in_executor(self._work_pool, self.tenants.refresh)
             for name, key_hashes in stored.items():
                 entries = [(h, Principal(False, name)) for h in key_hashes]
@@ -556,7 +557,7 @@ class RetrievalService:
             for name in self.keys.tenants() - set(stored):
                 self.keys.forget_tenant(name)
             after = self._incarnations()
-            if self.tenants.follower:  # told by the store: a miss path may swap one too
+            if before is None:
                 changed = self.tenants.gone()
             else:
                 changed = [n for n, i in before.items() if after.get(n) != i]

@@ -379,7 +379,6 @@ class Gallery:
             if not accepted:
                 return outcome
             fids = list(range(self._next_id, self._next_id + len(accepted)))
-            first_lsn = self._lsn + 1
             records = []
             for fid, n in zip(fids, accepted, strict=True):
                 self._lsn += 1
@@ -387,7 +386,7 @@ class Gallery:
                 head = {"op": "add", "lsn": self._lsn, "id": fid, "item_id": item.item_id}
                 head |= {"label": item.label, "model": model_sha256, "dim": self.dim}
                 records.append(_encode_record(head, embeddings[n], item.image))
-            self._wal_append(records, first_lsn)
+            self._wal_append(records)
             self._next_id += len(accepted)
             with self._lock:
                 self._apply_remove(np.array(replaced, np.int64))
@@ -405,7 +404,7 @@ class Gallery:
             if found:
                 self._lsn += 1
                 head = {"op": "remove", "lsn": self._lsn, "item_ids": found}
-                self._wal_append([_encode_record(head, None, b"")], self._lsn)
+                self._wal_append([_encode_record(head, None, b"")])
                 with self._lock:
                     self._apply_remove(np.array([rows[i] for i in found], np.int64))
                 self._after_write(1)
@@ -644,16 +643,16 @@ class Gallery:
         if model_sha256 != self._gen.model:
             raise StaleModelError(f"gallery is on model {self._gen.model}, not {model_sha256}")
 
-    def _wal_append(self, records: list[bytes], first_lsn: int) -> None:
-        """Append durably; when it fails, the sequence numbers the records took are given
-        back (the next write reuses them: a follower's sequence must have no hole)."""
-        if self._wal is None:
-            self._lsn = first_lsn - 1
-            raise RuntimeError(f"gallery {self.directory} is closed")
+    def _wal_append(self, records: list[bytes]) -> None:
+        """Append durably the records that took the last ``len(records)`` sequence
+        numbers; when it fails, those numbers are given back (the next write reuses
+        them: a follower's sequence must have no hole)."""
         try:
+            if self._wal is None:
+                raise RuntimeError(f"gallery {self.directory} is closed")
             self._wal.append(records)
         except BaseException:
-            self._lsn = first_lsn - 1
+            self._lsn -= len(records)
             raise
 
     def _after_write(self, records: int) -> None:

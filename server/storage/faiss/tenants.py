@@ -110,7 +110,7 @@ class TenantRegistry:
                 self._follow_one(name, raw)
             else:
                 self._tenants[name] = self._tenant(name, raw)
-        if self.role != "reader":
+        if not self.follower:
             self._last_tag = max([self._stored_tag(), *(_tag(raw) for _, raw in stored)])
 
     def _stored(self) -> list[tuple[str, dict]]:
